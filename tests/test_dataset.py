@@ -1,0 +1,141 @@
+"""dataset.py: every layout, prompts, and the loss mask checked token by token."""
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from dataset import (DataError, Formatter, load_classes, load_prompts, load_rvl_cdip, load_samples, infer_classes,
+                     normalize, RVL_CDIP_CLASSES)
+
+
+def _sample_files(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"s{i}.json").write_text(json.dumps({"text": f"doc {i}", "answer": "food", "question": "Q?"}))
+    return folder
+
+
+def test_layouts_give_the_same_samples(tmp_path):
+    folder = _sample_files(tmp_path / "samples")
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("file\tlabel\n" + "".join(f"samples/s{i}.json\tfood\n" for i in range(3)))
+    jsonl = write_jsonl(tmp_path / "s.jsonl", [{"id": f"s{i}", "text": f"doc {i}", "answer": "food",
+                                                "question": "Q?"} for i in range(3)])
+    js = tmp_path / "s.json"
+    js.write_text(json.dumps([{"id": f"s{i}", "text": f"doc {i}", "answer": "food", "question": "Q?"}
+                              for i in range(3)]))
+    for path in (folder, tsv, jsonl, js):
+        samples = load_samples(path)
+        assert [s.id for s in samples] == ["s0", "s1", "s2"], path
+        assert [s.document for s in samples] == ["doc 0", "doc 1", "doc 2"]
+        assert all(s.answer == "food" for s in samples)
+
+
+def test_rvl_cdip_layout(tmp_path):
+    for name, idx in [("train_0000_13_aws", 13), ("train_0001_2_aws", 2), ("validation_0000_0_aws", 0),
+                      ("test_0003_15_aws", 15)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"ocr": f"text of {name}"}))
+    train = load_rvl_cdip(tmp_path, "train", RVL_CDIP_CLASSES, "_aws", {"question": ["Class?"]})
+    assert [(s.id, s.answer) for s in train] == [("train_0000_13_aws", "questionnaire"), ("train_0001_2_aws", "email")]
+    assert [s.answer for s in load_rvl_cdip(tmp_path, "test", RVL_CDIP_CLASSES, "_aws", {"question": ["Q"]})] == \
+        ["memo"]
+    with pytest.raises(DataError, match="class index.*13 but only 4 classes"):
+        load_rvl_cdip(tmp_path, "train", ["a", "b", "c", "d"], "_aws", {"question": ["Q"]})
+
+
+def test_conversations_and_sharegpt(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    a, b = load_samples(path)
+    assert a.turns == [("user", "hi"), ("assistant", "hello")]
+    assert b.turns == [("user", "hi"), ("assistant", "yo")]
+
+
+def test_prompts_and_classes_files(tmp_path):
+    p = tmp_path / "prompts.json"
+    p.write_text(json.dumps({"system": ["S1", "S2"], "question": ["Q1"]}))
+    assert load_prompts(p) == {"system": ["S1", "S2"], "question": ["Q1"]}
+    c = tmp_path / "classes.txt"
+    c.write_text("food\nlaw\n\n")
+    assert load_classes(c) == ["food", "law"]
+    assert infer_classes(load_samples(write_jsonl(tmp_path / "x.jsonl", [
+        {"text": "a", "answer": "x", "question": "q"}, {"text": "b", "answer": "y", "question": "q"},
+        {"text": "c", "answer": "x", "question": "q"}, {"text": "d", "answer": "y", "question": "q"}]))) == ["x", "y"]
+    assert normalize("  Food. ") == "food"
+
+
+def _labels(tokenizer, enc):
+    """The text of the positions that carry labels."""
+    return tokenizer.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100])
+
+
+def test_chat_format_labels_only_the_answer(tokenizer, tmp_path):
+    s = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": "the doc", "answer": "food", "question": "Which?",
+                                                          "system": "Be brief."}]))[0]
+    fmt = Formatter(tokenizer)
+    enc = fmt.encode(s)
+    text = tokenizer.decode(enc["input_ids"])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nthe doc\n\nWhich?<|im_end|>\n"
+                    "<|im_start|>assistant\nfood<|im_end|>\n")
+    assert _labels(tokenizer, enc) == "food<|im_end|>\n"
+    # token by token: every position before the answer is masked, every one from it on is labelled
+    n_prompt = len(fmt.prompt_ids(s))
+    assert enc["input_ids"][:n_prompt] == fmt.prompt_ids(s)
+    assert all(l == -100 for l in enc["labels"][:n_prompt])
+    assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
+    assert tokenizer.convert_ids_to_tokens(enc["labels"][n_prompt + len(tokenizer("food", add_special_tokens=False)
+                                                                         ["input_ids"])]) == "<|im_end|>"
+
+
+def test_plain_format_labels(tokenizer, tmp_path):
+    s = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": "the doc", "answer": "law"}]),
+                           require_question=False)
+    fmt = Formatter(tokenizer, response_template="### Classification:")
+    enc = fmt.encode(s[0])
+    assert tokenizer.decode(enc["input_ids"]) == "the doc\n\n### Classification: law<|im_end|>"
+    assert _labels(tokenizer, enc) == " law<|im_end|>"
+
+
+def test_multi_turn_labels_every_assistant_turn(tokenizer, tmp_path):
+    s = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"messages": [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "red"}, {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "blue"}]}]))[0]
+    enc = Formatter(tokenizer).encode(s)
+    labelled = [(tokenizer.decode([t]), l != -100) for t, l in zip(enc["input_ids"], enc["labels"])]
+    spans, cur = [], ""
+    for tok, on in labelled:
+        if on:
+            cur += tok
+        elif cur:
+            spans.append(cur)
+            cur = ""
+    spans.append(cur) if cur else None
+    assert spans == ["red<|im_end|>\n", "blue<|im_end|>\n"]
+    assert "two" not in "".join(spans) and "one" not in "".join(spans)
+
+
+def test_prompts_drawn_per_sample_reproducibly(tokenizer, tmp_path):
+    rows = [{"id": f"s{i}", "text": f"doc {i}", "answer": "food"} for i in range(20)]
+    prompts = {"system": ["SA", "SB"], "question": ["QA", "QB", "QC"]}
+    samples = load_samples(write_jsonl(tmp_path / "a.jsonl", rows), prompts)
+    fmt = Formatter(tokenizer, prompts=prompts, seed=1)
+    train_texts = [tokenizer.decode(fmt.encode(s, train=True)["input_ids"]) for s in samples]
+    assert train_texts == [tokenizer.decode(fmt.encode(s, train=True)["input_ids"]) for s in samples]
+    assert len({t.split("user\n")[1].split("<|im_end|>")[0].split("\n\n")[1] for t in train_texts}) > 1
+    eval_texts = [tokenizer.decode(fmt.encode(s)["input_ids"]) for s in samples]
+    assert all("SA" in t and "QA" in t for t in eval_texts)
+
+
+def test_max_len_truncates_the_document_not_the_answer(tokenizer, tmp_path):
+    long = " ".join(["computers food law love"] * 200)
+    s = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": long, "answer": "love", "question": "Which?"}]))[0]
+    fmt = Formatter(tokenizer, max_len=64)
+    enc = fmt.encode(s)
+    assert len(enc["input_ids"]) <= 64
+    assert _labels(tokenizer, enc) == "love<|im_end|>\n"
+    assert "Which?" in tokenizer.decode(enc["input_ids"])
+    assert fmt.truncated == 1
+    with pytest.raises(DataError, match="field 'answer'.*more than --max-len 8"):
+        Formatter(tokenizer, max_len=8).encode(s)

@@ -1,0 +1,120 @@
+"""End to end: train.py and eval.py run as a user runs them (subprocesses) on tiny models built here."""
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, write_jsonl
+
+WORDS = "the a small big old new house tree river stone cloud paper window garden road light".split()
+
+
+def color_task(folder: Path, n: int, seed: int):
+    """A separable closed-set task: the document names its colour among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ["red", "blue"][i % 2]
+        words = rng.sample(WORDS, 6)
+        words.insert(rng.randrange(7), label)
+        rows.append({"id": f"{seed}-{i}", "text": " ".join(words), "answer": label,
+                     "question": "Which colour?"})
+    return write_jsonl(folder / f"data-{seed}.jsonl", rows)
+
+
+def losses(run: Path):
+    return [r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_llm, tmp_path_factory):
+    """Full fine-tuning of a random-init model: it learns the task within a minute on CPU."""
+    tmp = tmp_path_factory.mktemp("full")
+    train, val, test = color_task(tmp, 96, 0), color_task(tmp, 16, 1), color_task(tmp, 24, 2)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--trainable", "full",
+                "--lr", "3e-3", "--epochs", "4", "-b", "8", "--warmup", "0", "--name", "full", "--log-dir", tmp / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, test, r
+
+
+def test_full_run_folder_and_learning(full_run):
+    tmp, _, r = full_run
+    run = tmp / "log" / "full"
+    assert (run / "run.json").is_file() and (run / "best" / "run.json").is_file()
+    assert (run / "latest" / "model.safetensors").is_file() and list(run.glob("checkpoint-*"))
+    cfg = json.loads((run / "run.json").read_text())
+    assert cfg["classes"] == ["red", "blue"] and cfg["task"] == "classification"
+    assert cfg["tokens"]["pad_token"] != cfg["tokens"]["eos_token"] == "<|im_end|>"
+    ls = losses(run)
+    assert sum(ls[-4:]) / 4 < 0.5 * sum(ls[:4]) / 4, ls
+    assert "validation accuracy" in r.stdout and "real tokens/s" in r.stdout
+
+
+def test_eval_scores_the_trained_run(full_run):
+    tmp, test, _ = full_run
+    r = run_cli("eval.py", "-c", tmp / "log" / "full", "--test-data", test, "-o", tmp / "results")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp / "results" / "1024-max-len" / "full"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["predict"] == "score" and m["samples"] == 24 and m["invalid"] == 0
+    assert m["accuracy"] >= 0.9, m  # chance is 0.5
+    rows = list(csv.DictReader(open(out / "predictions.tsv"), delimiter="\t"))
+    assert len(rows) == 24 and {r["id"] for r in rows} == {f"2-{i}" for i in range(24)}
+    assert all(0.5 <= float(r["confidence"]) <= 1 for r in rows)
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    matrix = list(csv.reader(open(out / "confusion_matrix.csv")))
+    assert matrix[0][1:] == ["red", "blue", "invalid"]
+    assert sum(int(x) for row in matrix[1:] for x in row[1:]) == 24
+    assert "accuracy" in r.stdout
+
+    g = run_cli("eval.py", "-c", tmp / "log" / "full" / "latest", "--test-data", test, "-o", tmp / "results",
+                "--predict", "generate", "--max-new-tokens", "4")
+    assert g.returncode == 0, g.stderr[-3000:]
+    gm = json.loads((out / "metrics.json").read_text())
+    assert gm["predict"] == "generate" and gm["accuracy"] + gm["invalid_rate"] <= 1.0
+    assert gm["accuracy"] >= 0.75, gm
+
+
+def test_lora_adapter_reloads_with_peft(tiny_llm, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train = color_task(tmp_path, 16, 0)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--max-steps", "3", "-b", "4", "--name", "lora",
+                "--log-dir", tmp_path / "log", "-r", "4", "--set-pad-token")
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = tmp_path / "log" / "lora" / "best"
+    assert (best / "adapter_config.json").is_file() and (best / "adapter_model.safetensors").is_file()
+    tok = AutoTokenizer.from_pretrained(best)
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm), best)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: LoRA B starts at zero
+    ids = torch.tensor([tok("red house")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    assert not torch.allclose(model(ids).logits, base(ids).logits)
+
+
+def test_vision_language_model_trains_and_evals(tiny_vlm, tmp_path):
+    from tiny_models import make_images
+
+    images = make_images(tmp_path / "img", 24)
+    rows = [{"id": f"i{i}", "image": f"img/{name}", "answer": label, "question": "Which colour is the square?"}
+            for i, (name, label) in enumerate(images)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:16])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[16:])
+    r = run_cli("train.py", "-m", tiny_vlm, "--train-data", train, "--validation-data", test, "--max-steps", "4",
+                "-b", "4", "--name", "vlm", "--log-dir", tmp_path / "log", "--lr", "1e-3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "log" / "vlm"
+    assert "vision-language" in r.stdout
+    assert (run / "best" / "adapter_model.safetensors").is_file()
+    assert (run / "best" / "processor_config.json").is_file() or (run / "best" / "preprocessor_config.json").is_file()
+    assert len(losses(run)) == 4
+    e = run_cli("eval.py", "-c", run, "--test-data", test, "-o", tmp_path / "results")
+    assert e.returncode == 0, e.stderr[-3000:]
+    m = json.loads((tmp_path / "results" / "1024-max-len" / "vlm" / "metrics.json").read_text())
+    assert m["samples"] == 8 and m["invalid"] == 0 and 0 <= m["accuracy"] <= 1
