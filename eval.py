@@ -126,7 +126,8 @@ def main(argv=None):
             cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
     except (DataError, ModelError) as e:
         fail(str(e))
-    mode = (args.predict or "score") if classes else "generate"
+    head = cfg.get("head") == "classifier"
+    mode = "head" if head else (args.predict or "score") if classes else "generate"
     max_new = args.max_new_tokens or (32 if classes else 256)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,13 @@ def main(argv=None):
     start = time.time()
     try:
         with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr) as bar:
-            results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update)
+            if head:  # a classifier-head run: the head's softmax, no generation
+                import classifier
+
+                results = classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
+            else:
+                results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch,
+                                  bar.update)
     except DataError as e:
         fail(str(e))
     seconds = time.time() - start

@@ -166,8 +166,9 @@ def model_class(vision: bool):
     return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
-def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_code=False):
-    """The base model, unwrapped. quantize: None, '4bit' (QLoRA NF4) or '8bit'."""
+def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_code=False, head=None):
+    """The base model, unwrapped. quantize: None, '4bit' (QLoRA NF4) or '8bit'. head: class names for a
+    sequence-classification head (classifier mode) instead of the language-model head."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -185,10 +186,26 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
         kwargs["device_map"] = device_map
     elif quantize and device_kind() == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if head:
+        from transformers import AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification
+        kwargs.update(num_labels=len(head), id2label=dict(enumerate(head)),
+                      label2id={c: i for i, c in enumerate(head)})
+    else:
+        cls = model_class(vision)
+    from transformers.utils import logging as hf_logging
+
+    quiet = head is not None  # a fresh head is "newly initialized" by design: not a warning the user must read
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
     try:
-        model = model_class(vision).from_pretrained(folder, **kwargs)
+        model = cls.from_pretrained(folder, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     if gguf and not quantize:
         # GGUF weights are dequantised to `dtype` on load: from here on it is a plain float model, but transformers
         # still flags it as GGUF-quantised and would refuse to train or save it
@@ -284,6 +301,7 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
 
     vision = run_config["vision"]
     spec = run_config["model"]
+    head = run_config["classes"] if run_config.get("head") == "classifier" else None
     tok_src = checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").is_file() else None
     tokenizer, processor = load_processing(spec, vision, run_config.get("trust_remote_code", False), tok_src)
     if tok_src is None:
@@ -293,12 +311,13 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False))
+        base = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False), head=head)
         model = PeftModel.from_pretrained(base, checkpoint)
     elif checkpoint:
-        model = load_base(checkpoint, vision, dtype)
+        model = load_base(checkpoint, vision, dtype, head=head)
     else:
-        model = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False))
+        model = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False),
+                          head=head)
     _sync_special_tokens(model, tokenizer)
     model.to(device_kind()).eval()
     return model, tokenizer, processor

