@@ -207,11 +207,11 @@ def _str_field(rec, key, file, sid, required=False):
     return v
 
 
-def _turns(rec, key, file, sid):
+def _turns(rec, key, file, sid, require_assistant=True):
     msgs = rec[key]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(file, sid, key, "expected a non-empty list of messages")
-    rk, ck = ("role", "content") if key == "messages" else ("from", "value")
+    rk, ck = ("from", "value") if key == "conversations" else ("role", "content")
     turns = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or rk not in m or ck not in m:
@@ -222,7 +222,7 @@ def _turns(rec, key, file, sid):
         if not isinstance(m[ck], str):
             raise DataError(file, sid, f"{key}[{i}].{ck}", "expected a string")
         turns.append((role, m[ck]))
-    if not any(r == "assistant" for r, _ in turns):
+    if require_assistant and not any(r == "assistant" for r, _ in turns):
         raise DataError(file, sid, key, "no assistant turn to learn from")
     return turns
 
@@ -455,13 +455,26 @@ class Formatter:
             raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
         if document != sample.document:
             self.truncated += 1
-        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids)}
+        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
+               "text": "".join(t for t, _ in segs)}
         if self.processor is not None and sample.image is not None:
-            prompt_text = "".join(t for t, trainable in segs if not trainable) if len(segs) <= 2 else None
-            if prompt_text is None:
+            if len(segs) > 2:
                 raise DataError(sample.file, sample.id, "image", "image samples must be single-turn")
             out.update(prompt_text=segs[0][0], answer_text=segs[1][0] if len(segs) > 1 else "", image=sample.image)
         return out
+
+    def prompt_text(self, sample, train: bool = False) -> str:
+        """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
+        trainers that tokenise text themselves (GRPO, DPO). A BOS the chat template wrote is dropped when the
+        tokenizer adds its own, or it would appear twice."""
+        probe = Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
+                       image=getattr(sample, "image", None), document=getattr(sample, "document", None),
+                       needs_prompt=sample.needs_prompt)
+        text = self.encode(probe, train=train, with_answer=False)["text"]
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+            text = text[len(bos):]
+        return text
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """The inference prompt (first system/question prompt, generation prompt appended), truncated."""
@@ -480,3 +493,48 @@ class Formatter:
 
 def msgs_has_user(msgs):
     return any(m["role"] == "user" for m in msgs)
+
+
+# ----------------------------------------------------------------------------------------------- preference pairs
+@dataclass
+class Preference:
+    """One DPO pair: the prompt turns (system/user), the chosen and the rejected reply."""
+    id: str
+    file: str
+    turns: list[tuple[str, str]]
+    chosen: str
+    rejected: str
+    image: str | None = None
+    needs_prompt: bool = False
+
+
+def parse_preference(rec, file: Path, sid: str) -> Preference:
+    """{"prompt"|"question", "system"?, "image"?, "chosen", "rejected"} or the message-list form
+    {"prompt_messages", "chosen_messages", "rejected_messages"} (the replies: their assistant turns)."""
+    if not isinstance(rec, dict):
+        raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
+    sid = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else sid
+    if "prompt_messages" in rec:
+        turns = _turns(rec, "prompt_messages", file, sid, require_assistant=False)
+        replies = []
+        for key in ("chosen_messages", "rejected_messages"):
+            if key not in rec:
+                raise DataError(file, sid, key, "missing")
+            replies.append("".join(t for r, t in _turns(rec, key, file, sid) if r == "assistant"))
+        return Preference(sid, str(file), turns, replies[0], replies[1])
+    question = _str_field(rec, "prompt", file, sid)
+    if question is None:
+        question = _str_field(rec, "question", file, sid)
+    system = _str_field(rec, "system", file, sid)
+    chosen = _str_field(rec, "chosen", file, sid, required=True)
+    rejected = _str_field(rec, "rejected", file, sid, required=True)
+    image = _str_field(rec, "image", file, sid)
+    turns = ([("system", system)] if system else []) + [("user", question or "")]
+    return Preference(sid, str(file), turns, chosen, rejected, _check_image(file, sid, image) if image else None,
+                      needs_prompt=question is None or system is None)
+
+
+def load_preferences(path, prompts=None) -> list[Preference]:
+    prefs = [parse_preference(rec, f, sid) for f, sid, rec in read_records(path)]
+    check_samples(prefs, prompts)
+    return prefs

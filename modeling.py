@@ -252,8 +252,13 @@ def load_for_training(args, vision, tokenizer):
 
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    if getattr(args, "init_adapter", None):  # continue training an earlier run's adapter
-        return PeftModel.from_pretrained(model, args.init_adapter, is_trainable=True)
+    init = getattr(args, "init_adapter", None)
+    if init and not Path(init, "adapter_config.json").is_file():
+        raise ModelError(f"--init-adapter {init}: no adapter_config.json there (give log/NAME/best of a LoRA run)")
+    if init and quantize:  # merging into 4/8-bit weights loses precision: train the SFT adapter further
+        return PeftModel.from_pretrained(model, init, is_trainable=True)
+    if init:  # merge the SFT adapter, then a fresh LoRA: the KL reference (adapter disabled) is the SFT policy
+        model = PeftModel.from_pretrained(model, init).merge_and_unload()
     return get_peft_model(model, lora_config(args))
 
 

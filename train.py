@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("sft",)  # the trainers this script runs; grpo / dpo slot in here
+MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict", default="score", choices=["score", "generate"],
                    help="how validation accuracy is measured on closed-set tasks (default score)")
     g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all)")
+    g = p.add_argument_group("grpo / dpo (see rl.py)")
+    g.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt (default 8; -b "
+                   "must be a multiple)")
+    g.add_argument("--max-completion-len", type=int, default=256, help="GRPO: max generated tokens (default 256)")
+    g.add_argument("--temperature", type=float, default=1.0, help="GRPO: sampling temperature (default 1.0)")
+    g.add_argument("--beta", type=float, help="KL / DPO strength (default: 0.0 for GRPO as in TRL, 0.1 for DPO)")
+    g.add_argument("--rewards", default="correct", help="GRPO rewards: names from rewards.py (structure, think, "
+                   "correct) or module:function, comma-separated (default correct)")
+    g.add_argument("--reward-weights", help="GRPO: one weight per reward, comma-separated (default all 1)")
+    g.add_argument("--prefill", help="GRPO: text the reply starts with, e.g. '<reasoning>' (counted by the rewards)")
+    g.add_argument("--init-adapter", help="GRPO/DPO: start from an SFT run's adapter, e.g. log/SFT/best")
+    g.add_argument("--vllm", action="store_true", help="GRPO: generate with vLLM, colocated (NVIDIA GPU + vllm)")
+    g.add_argument("--dpo-loss", default="sigmoid", help="DPO loss type as TRL names it: sigmoid (default), ipo, "
+                   "hinge, ...")
     g = p.add_argument_group("output")
     g.add_argument("--name", help="run name: outputs go to log/NAME (default: model-date-time)")
     g.add_argument("--log-dir", default="log", help="where run folders go (default log)")
@@ -126,6 +140,14 @@ def parse_args(argv=None):
     return args
 
 
+def _vllm_available():
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
 def fail(message: str):
     """Bad input: one line, exit status 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -140,6 +162,14 @@ def load_data(args):
     prompts = load_prompts(args.prompts)
     classes = load_classes(args.classes) if args.classes else None
     need_q = args.response_template is None  # the plain format's response template stands in for a question
+    if args.trainer == "dpo":
+        from dataset import load_preferences
+
+        if args.data:
+            fail("--trainer dpo reads preference pairs from --train-data, not -d")
+        train = load_preferences(args.train_data, prompts)
+        val = load_preferences(args.validation_data, prompts) if args.validation_data else []
+        return train, val[: args.val_samples] if args.val_samples else val, None, prompts
     if args.data:
         classes = classes or RVL_CDIP_CLASSES
         train = load_rvl_cdip(args.data, "train", classes, args.suffix, prompts, need_q)
@@ -165,6 +195,8 @@ def encode_all(fmt, samples, train):
     from datasets import Dataset
 
     rows = [r for r in (fmt.encode(s, train=train) for s in samples) if r is not None]
+    for r in rows:
+        r.pop("text")
     for r in rows:  # uniform columns for datasets: text-only rows in a vision run carry empty image fields
         r.setdefault("prompt_text", None)
         r.setdefault("answer_text", None)
@@ -265,15 +297,12 @@ def save_atomic(dest: Path, write):
 
 # ------------------------------------------------------------------------------------------------ trainer
 def make_trainer_class(base):
-    """`base` (TRL's SFTTrainer, or transformers' Trainer for the classifier head) plus: closed-set validation
-    accuracy, real-token throughput, and a CPU loss.
+    """`base` (TRL's SFT/GRPO/DPO trainer, or transformers' Trainer for the classifier head) plus closed-set
+    validation accuracy and real-token throughput. Without a GPU, TRL's Triton loss kernel is swapped for a
+    torch one first (trl_cpu.py)."""
+    import trl_cpu
 
-    TRL 1.x computes the SFT loss with a Triton kernel (trl.kernels.ChunkedLogProbFunction) that needs a GPU
-    driver: on CPU (or MPS) Triton fails with "0 active drivers". TRL's deprecation notes name overriding
-    compute_loss as the supported route; off GPU we use transformers' Trainer.compute_loss, the model's own
-    cross-entropy over the labels, normalised by the number of answer tokens in the batch.
-    """
-    from transformers import Trainer
+    trl_cpu.install()
 
     class FinetuneTrainer(base):
         validation = None  # callable -> dict of extra eval metrics, set by main()
@@ -287,12 +316,12 @@ def make_trainer_class(base):
             finally:
                 self.train_seconds += time.perf_counter() - t
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and "attention_mask" in inputs:
-                self.real_tokens += int(inputs["attention_mask"].sum())
-            if inputs["input_ids"].device.type in ("cuda", "xpu"):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            for key in ("attention_mask", "completion_mask"):  # SFT / classifier batches; GRPO completions
+                if model.training and key in inputs:
+                    self.real_tokens += int(inputs[key].sum())
+                    break
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
 
         def evaluate(self, *args, **kwargs):
             self._extra = self.validation() if self.validation else {}
@@ -362,11 +391,31 @@ def main(argv=None):
 
             train_ds = classifier.encode(fmt, train, classes, train=True)
             val_ds = classifier.encode(val_fmt, val, classes) if val else None
+        elif args.trainer == "grpo":
+            import rl
+
+            fmt.prefill = args.prefill
+            train_ds, val_ds = rl.grpo_dataset(fmt, train, args.prefill), None  # GRPO validates nothing: see README
+            val = []
+        elif args.trainer == "dpo":
+            import rl
+
+            train_ds = rl.dpo_dataset(fmt, train)
+            val_ds = rl.dpo_dataset(val_fmt, val) if val else None
         else:
             train_ds = encode_all(fmt, train, train=True)
             val_ds = encode_all(val_fmt, val, train=False) if val else None
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
-    except (DataError, ModelError) as e:
+        if args.trainer == "grpo":
+            from rewards import load_rewards
+
+            reward_funcs, reward_weights = load_rewards(args.rewards, args.reward_weights)
+            if args.batch_size % args.num_generations:
+                raise ModelError(f"-b {args.batch_size} must be a multiple of --num-generations "
+                                 f"{args.num_generations} (GRPO compares each prompt's completions as a group)")
+            if args.vllm and not _vllm_available():
+                raise ModelError("--vllm needs an NVIDIA GPU and vllm installed (uv pip install vllm)")
+    except (DataError, ModelError, ValueError) as e:
         fail(str(e))
     if fmt.truncated or fmt.dropped:
         print(f"warning: {fmt.truncated} training documents truncated to --max-len {args.max_len}"
@@ -413,7 +462,24 @@ def main(argv=None):
         train_sampling_strategy="group_by_length", length_column_name="length",
         disable_tqdm=not sys.stderr.isatty(), use_cpu=not torch.cuda.is_available(),
     )
-    if head:
+    if args.trainer in ("grpo", "dpo"):
+        import rl
+
+        for key in ("train_sampling_strategy", "length_column_name"):  # TRL's own samplers decide the order
+            common.pop(key)
+    if args.trainer == "grpo":
+        from trl import GRPOTrainer
+
+        trainer = make_trainer_class(GRPOTrainer)(
+            model=model, reward_funcs=rl.logged_rewards(reward_funcs, out / "completions.jsonl"),
+            args=rl.grpo_config(args, common, reward_weights), train_dataset=train_ds, processing_class=tokenizer)
+    elif args.trainer == "dpo":
+        from trl import DPOTrainer
+
+        trainer = make_trainer_class(DPOTrainer)(
+            model=model, args=rl.dpo_config(args, common), train_dataset=train_ds, eval_dataset=val_ds,
+            processing_class=tokenizer)
+    elif head:
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
         trainer = make_trainer_class(Trainer)(
@@ -446,7 +512,7 @@ def main(argv=None):
             return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
 
         trainer.validation = validation
-    metric = "eval_accuracy" if classes and val else "eval_loss"
+    metric = "eval_accuracy" if classes and val and args.trainer == "sft" else "eval_loss"
 
     def save(dest: Path, info: dict):
         def write(tmp):

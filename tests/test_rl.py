@@ -1,0 +1,94 @@
+"""GRPO and DPO through train.py on tiny models, and the CPU stand-in for TRL's Triton kernel."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, write_jsonl
+
+BREVITY = '''
+def brevity(completions, **kw):
+    """Shorter replies score higher: a dense signal a random-init model can follow within a few steps."""
+    return [-len(c) / 40 for c in completions]
+'''
+
+
+def _log(path):
+    return [json.loads(l) for l in path.read_text(errors="replace").splitlines() if l.strip()]
+
+
+def test_grpo_scores_what_it_generated_and_the_reward_rises(tiny_llm, tmp_path):
+    rows = [json.loads(l) for l in (ROOT / "data/fortunes/train.jsonl").read_text().splitlines()][:16]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "my_rewards.py").write_text(BREVITY)
+    r = run_cli("train.py", "--trainer", "grpo", "-m", tiny_llm, "--train-data", train, "-p", ROOT / "prompts.json",
+                "--num-generations", "8", "-b", "16", "--max-completion-len", "8", "--max-steps", "16",
+                "--rewards", f"structure,correct,{tmp_path / 'my_rewards.py'}:brevity", "--reward-weights", "0,0,1",
+                "--prefill", "<reasoning>", "--trainable", "full", "--lr", "1e-2", "--warmup", "0",
+                "--name", "grpo", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "log" / "grpo"
+    steps = [x for x in _log(run / "train_log.jsonl") if "reward" in x]
+    assert len(steps) == 16 and all("rewards/structure/mean" in x and "rewards/correct/mean" in x for x in steps)
+    # the weighted total is brevity alone (weights 0, 0, 1), and it rises as the policy learns to be brief
+    assert all(x["reward"] == pytest.approx(x["rewards/brevity/mean"], abs=1e-5) for x in steps)
+    first, last = [sum(x["reward"] for x in s) / 4 for s in (steps[:4], steps[-4:])]
+    assert last > first + 0.05, [x["reward"] for x in steps]
+    # every logged reward is what the function gives for the completion that was generated (prefill included)
+    import rewards
+
+    logged = _log(run / "completions.jsonl")
+    assert {x["reward"] for x in logged} == {"structure", "correct", "brevity"}
+    for x in logged:
+        if x["reward"] == "brevity":
+            assert x["value"] == pytest.approx(-len(x["completion"]) / 40)
+        else:
+            fn = rewards.REWARDS[x["reward"]]
+            kw = {"answer": [x["answer"]]} if x["reward"] == "correct" else {}
+            assert fn([x["completion"]], prefill=[x["prefill"]], **kw) == [x["value"]]
+        assert x["prefill"] == "<reasoning>"
+    assert (run / "best" / "model.safetensors").is_file()
+
+
+def test_dpo_margin_grows(tiny_llm, tmp_path):
+    prefs = [{"question": f"Name a colour ({i}).", "chosen": "red", "rejected": "the big old stone house"}
+             for i in range(12)]
+    msgs = [{"prompt_messages": [{"role": "user", "content": "Pick one."}],
+             "chosen_messages": [{"role": "assistant", "content": "blue"}],
+             "rejected_messages": [{"role": "assistant", "content": "window garden road"}]}] * 4
+    train = write_jsonl(tmp_path / "prefs.jsonl", prefs + [dict(m, id=f"m{i}") for i, m in enumerate(msgs)])
+    r = run_cli("train.py", "--trainer", "dpo", "-m", tiny_llm, "--train-data", train, "-b", "4", "--max-steps", "8",
+                "--lr", "5e-3", "--beta", "0.1", "--dpo-loss", "sigmoid", "--name", "dpo", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "log" / "dpo"
+    margins = [x["rewards/margins"] for x in _log(run / "train_log.jsonl") if "rewards/margins" in x]
+    assert len(margins) == 8 and margins[-1] > margins[0] + 0.3, margins
+    assert (run / "best" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "run.json").read_text())["trainer"] == "dpo"
+
+
+def test_preference_pairs_are_validated(tmp_path, tiny_llm):
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "chosen": "a"}])
+    r = run_cli("train.py", "--trainer", "dpo", "-m", tiny_llm, "--train-data", bad, "--log-dir", tmp_path / "log")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "line 1" in r.stderr and "'rejected'" in r.stderr and not (tmp_path / "log").exists()
+
+
+@pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
+def test_torch_logprob_matches_a_direct_log_softmax(softcap, scale, temperature):
+    from trl_cpu import TorchChunkedLogProb
+
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    logp, entropy, _, _, top1 = TorchChunkedLogProb.apply(hidden, weight, None, targets, temperature, 256, softcap,
+                                                           scale, ("entropy", "is_top1"))
+    z = (hidden @ weight.T) * scale
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    ref = torch.log_softmax(z / temperature, -1)
+    assert torch.allclose(logp, ref.gather(-1, targets[:, None])[:, 0], atol=1e-5)
+    assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1), atol=1e-4)
+    assert torch.equal(top1, ref.argmax(-1) == targets)
+    logp.sum().backward()
+    assert hidden.grad is not None and weight.grad is not None
