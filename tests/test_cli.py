@@ -1,0 +1,73 @@
+"""The command lines users bring: RVL-CDIP layout with the seed-style flags, --config YAML, W&B offline,
+--resume, eval on the RVL-CDIP test split, and a zero-shot baseline."""
+import json
+
+from conftest import run_cli, write_jsonl
+
+SECRETS = {"HF_TOKEN": "hf_SECRETtoken123", "WANDB_API_KEY": "wandbSECRETkey456",
+           "MLFLOW_TRACKING_PASSWORD": "mlflowSECRET789"}
+
+
+def rvl_folder(folder, n_per_split):
+    """An RVL-CDIP OCR layout with 3 of the 16 classes: the class word appears in the OCR text."""
+    folder.mkdir()
+    words = {0: "dear sir letter", 2: "from to subject email", 11: "invoice total due amount"}
+    for split, n in n_per_split.items():
+        for i in range(n):
+            idx = list(words)[i % 3]
+            (folder / f"{split}_{i:04d}_{idx}_aws.json").write_text(json.dumps({"ocr": f"{words[idx]} page {i}"}))
+    return folder
+
+
+def test_rvl_cdip_seed_flags_config_wandb_resume_and_eval(tiny_llm, tmp_path):
+    data = rvl_folder(tmp_path / "rvl", {"train": 12, "validation": 6, "test": 9})
+    (tmp_path / "run.yaml").write_text("batch_size: 4\nmax_steps: 2\nsave_steps: 1\nlr: 0.001\n")
+    env = {**SECRETS, "WANDB_DIR": str(tmp_path / "wandb")}
+    common = ["-m", tiny_llm, "-d", data, "--set-pad-token", "--lora-rank", "4", "--lora-alpha", "8",
+              "--max-len", "64", "--generative", "--response-template", "### Classification:", "--mixed-precision",
+              "--trainable", "lora", "--name", "rvl", "--log-dir", tmp_path / "log", "--report-to", "wandb"]
+    r = run_cli("train.py", "--config", tmp_path / "run.yaml", *common, "--eval-steps", "1", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "log" / "rvl"
+    cfg = json.loads((run / "run.json").read_text())
+    assert cfg["format"] == "plain" and cfg["batch_size"] == 4 and cfg["lr"] == 0.001 and cfg["lora_rank"] == 4
+    assert cfg["classes"][:3] == ["letter", "form", "email"] and len(cfg["classes"]) == 16
+    assert list((tmp_path / "wandb").rglob("*.wandb")), "W&B wrote no offline run"
+
+    # --resume continues from the last checkpoint to the new --max-steps, not from scratch
+    r2 = run_cli("train.py", "--config", tmp_path / "run.yaml", *common, "--eval-steps", "1", "--resume",
+                 "--max-steps", "4", env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    steps = [x["step"] for x in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in x]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((run / "latest" / "run.json").read_text())["checkpoint"]["step"] == 4
+
+    # no secret from the environment in anything the run wrote (run config, logs, W&B files)
+    for f in [*run.rglob("*"), *(tmp_path / "wandb").rglob("*")]:
+        if f.is_file():
+            blob = f.read_bytes()
+            assert not any(v.encode() in blob for v in SECRETS.values()), f
+
+    e = run_cli("eval.py", "-d", data, "-c", run, "-b", "20", "--max-len", "64", "-o", tmp_path / "results")
+    assert e.returncode == 0, e.stderr[-3000:]
+    m = json.loads((tmp_path / "results" / "64-max-len" / "rvl" / "metrics.json").read_text())
+    assert m["samples"] == 9 and m["max_len"] == 64 and set(m["per_class"]) == set(cfg["classes"])
+
+
+def test_zero_shot_baseline(tiny_llm, tmp_path):
+    rows = [{"text": f"doc {i}", "answer": ["red", "blue"][i % 2]} for i in range(6)]
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    (tmp_path / "classes.txt").write_text("red\nblue\n")
+    (tmp_path / "prompts.json").write_text(json.dumps({"question": ["Which colour?"]}))
+    r = run_cli("eval.py", "-m", tiny_llm, "--test-data", test, "--classes", tmp_path / "classes.txt",
+                "-p", tmp_path / "prompts.json", "-o", tmp_path / "res", "--predict", "generate",
+                "--max-new-tokens", "3", "--prefill", "<answer>")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "res" / "1024-max-len" / tiny_llm.rstrip("/").split("/")[-1] / "metrics.json")
+                   .read_text())
+    assert m["samples"] == 6 and m["checkpoint"] is None and m["predict"] == "generate"
+    rows = [l.split("\t") for l in (tmp_path / "res" / "1024-max-len" / tiny_llm.rstrip("/").split("/")[-1] /
+                                     "predictions.tsv").read_text().splitlines()[1:]]
+    assert len(rows) == 6 and all(r[1] in ("", "red", "blue") for r in rows)
+    assert m["invalid"] == sum(r[1] == "" for r in rows)  # unmatched outputs are counted, not dropped
+    assert m["accuracy"] == sum(r[1] == r[2] for r in rows) / 6
