@@ -1,0 +1,217 @@
+"""Generate with a fine-tuned run in the exact prompt format it was trained with (system prompt, question, chat
+template or --response-template, max length: all from its run.json).
+
+    uv run generate.py -c log/NAME --prompt "Which colour is the sky?"              # one answer on stdout
+    uv run generate.py -c log/NAME --text "$(cat letter.txt)"                       # a document + the run's question
+    uv run generate.py -c log/NAME --prompt "What does it show?" --image scan.png   # vision-language runs
+    uv run generate.py -c log/NAME --data test.jsonl -o answers.jsonl -b 8          # a data file -> JSONL
+    uv run generate.py -c log/NAME                                                  # interactive chat
+    uv run generate.py -c merged/NAME --prompt "Hi" --temperature 0.7               # a merged export, sampled
+
+-c takes log/NAME (its best/), log/NAME/best|latest|checkpoint-N, or a folder written by `export.py merge`.
+--prompt is the user turn as typed; --text is a document that gets the run's first question (as a data sample
+{"text": ...} would); both get the run's first system prompt. --data takes every layout train.py reads; answers are
+optional there. Each output line is {"id", "prompt", "answer", "reference"}; rows come as batches finish (longest
+prompts first), so match them by id. Greedy decoding unless --temperature > 0; generation stops at the end-of-turn
+token the run was trained to emit.
+
+Chat: multi-turn (the history is kept and re-sent in the chat template; the oldest turns are dropped when it
+outgrows the run's max length), tokens stream as they are generated, an empty line, "exit" or Ctrl-D ends it.
+Plain-format runs (--response-template) were trained single-turn, so each chat line is answered on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("-c", "--checkpoint", required=True, help="log/NAME (its best/), log/NAME/best|latest|checkpoint-N, or a "
+      "merged export")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one user message (default: interactive chat)")
+    src.add_argument("--text", help="one document; the question and system prompt come from the run's prompts")
+    src.add_argument("--data", help="a data file or folder (any layout train.py reads); answers optional")
+    a("--image", help="an image for --prompt / --text / the first chat turn (vision-language runs)")
+    a("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
+    a("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    a("-b", "--batch-size", type=int, default=8, help="samples per batch for greedy --data (default 8)")
+    a("-o", "--output", help="write JSONL here (default: stdout)")
+    return p
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None) -> str:
+    """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed."""
+    import torch
+
+    from dataset import DataError, pick_prompt
+
+    tok = fmt.tokenizer
+    dev = next(model.parameters()).device
+    if sample.image and fmt.processor is not None:
+        # the processor expands the image into its tokens, so it gets the prompt text; rendered from the segments
+        # (not Formatter.encode, which handles a single turn for images) so a chat about an image can go on
+        from PIL import Image
+
+        text = "".join(t for t, _ in fmt.segments(sample, pick_prompt(sample, fmt.prompts, None), sample.document))
+        enc = fmt.processor(text=[text], images=[Image.open(sample.image).convert("RGB")], return_tensors="pt").to(dev)
+    else:
+        encoded = fmt.encode(sample, with_answer=False)
+        if encoded is None:
+            raise DataError(sample.file, sample.id, None, f"the conversation is longer than max_len {fmt.max_len}")
+        ids = torch.tensor([encoded["input_ids"]], device=dev)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    # sampling keeps the model's own top_p / top_k defaults; greedy switches them off (no warnings)
+    how = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, streamer=streamer, **how)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def prompt_text(fmt, sample) -> str:
+    """The prompt as the model sees it (special tokens shown), for the JSONL output."""
+    enc = fmt.encode(sample, with_answer=False)
+    if enc is None:
+        return ""
+    return enc.get("prompt_text") or fmt.tokenizer.decode(enc["input_ids"])
+
+
+def answer_all(model, fmt, samples, args, emit):
+    """emit(row) for every sample: batched greedy decoding through predict.predict, or one by one when sampling."""
+    prompts = {s.id: prompt_text(fmt, s) for s in samples}
+    refs = {s.id: s.answer for s in samples}
+
+    def rows(results):
+        for r in results:
+            emit({"id": r["id"], "prompt": prompts[r["id"]], "answer": r["raw"], "reference": refs[r["id"]]})
+
+    from tqdm import tqdm
+
+    with tqdm(total=len(samples), unit="sample", file=sys.stderr, disable=len(samples) < 2 or None) as bar:
+        if args.temperature > 0:
+            for s in samples:
+                rows([{"id": s.id, "raw": generate_one(model, fmt, s, args.max_new_tokens, args.temperature)}])
+                bar.update(1)
+        else:
+            from predict import predict
+
+            predict(model, fmt, samples, None, "generate", args.batch_size, args.max_new_tokens, on_batch=rows,
+                    progress=bar.update)
+
+
+def chat(model, fmt, args, image=None, read=None):
+    """Interactive multi-turn chat on stdin/stdout; tokens are printed as they come."""
+    from transformers import TextStreamer
+
+    from dataset import DataError, Sample
+
+    read = read or input  # looked up now, not at import: tests replace builtins.input
+    plain = fmt.response_template is not None
+    history: list[tuple[str, str]] = []
+    print("chat: an empty line, 'exit' or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            text = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not text.strip() or text.strip().lower() in ("exit", "quit"):
+            return
+        if plain:
+            history = []  # trained single-turn: every line stands alone
+        while True:
+            sample = Sample(id="chat", file="chat", turns=history + [("user", text)], image=image, needs_prompt=True)
+            try:
+                print("model> ", end="", flush=True)
+                streamer = TextStreamer(fmt.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                answer = generate_one(model, fmt, sample, args.max_new_tokens, args.temperature, streamer)
+                break
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                print()
+                answer = None
+                break
+            except DataError as e:
+                if not history:
+                    print(f"\nerror: {e}", file=sys.stderr)
+                    answer = None
+                    break
+                history = history[2:]  # too long for the run's max length: forget the oldest exchange
+        if answer is not None:
+            history += [("user", text), ("assistant", answer)]
+
+
+def main(argv=None):
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    args = build_parser().parse_args(argv)
+    from dataset import DataError, Formatter, Sample, load_prompts, load_samples
+    from export import ExportError, find_run
+    from modeling import ModelError, load_for_inference
+
+    try:  # everything is checked before the model is loaded
+        cfg, weights = find_run(args.checkpoint)
+        prompts = load_prompts(cfg.get("prompts"))
+        image = None
+        if args.image:
+            image = Path(args.image).expanduser().resolve()
+            if not image.is_file():
+                fail(f"{args.image}: no such image file")
+            if not cfg.get("vision"):
+                fail(f"--image: {cfg['model']} is a text-only model")
+            image = str(image)
+        samples = None
+        if args.data and args.image:
+            fail("--image goes with --prompt, --text or the chat; data samples name their own images")
+        if args.data:
+            samples = load_samples(args.data, prompts, require_answer=False,
+                                   require_question=not cfg.get("response_template"))
+        elif args.prompt is not None or args.text is not None:
+            if not (args.prompt or args.text or "").strip():
+                fail("--prompt/--text: empty")
+            turns = [("user", args.prompt if args.prompt is not None else "")]
+            samples = [Sample(id="prompt" if args.prompt is not None else "text", file="command line", turns=turns,
+                              image=image, document=args.text, needs_prompt=True)]
+        model, tokenizer, processor = load_for_inference(cfg, str(weights))
+    except (ExportError, DataError, ModelError) as e:
+        fail(str(e))
+    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts)
+    if samples is None:
+        chat(model, fmt, args, image)
+        return
+    try:
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        out = open(args.output, "w") if args.output else None
+    except OSError as e:
+        fail(f"{args.output}: cannot write ({e.strerror})")
+
+    def emit(row):
+        if out is None and args.data is None:
+            print(row["answer"])  # one prompt, no -o: just the answer
+        else:
+            print(json.dumps(row, ensure_ascii=False), file=out or sys.stdout, flush=True)
+
+    try:
+        answer_all(model, fmt, samples, args, emit)
+    except DataError as e:
+        fail(str(e))
+    finally:
+        if out:
+            out.close()
+    if args.output:
+        print(f"wrote {len(samples)} rows to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
