@@ -50,28 +50,16 @@ def fail(message):
     sys.exit(2)
 
 
-def find_run(checkpoint: str) -> tuple[dict, Path, str]:
-    """(run config, weights folder, run name) for log/NAME, log/NAME/best|latest|checkpoint-N."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        fail(f"{checkpoint}: no such checkpoint folder")
-    if (path / "best").is_dir() and (path / "run.json").is_file():
-        path = path / "best"
-    for cfg_file, run_folder in ((path / "run.json", path.parent if path.name in ("best", "latest") else path),
-                                 (path.parent / "run.json", path.parent)):
-        if cfg_file.is_file():
-            try:
-                return json.loads(cfg_file.read_text()), path, run_folder.name
-            except json.JSONDecodeError as e:
-                fail(f"{cfg_file}: invalid JSON ({e.msg})")
-    fail(f"{checkpoint}: not a run of train.py: expected log/NAME with run.json, or its best/, latest/ or "
-         "checkpoint-N/ folder")
-
-
 def resolve(args):
     """The run configuration with command-line overrides applied, and where the weights are."""
     if args.checkpoint:
-        cfg, weights, name = find_run(args.checkpoint)
+        from modeling import ModelError, find_run, run_name
+
+        try:
+            cfg, weights = find_run(args.checkpoint)
+        except ModelError as e:
+            fail(str(e))
+        name = run_name(weights)
         if args.model:
             cfg["model"] = args.model
     elif args.model:

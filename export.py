@@ -42,48 +42,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from modeling import ModelError, find_run, is_adapter  # light: modeling imports torch and transformers lazily
+
 DTYPES = ("bfloat16", "float16", "float32")
 LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)(\.|$)")
 
 
-class ExportError(Exception):
+class ExportError(ModelError):
     """A problem the user can fix: str(e) is the one line the CLI prints."""
-
-
-# ------------------------------------------------------------------------------------------------ the run
-def find_run(path) -> tuple[dict, Path]:
-    """(run config, weights folder) for log/NAME, log/NAME/best|latest|checkpoint-N, or a merged export."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ExportError(f"{path}: no such folder")
-    if (p / "finetune_run.json").is_file():  # a merged export: a full model with its run's configuration
-        return _read_json(p / "finetune_run.json"), p
-    if (p / "run.json").is_file() and not _has_weights(p):  # the run folder itself: its best/, else latest/
-        sub = next((p / s for s in ("best", "latest") if (p / s).is_dir()), None)
-        if sub is None:
-            raise ExportError(f"{path}: the run has no best/ or latest/ folder (did training save anything?)")
-        p = sub
-    cfg_file = p / "run.json" if (p / "run.json").is_file() else p.parent / "run.json"
-    if not cfg_file.is_file():
-        raise ExportError(f"{path}: not a run of train.py (no run.json here or in the parent folder)")
-    if not _has_weights(p):
-        raise ExportError(f"{p}: no adapter (adapter_config.json) and no model weights (config.json) in it")
-    return _read_json(cfg_file), p
-
-
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{f}: cannot read ({e})") from None
-
-
-def _has_weights(p: Path) -> bool:
-    return is_adapter(p) or (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-def is_adapter(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file() and any(p.glob("adapter_model.*"))
 
 
 def _prepare_out(out) -> Path:
@@ -281,7 +247,7 @@ def main(argv=None):
             out = vllm_adapter(args.run, args.output)
         else:
             out = gguf(args.run, args.output, args.quant)
-    except ExportError as e:
+    except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}/")

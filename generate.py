@@ -156,8 +156,7 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     from dataset import DataError, Formatter, Sample, load_prompts, load_samples
-    from export import ExportError, find_run
-    from modeling import ModelError, load_for_inference
+    from modeling import ModelError, find_run, load_for_inference
 
     try:  # everything is checked before the model is loaded
         cfg, weights = find_run(args.checkpoint)
@@ -183,7 +182,7 @@ def main(argv=None):
             samples = [Sample(id="prompt" if args.prompt is not None else "text", file="command line", turns=turns,
                               image=image, document=args.text, needs_prompt=True)]
         model, tokenizer, processor = load_for_inference(cfg, str(weights))
-    except (ExportError, DataError, ModelError) as e:
+    except (DataError, ModelError) as e:
         fail(str(e))
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts)
     if samples is None:

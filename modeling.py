@@ -17,6 +17,7 @@ Pad and end-of-turn tokens (the two traps users hit most):
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -298,6 +299,49 @@ def _load_unsloth(args, vision, prec):
         model, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.lora_dropout,
         target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False, random_state=args.seed)
+
+
+def find_run(path) -> tuple[dict, Path]:
+    """(run config, weights folder) for log/NAME (its best/, else latest/), log/NAME/best|latest|checkpoint-N, or
+    a merged export (export.py merge: a full model with finetune_run.json). eval, export and generate share it."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{path}: no such folder")
+    if (p / "finetune_run.json").is_file():  # a merged export: a full model with its run's configuration
+        return _read_json(p / "finetune_run.json"), p
+    if (p / "run.json").is_file() and not _has_weights(p):  # the run folder itself: its best/, else latest/
+        sub = next((p / s for s in ("best", "latest") if (p / s).is_dir()), None)
+        if sub is None:
+            raise ModelError(f"{path}: the run has no best/ or latest/ folder (did training save anything?)")
+        p = sub
+    cfg_file = p / "run.json" if (p / "run.json").is_file() else p.parent / "run.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: not a run of train.py (no run.json here or in the parent folder)")
+    if not _has_weights(p):
+        raise ModelError(f"{p}: no adapter (adapter_config.json) and no model weights (config.json) in it")
+    return _read_json(cfg_file), p
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{f}: cannot read ({e})") from None
+
+
+def _has_weights(p: Path) -> bool:
+    return is_adapter(p) or (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def is_adapter(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file() and any(p.glob("adapter_model.*"))
+
+
+def run_name(weights: Path) -> str:
+    """The run a weights folder belongs to: log/NAME/best -> NAME; a merged export -> its folder name."""
+    weights = Path(weights).resolve()
+    inside = weights.name in ("best", "latest") or weights.name.startswith("checkpoint-")
+    return weights.parent.name if inside else weights.name
 
 
 def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):

@@ -116,6 +116,9 @@ def test_eval_rejects_classes_training_never_saw(tmp_path, tiny_llm):
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"model": str(tiny_llm), "classes": ["red", "blue"], "vision": False,
                                               "max_len": 64, "task": "classification"}))
+    (run / "best").mkdir()  # weights are never loaded: the data is checked first
+    (run / "best" / "adapter_config.json").write_text("{}")
+    (run / "best" / "adapter_model.safetensors").write_bytes(b"")
     test = _jsonl(tmp_path, [GOOD, {**GOOD, "answer": "green"}])
     r = run_cli("eval.py", "-c", run, "--test-data", test, "-o", tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
