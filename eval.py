@@ -119,6 +119,9 @@ def main(argv=None):
     max_new = args.max_new_tokens or (32 if classes else 256)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_setup()
+    everything = samples
+    samples = samples[rank::world]  # under torchrun each rank scores a shard; rank 0 merges below
 
     from modeling import load_for_inference
 
@@ -128,28 +131,25 @@ def main(argv=None):
         fail(str(e))
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
                     prefill=args.prefill)
-    print(f"eval: {len(samples)} samples, {'classes: ' + ', '.join(classes) if classes else 'free text'}, "
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"eval: {len(everything)} samples{f' over {world} processes' if world > 1 else ''}, {'classes: ' + ', '.join(classes) if classes else 'free text'}, "
           f"predict={mode}, model={cfg['model']}{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
 
     from tqdm import tqdm
 
     from predict import classification_metrics, predict, text_metrics
 
-    tsv = out / "predictions.tsv"
-    with open(tsv, "w", newline="") as f:
-        csv.writer(f, delimiter="\t").writerow(["id", "prediction", "reference", "raw", "confidence"])
+    # predictions.tsv grows batch by batch (a crash keeps what was done); under torchrun each rank writes its own
+    # part, and rank 0 replaces them with one file in the input order at the end
+    tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
+    write_predictions(tsv, [], "w")
 
     def write_batch(rows):
-        with open(tsv, "a", newline="") as f:
-            w = csv.writer(f, delimiter="\t")
-            for r in rows:
-                conf = "" if r["confidence"] is None else f"{r['confidence']:.4f}"
-                w.writerow([r["id"], "" if r["prediction"] is None else r["prediction"], r["reference"] or "",
-                            r["raw"], conf])
+        write_predictions(tsv, rows, "a")
 
     start = time.time()
     try:
-        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr) as bar:
+        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
             if head:  # a classifier-head run: the head's softmax, no generation
                 import classifier
 
@@ -160,6 +160,19 @@ def main(argv=None):
     except DataError as e:
         fail(str(e))
     seconds = time.time() - start
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world
+        dist.all_gather_object(parts, results)
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+        results = [parts[i % world][i // world] for i in range(len(everything))]  # undo samples[rank::world]
+        write_predictions(out / "predictions.tsv", results, "w")
+        for r in range(world):
+            (out / f"predictions.rank{r}.tsv").unlink(missing_ok=True)
+        samples = everything
     refs = [r["reference"] for r in results]
     preds = [r["prediction"] for r in results]
     if any(r is None for r in refs):
@@ -175,6 +188,33 @@ def main(argv=None):
         write_confusion(metrics["confusion_matrix"], out)
     print_table(metrics, classes)
     print(f"wrote {out}/")
+
+
+def distributed_setup() -> tuple[int, int]:
+    """(rank, world size): torchrun / accelerate launch set WORLD_SIZE; one process otherwise."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each rank on its own GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def write_predictions(path: Path, rows, mode):
+    with open(path, mode, newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        if mode == "w":
+            w.writerow(["id", "prediction", "reference", "raw", "confidence"])
+        for r in rows:
+            conf = "" if r["confidence"] is None else f"{r['confidence']:.4f}"
+            w.writerow([r["id"], "" if r["prediction"] is None else r["prediction"], r["reference"] or "",
+                        r["raw"], conf])
 
 
 def write_confusion(cm, out: Path):

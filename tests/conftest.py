@@ -39,7 +39,8 @@ def run_cli(script, *args, cwd=None, timeout=900, env=None):
     """Runs one of our CLIs as a user would (uv's interpreter, a fresh process); returns CompletedProcess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT, env=env,
+    cmd = [sys.executable, *(["-m"] if script == "-m" else [str(ROOT / script)]), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import ROOT, run_cli, write_jsonl
 
 WORDS = "the a small big old new house tree river stone cloud paper window garden road light".split()
 
@@ -68,6 +68,18 @@ def test_eval_scores_the_trained_run(full_run):
     assert matrix[0][1:] == ["red", "blue", "invalid"]
     assert sum(int(x) for row in matrix[1:] for x in row[1:]) == 24
     assert "accuracy" in r.stdout
+
+    # two processes (torchrun, gloo on CPU): each scores a shard, rank 0 merges: the same metrics and predictions
+    d = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", ROOT / "eval.py",
+                "-c", tmp / "log" / "full", "--test-data", test, "-o", tmp / "results-ddp")
+    assert d.returncode == 0, d.stderr[-3000:]
+    dout = tmp / "results-ddp" / "1024-max-len" / "full"
+    dm = json.loads((dout / "metrics.json").read_text())
+    assert (dm["accuracy"], dm["confusion_matrix"]) == (m["accuracy"], m["confusion_matrix"])
+    assert [r.split("\t")[:3] for r in (dout / "predictions.tsv").read_text().splitlines()] == \
+        sorted([r.split("\t")[:3] for r in (out / "predictions.tsv").read_text().splitlines()],
+               key=lambda r: (r[0] != "id", int(r[0].split("-")[1]) if r[0] != "id" else 0))
+    assert not list(dout.glob("predictions.rank*"))
 
     g = run_cli("eval.py", "-c", tmp / "log" / "full" / "latest", "--test-data", test, "-o", tmp / "results",
                 "--predict", "generate", "--max-new-tokens", "4")
