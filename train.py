@@ -543,10 +543,14 @@ def summarize(history, baseline, trainer, seconds, metric, out):
 
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if metric in h]
+    rewards = [h["reward"] for h in history if "reward" in h]  # GRPO: the weighted total reward per step
     k = max(1, len(losses) // 10)
     lines = []
     if losses:
         lines.append(f"train loss: {sum(losses[:k]) / k:.4f} (first {k} steps) -> {sum(losses[-k:]) / k:.4f} "
+                     f"(last {k} steps)")
+    if rewards:
+        lines.append(f"GRPO reward: {sum(rewards[:k]) / k:.4f} (first {k} steps) -> {sum(rewards[-k:]) / k:.4f} "
                      f"(last {k} steps)")
     if evals:
         first, last = evals[0], evals[-1]
