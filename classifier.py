@@ -103,7 +103,7 @@ def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=
     """Softmax over the head's logits; same result rows as predict.predict."""
     import torch
 
-    from predict import _pad, length_batches
+    from predict import _pad, batch_done, length_batches
 
     dev = next(model.parameters()).device
     encoded = [fmt.prompt_ids(s) for s in samples]
@@ -118,8 +118,5 @@ def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=
                 results[i] = {"id": samples[i].id, "prediction": classes[c], "reference": samples[i].answer,
                               "raw": classes[c], "confidence": float(probs[k, c])}
                 done.append(results[i])
-            if on_batch:
-                on_batch(done)
-            if progress:
-                progress(len(batch))
+            batch_done(done, on_batch, progress)
     return results

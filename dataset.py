@@ -31,7 +31,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 RVL_CDIP_CLASSES = [
@@ -63,7 +63,6 @@ class Sample:
     image: str | None = None       # absolute path
     document: str | None = None    # the part --max-len may truncate (text/ocr)
     needs_prompt: bool = False     # a question/system must come from prompts.json
-    meta: dict = field(default_factory=dict)
 
     @property
     def answer(self) -> str | None:

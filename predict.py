@@ -227,8 +227,13 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
                     pred, conf, raw = extract_answer(raws[k]), None, raws[k]
                 results[i] = {"id": s.id, "prediction": pred, "reference": s.answer, "raw": raw, "confidence": conf}
                 done.append(results[i])
-            if on_batch:
-                on_batch(done)
-            if progress:
-                progress(len(batch))
+            batch_done(done, on_batch, progress)
     return results
+
+
+def batch_done(rows, on_batch=None, progress=None):
+    """Hands a finished batch to the caller's writer and progress bar (predict and classifier.predict)."""
+    if on_batch:
+        on_batch(rows)
+    if progress:
+        progress(len(rows))

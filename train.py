@@ -526,19 +526,18 @@ def main(argv=None):
         trainer.add_callback(cb)
 
     start = time.time()
-    baseline = None
     if val_ds is not None and not args.resume:
-        baseline = trainer.evaluate()
+        trainer.evaluate()  # the baseline before the first step: the summary compares against it
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     seconds = time.time() - start
     if rank0:
         save(out / "latest", {"step": trainer.state.global_step})
         if not (out / "best").exists():
             save(out / "best", {"step": trainer.state.global_step})
-    summarize(history, baseline, trainer, seconds, metric, out)
+    summarize(history, trainer, seconds, metric, out)
 
 
-def summarize(history, baseline, trainer, seconds, metric, out):
+def summarize(history, trainer, seconds, metric, out):
     import torch
 
     losses = [h["loss"] for h in history if "loss" in h]
