@@ -35,8 +35,14 @@ def load_for_training(args, classes, tokenizer):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT."""
     import torch
 
-    from modeling import load_base, precision, _sync_special_tokens
+    from modeling import (_finish_token_training, _sync_special_tokens, fit_vocabulary, load_base, precision,
+                          special_token_list, token_training)
 
+    new_tokens = getattr(args, "add_special_tokens", None)
+    if args.use_unsloth and special_token_list(new_tokens):
+        print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth",
+              flush=True)
+        args.use_unsloth = False
     if args.use_unsloth:
         model = _load_unsloth(args, classes, tokenizer)
         if model is not None:
@@ -47,6 +53,7 @@ def load_for_training(args, classes, tokenizer):
     quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
     model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
                       args.trust_remote_code, head=classes)
+    fit_vocabulary(model, tokenizer, new_tokens)  # --add-special-tokens: grown input embeddings (no LM head here)
     _sync_special_tokens(model, tokenizer)
     if args.trainable == "full":
         return model
@@ -56,12 +63,20 @@ def load_for_training(args, classes, tokenizer):
 
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    # SEQ_CLS makes PEFT train and save the head ("score" / "classifier") in full next to the LoRA weights
-    return get_peft_model(model, lora_config(args, task_type="SEQ_CLS"))
+    # SEQ_CLS makes PEFT train and save the head ("score" / "classifier") in full next to the LoRA weights; the new
+    # tokens' input rows train as in the generative mode (modeling.token_training)
+    tti = token_training(model, tokenizer, new_tokens)
+    model = get_peft_model(model, lora_config(args, task_type="SEQ_CLS", trainable_token_indices=tti))
+    if tti is not None:
+        _finish_token_training(model)
+    return model
 
 
 def _load_unsloth(args, classes, tokenizer):
     """unsloth's sequence-classification loader (FastModel with auto_model); None when it does not apply."""
+    import launch
+
+    device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     try:
         from transformers import AutoModelForSequenceClassification
         from unsloth import FastModel
@@ -69,7 +84,7 @@ def _load_unsloth(args, classes, tokenizer):
         model, _ = FastModel.from_pretrained(
             model_name=args.model, auto_model=AutoModelForSequenceClassification, num_labels=len(classes),
             max_seq_length=args.max_len, load_in_4bit=args.trainable == "qlora",
-            full_finetuning=args.trainable == "full")
+            full_finetuning=args.trainable == "full", device_map=device_map)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}

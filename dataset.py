@@ -14,12 +14,15 @@ A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}     loss on every assistant turn
     {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}       ShareGPT
-Image paths are relative to the file that names them. A question comes from the sample or from the
+Image paths are relative to the file that names them and, like the files a TSV lists, must resolve inside
+the data folder (the folder given, or the data file's folder) unless allow_outside (--allow-outside-paths).
+A UTF-8 BOM is accepted; a TSV's extra columns are ignored. A question comes from the sample or from the
 prompts file (`-p prompts.json`: {"system": [...], "question": [...]}); during training one prompt is
 drawn per sample (seeded), validation and eval always use the first.
 
 Bad input raises DataError: one line naming the file, the sample and the field. The CLIs print it and
-exit with status 2 before a model is loaded or anything is written.
+exit with status 2 before a model is loaded or anything is written. Sample ids (their "id", else their
+position) must be unique within a data path.
 
     from dataset import load_samples, Formatter
     samples = load_samples("data/fortunes/train.jsonl", prompts=load_prompts("prompts.json"))
@@ -70,25 +73,67 @@ class Sample:
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-def _read_json(path: Path, sample=None):
+# Bytes that are not UTF-8 are decoded to lone surrogates (surrogateescape) rather than failing the whole file at
+# a byte offset: once the JSON is parsed, _not_utf8 finds them and the error names the sample and field.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+OUTSIDE_HINT = "pass --allow-outside-paths to allow it"
+
+
+def _read_text(path: Path, sample=None) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, sample, None, "file not found") from None
     except OSError as e:
         raise DataError(path, sample, None, f"cannot read: {e.strerror}") from None
+    return raw.decode("utf-8-sig", errors="surrogateescape")  # a BOM (Windows editors) is harmless: dropped
+
+
+def _read_json(path: Path, sample=None):
     try:
-        text = raw.decode("utf-8-sig")  # a BOM is harmless: accept it
-    except UnicodeDecodeError as e:
-        raise DataError(path, sample, None, f"not UTF-8 text (byte {e.start})") from None
-    try:
-        return json.loads(text)
+        return json.loads(_read_text(path, sample))
     except json.JSONDecodeError as e:
         raise DataError(path, sample, None, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
-def read_records(path: str | Path) -> list[tuple[Path, str, dict]]:
-    """(file, sample id, raw dict) for every sample a path holds, in any layout but RVL-CDIP."""
+def _lines(path: Path) -> list[str]:
+    # not str.splitlines: that also splits at U+2028 and friends, which JSON strings may hold unescaped
+    return [line.lstrip("\ufeff").rstrip("\r") for line in _read_text(path).split("\n")]
+
+
+def _not_utf8(value, where=""):
+    """Where in a parsed JSON value text holds bytes that are not UTF-8 ('messages[1].content'), else None."""
+    if isinstance(value, str):
+        return where if _NOT_UTF8.search(value) else None
+    if isinstance(value, dict):
+        parts = [(f"{where}.{k}" if where else k, v) for k, v in value.items()]
+    else:
+        parts = [(f"{where}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else []
+    for w, v in parts:
+        if (hit := _not_utf8(v, w)) is not None:
+            return hit
+    return None
+
+
+def _check_utf8(value, file, sid):
+    where = _not_utf8(value)
+    if where is not None:
+        raise DataError(file, sid, where or None, "not UTF-8 text: save the file as UTF-8")
+
+
+def data_root(path, allow_outside=False) -> Path | None:
+    """The folder that paths named in the data must stay inside: a folder layout itself, else the data file's
+    folder. None (no check) with --allow-outside-paths."""
+    path = Path(path)
+    return None if allow_outside else path.resolve() if path.is_dir() else path.parent.resolve()
+
+
+def _inside(p: Path, root: Path | None) -> bool:
+    return root is None or p.resolve().is_relative_to(root)  # resolve(): a symlink counts where it points
+
+
+def read_records(path: str | Path, allow_outside=False) -> list[tuple[Path, str, dict]]:
+    """(file, sample, raw record) for every sample a path holds, in any layout but RVL-CDIP."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, None, "no such file or folder")
@@ -96,50 +141,78 @@ def read_records(path: str | Path) -> list[tuple[Path, str, dict]]:
         files = sorted(p for p in path.iterdir() if p.suffix == ".json")
         if not files:
             raise DataError(path, None, None, "folder holds no .json sample files")
-        return [(f, f.stem, _read_json(f)) for f in files]
-    if path.suffix in (".tsv", ".csv", ".txt"):
-        return _read_tsv(path)
-    if path.suffix == ".jsonl":
-        out = []
-        try:
-            lines = path.read_bytes().decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataError(path, None, None, f"not UTF-8 text (byte {e.start})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((path, f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"line {n}", None, f"invalid JSON: {e.msg} at column {e.colno}") from None
-        if not out:
-            raise DataError(path, None, None, "file holds no samples")
-        return out
-    if path.suffix == ".json":
+        records = [(f, f.stem, _read_json(f, f.stem)) for f in files]
+    elif path.suffix in (".tsv", ".csv", ".txt"):
+        records = _read_tsv(path, data_root(path, allow_outside))
+    elif path.suffix == ".jsonl":
+        records = [(path, f"line {n}", _json_line(path, n, line)) for n, line in enumerate(_lines(path), 1)
+                   if line.strip()]
+    elif path.suffix == ".json":
         data = _read_json(path)
-        items = data if isinstance(data, list) else [data]
-        if not items:
-            raise DataError(path, None, None, "file holds no samples")
-        return [(path, f"#{i}", d) for i, d in enumerate(items)]
-    raise DataError(path, None, None, "unknown layout: expected a .tsv, .json, .jsonl file or a folder")
+        records = [(path, f"#{i}", d) for i, d in enumerate(data if isinstance(data, list) else [data])]
+    else:
+        raise DataError(path, None, None, "unknown layout: expected a .tsv, .json, .jsonl file or a folder")
+    if not records:
+        raise DataError(path, None, None, "file holds no samples")
+    for f, sid, rec in records:
+        _check_utf8(rec, f, sid)
+    _check_ids(records)
+    return records
 
 
-def _read_tsv(path: Path):
+def _json_line(path, n, line):
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, None, f"not UTF-8 text (byte {e.start})") from None
-    rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if r and r[0].strip()]
-    if rows and not rows[0][0].strip().endswith(".json"):
-        rows = rows[1:]  # header
-    if not rows:
-        raise DataError(path, None, None, "TSV lists no sample files")
-    out = []
-    for n, row in enumerate(rows, 1):
-        f = (path.parent / row[0].strip())
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"line {n}", None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+
+
+def _check_ids(records):
+    """Predictions are keyed by sample id: two samples with one id would overwrite each other. Name both."""
+    seen = {}
+    for f, sid, rec in records:
+        key = _sample_id(rec, f, sid) if isinstance(rec, dict) else sid
+        if key in seen:
+            f0, sid0 = seen[key]
+            also = f"sample {sid0}" if f0 == f else f"{f0}: sample {sid0}"
+            raise DataError(f, sid, "id", f"duplicate sample id {key!r}: also {also}")
+        seen[key] = (f, sid)
+
+
+def _sample_id(rec, file, sid) -> str:
+    """The sample's own "id" if it has one (what predictions and errors call it), else its position."""
+    v = rec.get("id")
+    if v is None:
+        return sid
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise DataError(file, sid, "id", f"expected a string or an integer, got {type(v).__name__}")
+    if not str(v).strip():
+        raise DataError(file, sid, "id", "empty string")
+    return str(v)
+
+
+def _read_tsv(path: Path, root):
+    """Sample files listed in the first column, relative to the TSV; a header row and other columns are ignored."""
+    reader = csv.reader(_lines(path), delimiter="\t")
+    rows = [(reader.line_num, row) for row in reader if any(map(str.strip, row))]  # blank lines skipped
+    if rows and not rows[0][1][0].strip().endswith(".json"):
+        rows = rows[1:]  # a header
+    out, seen = [], {}
+    for n, row in rows:
+        cell, f = row[0].strip(), path.parent / row[0].strip()
+        if not cell:
+            raise DataError(path, f"line {n}", "file", "empty first column: expected a sample JSON file")
+        if _NOT_UTF8.search(cell):
+            raise DataError(path, f"line {n}", "file", "not UTF-8 text: save the file as UTF-8")
+        if not _inside(f, root):
+            raise DataError(path, f"line {n}", "file", f"path outside the data folder {root}: {cell!r}; "
+                            + OUTSIDE_HINT)
         if not f.is_file():
-            raise DataError(path, f"row {n}", "file", f"sample file {row[0].strip()!r} not found")
-        out.append((f, f.stem, _read_json(f, sample=f"row {n}")))
+            raise DataError(path, f"line {n}", "file", f"sample file {cell!r} not found")
+        if f.resolve() in seen:
+            raise DataError(path, f"line {n}", "file", f"{cell!r} is listed twice (also line {seen[f.resolve()]})")
+        seen[f.resolve()] = n
+        out.append((f, f.stem, _read_json(f, f.stem)))
     return out
 
 
@@ -151,24 +224,27 @@ def load_prompts(path: str | Path | None) -> dict:
     data = _read_json(path)
     if not isinstance(data, dict):
         raise DataError(path, None, None, 'expected an object {"system": [...], "question": [...]}')
+    _check_utf8(data, path, None)
     unknown = set(data) - {"system", "question"}
     if unknown:
         raise DataError(path, None, sorted(unknown)[0], 'unknown key: expected only "system" and "question"')
     out = {}
     for key in ("system", "question"):
         v = data.get(key, [])
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list):
             raise DataError(path, None, key, "expected a list of non-empty strings")
         if key in data and not v:
             raise DataError(path, None, key, "empty list: give at least one prompt or leave the key out")
+        for i, s in enumerate(v):
+            if not isinstance(s, str) or not s.strip():
+                raise DataError(path, None, f"{key}[{i}]", "expected a list of non-empty strings")
         out[key] = v
     return out
 
 
 def load_classes(path: str | Path) -> list[str]:
-    """Class names from a JSON list or a file with one name per line."""
+    """Class names from a JSON list or a file with one name per line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, None, None, "classes file not found")
@@ -176,24 +252,27 @@ def load_classes(path: str | Path) -> list[str]:
         names = _read_json(path)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DataError(path, None, None, "expected a JSON list of class names")
+        entries = [(f"#{i}", n) for i, n in enumerate(names)]
     else:
-        try:
-            names = path.read_bytes().decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as e:
-            raise DataError(path, None, None, f"not UTF-8 text (byte {e.start})") from None
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
+        entries = [(f"line {i}", n) for i, n in enumerate(_lines(path), 1)]
+    seen = {}  # normalised name -> where: answers are matched normalised, so 'Food' and 'food.' are one class
+    for where, name in entries:
+        if _NOT_UTF8.search(name):
+            raise DataError(path, where, None, "not UTF-8 text: save the file as UTF-8")
+        if not name.strip():
+            continue
+        if normalize(name) in seen:
+            raise DataError(path, where, None, f"duplicate class name {name.strip()!r} (also {seen[normalize(name)]})")
+        seen[normalize(name)] = where
+    if not seen:
         raise DataError(path, None, None, "no class names")
-    seen = set()
-    for i, n in enumerate(names):
-        if normalize(n) in seen:
-            raise DataError(path, f"line {i + 1}", None, f"duplicate class name {n!r}")
-        seen.add(normalize(n))
-    return names
+    return [n.strip() for _, n in entries if n.strip()]
 
 
 # ----------------------------------------------------------------------------------------------- samples
 def _str_field(rec, key, file, sid, required=False):
+    """A string field; present but blank is an error, except for a document (a blank page has no text) and a
+    system prompt (exported chats often carry an empty one: it counts as none)."""
     v = rec.get(key)
     if v is None:
         if required:
@@ -201,8 +280,8 @@ def _str_field(rec, key, file, sid, required=False):
         return None
     if not isinstance(v, str):
         raise DataError(file, sid, key, f"expected a string, got {type(v).__name__}")
-    if required and not v.strip():
-        raise DataError(file, sid, key, "empty string")
+    if not v.strip() and key not in ("text", "ocr", "system"):
+        raise DataError(file, sid, key, "empty string" + ("" if required else ": leave the key out instead"))
     return v
 
 
@@ -219,17 +298,18 @@ def _turns(rec, key, file, sid, require_assistant=True):
         if role is None:
             raise DataError(file, sid, f"{key}[{i}].{rk}", f"unknown role {m[rk]!r}")
         if not isinstance(m[ck], str):
-            raise DataError(file, sid, f"{key}[{i}].{ck}", "expected a string")
+            raise DataError(file, sid, f"{key}[{i}].{ck}", f"expected a string, got {type(m[ck]).__name__}")
         turns.append((role, m[ck]))
     if require_assistant and not any(r == "assistant" for r, _ in turns):
         raise DataError(file, sid, key, "no assistant turn to learn from")
     return turns
 
 
-def parse_sample(rec, file: Path, sid: str, require_answer=True) -> Sample:
+def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | None = None) -> Sample:
+    """One validated sample; image paths must resolve inside root (None: anywhere)."""
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
-    sid = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else sid
+    sid = _sample_id(rec, file, sid)
     for key in ("messages", "conversations"):
         if key in rec:
             return Sample(id=sid, file=str(file), turns=_turns(rec, key, file, sid))
@@ -241,7 +321,7 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True) -> Sample:
         document = _str_field(rec, "ocr", file, sid)
     image = _str_field(rec, "image", file, sid)
     if image is not None:
-        image = _check_image(file, sid, image)
+        image = _check_image(file, sid, image, root)
     if document is None and image is None and question is None:
         raise DataError(file, sid, "text", "a sample needs a 'text' (or 'ocr'), an 'image' or a 'question'")
     turns = [("system", system)] if system else []
@@ -252,29 +332,46 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True) -> Sample:
                   needs_prompt=question is None or system is None)
 
 
-def _check_image(file: Path, sid: str, rel: str) -> str:
+def _check_image(file: Path, sid: str, rel: str, root: Path | None) -> str:
+    """The image's absolute path, once it is known to lie inside root and to be a readable image."""
     p = (Path(file).parent / rel).resolve()
+    if not _inside(p, root):
+        raise DataError(file, sid, "image", f"path outside the data folder {root}: {rel!r}; {OUTSIDE_HINT}")
     if not p.is_file():
         raise DataError(file, sid, "image", f"image file {rel!r} not found")
     if p.stat().st_size == 0:
-        raise DataError(file, sid, "image", f"image file {rel!r} is empty")
+        raise DataError(file, sid, "image", f"image file {rel!r} is empty (0 bytes)")
+    from PIL import Image  # only data with images pays for the import
+
+    try:
+        with Image.open(p) as im:
+            im.verify()  # header and checksums without decoding the pixels: cheap enough for every sample
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for a damaged file
+        raise DataError(file, sid, "image", f"image file {rel!r} cannot be read: {_first_line(e)}") from None
     return str(p)
 
 
-def load_samples(path, prompts=None, require_answer=True, require_question=True) -> list[Sample]:
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False) -> list[Sample]:
     """Every sample of a TSV / folder / JSON / JSONL path, validated; prompts fill in missing questions.
-    The plain format (--response-template) needs no question: pass require_question=False."""
-    samples = [parse_sample(rec, f, sid, require_answer) for f, sid, rec in read_records(path)]
+    The plain format (--response-template) needs no question: pass require_question=False. Files and images
+    the data names must lie inside its folder (data_root) unless allow_outside."""
+    root = data_root(path, allow_outside)
+    samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(samples, prompts, require_question)
     return samples
 
 
 def load_rvl_cdip(folder, split: str, classes: list[str], suffix="_aws", prompts=None,
-                  require_question=True) -> list[Sample]:
+                  require_question=True, allow_outside=False) -> list[Sample]:
     """The RVL-CDIP OCR layout: `<split>_<n>_<class index><suffix>.json` with the text in "ocr"."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, None, None, "no such folder")
+    root = data_root(folder, allow_outside)
     pattern = re.compile(rf"^{re.escape(split)}_.*?(\d+){re.escape(suffix)}\.json$")
     samples = []
     for f in sorted(folder.iterdir()):
@@ -285,13 +382,13 @@ def load_rvl_cdip(folder, split: str, classes: list[str], suffix="_aws", prompts
         if idx >= len(classes):
             raise DataError(f, f.stem, "class index", f"{idx} but only {len(classes)} classes are known "
                             "(give --classes FILE)")
-        rec = _read_json(f)
+        rec = _read_json(f, f.stem)
         if not isinstance(rec, dict):
-            raise DataError(f, f.stem, None, "expected a JSON object")
+            raise DataError(f, f.stem, None, f"expected a JSON object, got {type(rec).__name__}")
+        _check_utf8(rec, f, f.stem)
         ocr = _str_field(rec, "ocr", f, f.stem, required=True)
-        s = parse_sample({"ocr": ocr, "answer": classes[idx], "image": rec.get("image")} if "image" in rec
-                         else {"ocr": ocr, "answer": classes[idx]}, f, f.stem)
-        samples.append(s)
+        rec = {"ocr": ocr, "answer": classes[idx], **({"image": rec["image"]} if "image" in rec else {})}
+        samples.append(parse_sample(rec, f, f.stem, root=root))
     if not samples:
         raise DataError(folder, None, None, f"no files named {split}_*{suffix}.json")
     check_samples(samples, prompts, require_question)
@@ -299,11 +396,8 @@ def load_rvl_cdip(folder, split: str, classes: list[str], suffix="_aws", prompts
 
 
 def check_samples(samples, prompts, require_question=True):
-    seen = {}
+    """Every sample has a question, its own or one from prompts.json. (Duplicate ids: read_records.)"""
     for s in samples:
-        if s.id in seen:
-            raise DataError(s.file, s.id, "id", f"duplicate sample id (also in {seen[s.id]})")
-        seen[s.id] = s.file
         if s.needs_prompt and require_question:
             user = next(t for r, t in s.turns if r == "user")
             if not user and not (prompts and prompts.get("question")):
@@ -507,12 +601,12 @@ class Preference:
     needs_prompt: bool = False
 
 
-def parse_preference(rec, file: Path, sid: str) -> Preference:
+def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Preference:
     """{"prompt"|"question", "system"?, "image"?, "chosen", "rejected"} or the message-list form
     {"prompt_messages", "chosen_messages", "rejected_messages"} (the replies: their assistant turns)."""
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
-    sid = str(rec["id"]) if isinstance(rec.get("id"), (str, int)) else sid
+    sid = _sample_id(rec, file, sid)
     if "prompt_messages" in rec:
         turns = _turns(rec, "prompt_messages", file, sid, require_assistant=False)
         replies = []
@@ -529,11 +623,12 @@ def parse_preference(rec, file: Path, sid: str) -> Preference:
     rejected = _str_field(rec, "rejected", file, sid, required=True)
     image = _str_field(rec, "image", file, sid)
     turns = ([("system", system)] if system else []) + [("user", question or "")]
-    return Preference(sid, str(file), turns, chosen, rejected, _check_image(file, sid, image) if image else None,
+    return Preference(sid, str(file), turns, chosen, rejected, _check_image(file, sid, image, root) if image else None,
                       needs_prompt=question is None or system is None)
 
 
-def load_preferences(path, prompts=None) -> list[Preference]:
-    prefs = [parse_preference(rec, f, sid) for f, sid, rec in read_records(path)]
+def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:
+    root = data_root(path, allow_outside)
+    prefs = [parse_preference(rec, f, sid, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(prefs, prompts)
     return prefs

@@ -33,6 +33,8 @@ def build_parser():
     a("--suffix", help="RVL-CDIP file suffix (default: the run's, else _aws)")
     a("--classes", help="class names file (default: the run's classes)")
     a("-p", "--prompts", help="prompts.json (default: the run's); eval always uses the first prompt")
+    a("--allow-outside-paths", action="store_true",
+      help="let image / sample file paths in the data point outside its folder (off: a safety check)")
     a("--prefill", help="text the reply starts with (appended to the prompt)")
     a("--response-template", help="plain completion format (default: the run's)")
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
@@ -41,6 +43,8 @@ def build_parser():
     a("--max-new-tokens", type=int, help="generation budget (default 32 for classes, 256 for free text)")
     a("-o", "--output", default="results", help="output root (default results/)")
     a("--limit", type=int, help="score the first N samples only")
+    a("--resume", action="store_true", help="keep the predictions an interrupted eval wrote to the same output "
+      "folder and score only the rest")
     a("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     return p
 
@@ -83,9 +87,11 @@ def load_test(args, cfg):
     need_q = not cfg.get("response_template")
     if data:
         classes = classes or RVL_CDIP_CLASSES
-        samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q)
+        samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q,
+                                args.allow_outside_paths)
     elif args.test_data:
-        samples = load_samples(args.test_data, prompts, require_answer=False, require_question=need_q)
+        samples = load_samples(args.test_data, prompts, require_answer=False, require_question=need_q,
+                               allow_outside=args.allow_outside_paths)
     else:
         fail("no test data: give --test-data FILE or -d RVL-CDIP-FOLDER (the run was not trained on -d)")
     if classes is None and cfg.get("task") != "generation":
@@ -121,7 +127,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_setup()
     everything = samples
-    samples = samples[rank::world]  # under torchrun each rank scores a shard; rank 0 merges below
+    done = load_done(out, everything) if args.resume else {}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the old parts before any rank starts a new one
+    todo = [s for s in everything if s.id not in done]
+    samples = todo[rank::world]  # under torchrun each rank scores a shard; rank 0 merges below
 
     from modeling import load_for_inference
 
@@ -142,7 +154,9 @@ def main(argv=None):
     # predictions.tsv grows batch by batch (a crash keeps what was done); under torchrun each rank writes its own
     # part, and rank 0 replaces them with one file in the input order at the end
     tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
-    write_predictions(tsv, [], "w")
+    write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
+    if done:
+        say(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
 
     def write_batch(rows):
         write_predictions(tsv, rows, "a")
@@ -168,11 +182,15 @@ def main(argv=None):
         dist.destroy_process_group()
         if rank != 0:
             return
-        results = [parts[i % world][i // world] for i in range(len(everything))]  # undo samples[rank::world]
-        write_predictions(out / "predictions.tsv", results, "w")
-        for r in range(world):
-            (out / f"predictions.rank{r}.tsv").unlink(missing_ok=True)
-        samples = everything
+        results = [parts[i % world][i // world] for i in range(len(todo))]  # undo todo[rank::world]
+    if done:  # kept and new predictions back in the order of the test set
+        new = {r["id"]: r for r in results}
+        results = [done.get(s.id) or new[s.id] for s in everything]
+    # written batch by batch (length order) as it went; now one file in test-set order, rank parts merged
+    write_predictions(out / "predictions.tsv", results, "w")
+    for r in out.glob("predictions.rank*.tsv"):
+        r.unlink()
+    samples = everything
     refs = [r["reference"] for r in results]
     preds = [r["prediction"] for r in results]
     if any(r is None for r in refs):
@@ -181,8 +199,8 @@ def main(argv=None):
         metrics = classification_metrics(refs, preds, classes)
     else:
         metrics = text_metrics(refs, [p or "" for p in preds])
-    metrics.update(predict=mode, seconds=seconds, samples_per_second=len(samples) / max(seconds, 1e-9),
-                   model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
+    metrics.update(predict=mode, seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
+                   resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if classes and "confusion_matrix" in metrics:
         write_confusion(metrics["confusion_matrix"], out)
@@ -204,6 +222,30 @@ def distributed_setup() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each rank on its own GPU
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
+
+
+def load_done(out: Path, samples) -> dict:
+    """--resume: the predictions an earlier, interrupted eval wrote (predictions.tsv, or the rank parts of a
+    torchrun eval, of any process count), by sample id. A line cut off by the kill is dropped and scored again."""
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        fail("--resume matches predictions to samples by id, and this test set repeats ids")
+    wanted, done = set(ids), {}
+    for path in [out / "predictions.tsv", *sorted(out.glob("predictions.rank*.tsv"))]:
+        if not path.is_file():
+            continue
+        rows = []
+        with open(path, newline="") as f:
+            try:
+                rows.extend(csv.reader(f, delimiter="\t"))
+            except csv.Error:  # a quoted field cut off at the end of the file
+                pass
+        for row in rows[1:]:
+            if len(row) != 5 or row[0] not in wanted:
+                continue
+            done[row[0]] = {"id": row[0], "prediction": row[1] or None, "reference": row[2] or None, "raw": row[3],
+                            "confidence": float(row[4]) if row[4] else None}
+    return done
 
 
 def write_predictions(path: Path, rows, mode):

@@ -24,12 +24,21 @@ A full fine-tune has nothing to merge: it is re-saved in --dtype with the same t
 
 vllm: vLLM's LoRA loader accepts lora_A / lora_B tensors only. Embedding / output-head copies (modules_to_save,
 trainable_token_indices) are dropped when the vocabulary did not change (the base config's vocab_size covers the
-tokenizer), and adapter_config.json says so; when it did change they are kept, since the new tokens' rows exist
-only there. The source folder is not touched.
+tokenizer, and the run added no tokens), and adapter_config.json says so. The source folder is not touched.
     vllm serve BASE --enable-lora --lora-modules NAME=adapters/NAME
+When the vocabulary changed (train.py --add-special-tokens) they are kept: the new tokens' rows exist only there, and
+without them the new ids would read untrained rows (or rows the base does not have). vLLM cannot serve such an
+adapter: every LoRA adapter shares the base model's vocabulary (per-adapter extra vocabulary, read from
+new_embeddings.safetensors, was deprecated in 2025 and then removed), and its loader rejects modules_to_save ("vLLM
+only supports modules_to_save being None") and trainable-token tensors. The folder stays a working PEFT adapter
+(base grown to the tokenizer's length first, as modeling.load_for_inference does); for vLLM serve the merged model,
+which has the new rows in its weights and the tokens in its tokenizer:
+    uv run export.py merge log/NAME -o merged/NAME && vllm serve merged/NAME
 
 gguf: only with unsloth on an NVIDIA GPU (uv sync --extra unsloth). Elsewhere: merge, then llama.cpp's converter:
     python llama.cpp/convert_hf_to_gguf.py merged/NAME --outfile model.gguf
+A run that added tokens is merged first (as `merge` does, into OUT/merged) and that model is converted: the GGUF
+holds the grown vocabulary and the trained rows.
 
 Errors (no such run, no adapter, OUT not empty) print one line `error: ...` and exit with status 2.
 """
@@ -152,12 +161,16 @@ def vllm_adapter(run, out, say=print) -> Path:
         if extra:
             base_vocab, tok_len = _vocab_sizes(cfg, weights)
             rows = {tensors[k].shape[0] for k in extra if "token_adapter" not in k and tensors[k].dim() == 2}
-            grown = tok_len > base_vocab or any(r > base_vocab for r in rows)
+            added = (cfg.get("tokens") or {}).get("added_tokens") or []  # new ids may fill a padded matrix's spare rows
+            grown = tok_len > base_vocab or any(r > base_vocab for r in rows) or bool(added)
             names = sorted({_module_name(k) for k in extra})
             if grown:
-                say(f"note: the vocabulary grew ({base_vocab} tokens in the base config, {tok_len} in the tokenizer): "
-                    f"kept the {', '.join(names)} weights, which hold the new tokens' rows; vLLM needs them to run "
-                    "the new tokens (if your vLLM rejects them, serve `export.py merge` output instead)")
+                say(f"note: the vocabulary grew ({base_vocab} tokens in the base config, {tok_len} in the tokenizer"
+                    + (f"; added {', '.join(added)}" if added else "") + f"): kept the {', '.join(names)} weights, "
+                    "which hold the new tokens' rows. vLLM cannot load this adapter: its LoRA adapters share the "
+                    "base vocabulary (extra-vocabulary support was removed) and it rejects non-LoRA tensors. "
+                    f"For vLLM serve the merged model: uv run export.py merge {run} -o MERGED && vllm serve MERGED "
+                    "(this folder stays a PEFT adapter for a base grown to the tokenizer's length)")
             else:
                 for k in extra:
                     del tensors[k]
@@ -207,7 +220,11 @@ def gguf(run, out, quant: str = "q4_k_m") -> Path:
     from unsloth import FastLanguageModel, FastVisionModel
 
     loader = FastVisionModel if cfg.get("vision") else FastLanguageModel
-    model, tok = loader.from_pretrained(model_name=str(weights), load_in_4bit=False)  # 16-bit base + adapter
+    source = weights
+    if (cfg.get("tokens") or {}).get("added_tokens") and is_adapter(weights):
+        # the adapter's token rows index a grown matrix that unsloth's loader would not build: convert the merge
+        source = merge(run, Path(out) / "merged", dtype="bfloat16")
+    model, tok = loader.from_pretrained(model_name=str(source), load_in_4bit=False)  # 16-bit base + adapter
     tokenizer = getattr(tok, "tokenizer", tok)
     inference_tokens(tokenizer, tok if tok is not tokenizer else None, cfg)
     out = Path(out)

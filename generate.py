@@ -37,6 +37,8 @@ def build_parser():
     src.add_argument("--text", help="one document; the question and system prompt come from the run's prompts")
     src.add_argument("--data", help="a data file or folder (any layout train.py reads); answers optional")
     a("--image", help="an image for --prompt / --text / the first chat turn (vision-language runs)")
+    a("--allow-outside-paths", action="store_true",
+      help="--data: let image / sample file paths point outside its folder (off: a safety check)")
     a("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
     a("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     a("-b", "--batch-size", type=int, default=8, help="samples per batch for greedy --data (default 8)")
@@ -174,7 +176,8 @@ def main(argv=None):
             fail("--image goes with --prompt, --text or the chat; data samples name their own images")
         if args.data:
             samples = load_samples(args.data, prompts, require_answer=False,
-                                   require_question=not cfg.get("response_template"))
+                                   require_question=not cfg.get("response_template"),
+                                   allow_outside=args.allow_outside_paths)
         elif args.prompt is not None or args.text is not None:
             if not (args.prompt or args.text or "").strip():
                 fail("--prompt/--text: empty")

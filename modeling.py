@@ -13,6 +13,12 @@ Pad and end-of-turn tokens (the two traps users hit most):
     to emit; generation stops on it;
   * the pad token is never that token (nor EOS): padding positions get no labels anyway, but a collator or
     generation config that keys on pad == eos would hide the stop token. `--set-pad-token TOKEN` forces one.
+
+New tokens (`--add-special-tokens "<|im_start|>,<|im_end|>"`): added to the tokenizer as special tokens (one id each,
+never split) before any data is encoded; the embedding matrix (and an untied output head) grows to the tokenizer's
+length, the new rows starting at the mean of the old ones; LoRA runs train just those rows (PEFT's
+trainable_token_indices, see token_training) and save them in the adapter; loading a run grows the base the same
+way before the adapter goes on (fit_vocabulary).
 """
 from __future__ import annotations
 
@@ -107,8 +113,34 @@ def _added_special_ids(tokenizer):
     return [i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special]
 
 
-def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_token=None) -> dict:
-    """Chooses EOS (= end of turn) and a pad token that is neither; returns what was chosen for the run config."""
+def special_token_list(spec) -> list[str]:
+    """--add-special-tokens: a comma-separated string (or a YAML list) -> the token strings, in order, once each."""
+    if not spec:
+        return []
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    return list(dict.fromkeys(str(t).strip() for t in items if str(t).strip()))
+
+
+def add_vocabulary(tokenizer, spec) -> list[str]:
+    """Adds --add-special-tokens to the tokenizer as special tokens; returns those that were not in its vocabulary."""
+    tokens = special_token_list(spec)
+    if not tokens:
+        return []
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tokens if t not in vocab]
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    for t in tokens:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ModelError(f"--add-special-tokens {t!r}: the tokenizer still splits it into {len(ids)} ids")
+    return new
+
+
+def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_token=None,
+                 add_special_tokens=None) -> dict:
+    """Adds --add-special-tokens, then chooses EOS (= end of turn) and a pad token that is neither; returns what was
+    chosen for the run config (with `added_tokens`, the ones new to the vocabulary, when tokens were asked for)."""
+    added = add_vocabulary(tokenizer, add_special_tokens)
     eot = end_of_turn(tokenizer, processor, response_template)
     if response_template is None and tokenizer.eos_token != eot:
         tokenizer.eos_token = eot  # e.g. GGUF tokenizers report <|im_start|> as EOS
@@ -127,7 +159,10 @@ def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_toke
         tokenizer.pad_token = choice
     if processor is not None:
         processor.tokenizer = tokenizer
-    return {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    chosen = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    if special_token_list(add_special_tokens):
+        chosen["added_tokens"] = added
+    return chosen
 
 
 def device_kind() -> str:
@@ -177,15 +212,20 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if gguf:
         kwargs["gguf_file"] = gguf
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"  # set by accelerate launch with our configs
     if quantize == "4bit":
+        # FSDP / ZeRO-3 shard parameters of one dtype: the 4-bit weights must be stored in the compute dtype
+        # (bnb_4bit_quant_storage) and loaded on CPU (no device_map) for the wrapper to shard them (QLoRA + FSDP)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
     elif quantize == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device_map:
         kwargs["device_map"] = device_map
-    elif quantize and device_kind() == "cuda":
+    elif quantize and device_kind() == "cuda" and not sharded:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if head:
         from transformers import AutoModelForSequenceClassification
@@ -218,7 +258,72 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
     return model
 
 
-def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None):
+def fit_vocabulary(model, tokenizer, spec) -> bool:
+    """Grows the input embeddings (and an untied output head) to the tokenizer's length for --add-special-tokens
+    (`spec`; without it nothing changes, whatever the sizes).
+    transformers' mean_resizing starts the new rows at the old rows' mean (sampled with 1e-9 x their covariance: the
+    mean, to float precision), so the new tokens neither dominate nor vanish before training. A model whose matrix
+    already has spare rows (Qwen pads its vocabulary) is left as it is: the new ids fall in those rows."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if not special_token_list(spec) or len(tokenizer) <= rows:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return True
+
+
+def token_training(model, tokenizer, spec):
+    """PEFT's `trainable_token_indices` for the --add-special-tokens ids (None without them).
+
+    Why trainable_token_indices and not modules_to_save=["embed_tokens", "lm_head"]: modules_to_save trains and saves
+    full copies of both matrices (vocab x hidden each: ~2 x 113 MB fp32 for SmolLM2-135M, GBs for 8B models, in every
+    checkpoint, plus their Adam state) and lets every old token's row drift on a small data set, where only the
+    new rows need learning; vLLM rejects adapters with modules_to_save anyway. trainable_token_indices trains only the
+    listed rows (TrainableTokensWrapper keeps n x hidden values and index_copies them into the matrix in forward;
+    merge_and_unload writes them into the weights). Tied embeddings (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B): PEFT reads
+    tie_word_embeddings and wraps lm_head with the same token adapter, so one set of rows serves input and output
+    (a list of ids). Untied models get a dict naming both matrices, so the output rows of the new tokens train too:
+    otherwise they stay at the mean init and the model could hardly learn to emit the tokens."""
+    tokens = special_token_list(spec)
+    if not tokens:
+        return None
+    ids = sorted(set(tokenizer.convert_tokens_to_ids(tokens)))
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is emb.weight:  # tied, or no LM head (the classifier): one set of rows
+        return ids
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(emb)]: ids, names[id(out)]: ids}
+
+
+def _finish_token_training(model):
+    """After get_peft_model with trainable_token_indices: checks the head, and saves the rows alone.
+
+    * The output head's new rows must train too: PEFT wraps it (untied: its own rows; tied: the embedding's rows).
+    * TRL's fused LM head (SFT/GRPO/DPO compute the loss from `lm_head.weight` and `lm_head.bias`, not by calling the
+      head) reads `.weight` of the wrapper, which PEFT answers with the merged matrix (new rows included, with their
+      gradient), but `.bias` is missing there: the wrapper gets the head's own (None). PEFT's wrapped head ignores a
+      bias in its forward, so heads with one are refused.
+    * With a grown vocabulary PEFT's save_embedding_layers="auto" also writes the whole embedding and head matrices
+      into every adapter save (best/, latest/, checkpoint-N/: GBs for 8B models). They only hold the old rows plus the
+      mean-initialised new ones, which the saved trainable_tokens_delta rows replace on load; load_for_inference grows
+      the base again first (fit_vocabulary). So the Trainer's and our save_pretrained calls get
+      save_embedding_layers=False."""
+    import functools
+
+    from peft.utils.other import TrainableTokensWrapper
+
+    out = model.get_base_model().get_output_embeddings()
+    if out is not None:
+        if not isinstance(out, TrainableTokensWrapper):
+            raise ModelError("--add-special-tokens: PEFT did not make the output head's new rows trainable (tied "
+                             "embeddings it does not recognise); use --trainable full")
+        if getattr(out.original_module, "bias", None) is not None:
+            raise ModelError("--add-special-tokens: the output head has a bias, which PEFT's trainable token rows "
+                             "ignore; use --trainable full")
+        out.bias = None
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+
+
+def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None, trainable_token_indices=None):
     from peft import LoraConfig
 
     targets = args.target_modules
@@ -228,7 +333,7 @@ def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
                       lora_dropout=args.lora_dropout, target_modules=targets, task_type=task_type,
-                      modules_to_save=modules_to_save)
+                      modules_to_save=modules_to_save, trainable_token_indices=trainable_token_indices)
 
 
 def load_for_training(args, vision, tokenizer):
@@ -236,6 +341,11 @@ def load_for_training(args, vision, tokenizer):
     import torch
 
     prec = precision(args.mixed_precision)
+    new_tokens = getattr(args, "add_special_tokens", None)
+    if args.use_unsloth and special_token_list(new_tokens):
+        print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth",
+              flush=True)
+        args.use_unsloth = False
     if args.use_unsloth:
         return _load_unsloth(args, vision, prec)
     # LoRA weights train in fp32 anyway; the frozen base can sit in bf16/fp16 on a GPU. Full fine-tuning keeps
@@ -245,7 +355,14 @@ def load_for_training(args, vision, tokenizer):
         dtype = torch.bfloat16 if prec == "bf16" else torch.float16
     quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
     device_map = "auto" if args.split_model else None
+    if special_token_list(new_tokens) and getattr(args, "vllm", False):
+        raise ModelError("--vllm: vLLM builds the base model's vocabulary and cannot take the grown embeddings of "
+                         "--add-special-tokens; generate with transformers (drop --vllm)")
     model = load_base(args.model, vision, dtype, quantize, device_map, args.trust_remote_code)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if fit_vocabulary(model, tokenizer, new_tokens):  # before anything wraps the embeddings (full: trained as is)
+        print(f"vocabulary: {rows} -> {len(tokenizer)} embedding rows for --add-special-tokens (new rows start at "
+              "the mean of the old ones)", flush=True)
     _sync_special_tokens(model, tokenizer)
     if args.trainable == "full":
         return model
@@ -256,11 +373,30 @@ def load_for_training(args, vision, tokenizer):
     init = getattr(args, "init_adapter", None)
     if init and not Path(init, "adapter_config.json").is_file():
         raise ModelError(f"--init-adapter {init}: no adapter_config.json there (give log/NAME/best of a LoRA run)")
+    if init:
+        _check_init_vocabulary(init, tokenizer)
     if init and quantize:  # merging into 4/8-bit weights loses precision: train the SFT adapter further
-        return PeftModel.from_pretrained(model, init, is_trainable=True)
-    if init:  # merge the SFT adapter, then a fresh LoRA: the KL reference (adapter disabled) is the SFT policy
-        model = PeftModel.from_pretrained(model, init).merge_and_unload()
-    return get_peft_model(model, lora_config(args))
+        model = PeftModel.from_pretrained(model, init, is_trainable=True)
+    else:
+        if init:  # merge the SFT adapter, then a fresh LoRA: the KL reference (adapter disabled) is the SFT policy
+            model = PeftModel.from_pretrained(model, init).merge_and_unload()
+        tti = token_training(model, tokenizer, new_tokens)
+        model = get_peft_model(model, lora_config(args, trainable_token_indices=tti))
+    if getattr(model.peft_config["default"], "trainable_token_indices", None) is not None:
+        _finish_token_training(model)
+    return model
+
+
+def _check_init_vocabulary(init, tokenizer):
+    """An SFT adapter trained with --add-special-tokens needs the same tokens in this run (its rows, our ids)."""
+    try:
+        cfg, _ = find_run(init)
+    except ModelError:
+        return  # an adapter from elsewhere: PEFT reports any mismatch itself
+    missing = [t for t in special_token_list(cfg.get("add_special_tokens")) if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ModelError(f"--init-adapter {init} was trained with --add-special-tokens "
+                         f"{cfg['add_special_tokens']!r}: pass the same flag (missing here: {', '.join(missing)})")
 
 
 def _sync_special_tokens(model, tokenizer):
@@ -280,6 +416,10 @@ def _sync_special_tokens(model, tokenizer):
 def _load_unsloth(args, vision, prec):
     """unsloth's fast path (NVIDIA only). Its loaders patch transformers on import, so import it here, late."""
     import torch
+
+    import launch
+
+    device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     import unsloth  # noqa: F401  (must come before transformers models are built)
     from unsloth import FastLanguageModel, FastVisionModel
 
@@ -291,7 +431,7 @@ def _load_unsloth(args, vision, prec):
         model_name=folder, max_seq_length=args.max_len or 2048,
         dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
         load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
-        trust_remote_code=args.trust_remote_code)
+        trust_remote_code=args.trust_remote_code, device_map=device_map)
     if args.trainable == "full":
         return model
     targets = None if args.target_modules in (None, "all-linear", "all") else args.target_modules.split(",")
@@ -354,19 +494,22 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
     tok_src = checkpoint if checkpoint and (Path(checkpoint) / "tokenizer_config.json").is_file() else None
     tokenizer, processor = load_processing(spec, vision, run_config.get("trust_remote_code", False), tok_src)
     if tok_src is None:
-        setup_tokens(tokenizer, processor, run_config.get("response_template"), run_config.get("set_pad_token"))
+        setup_tokens(tokenizer, processor, run_config.get("response_template"), run_config.get("set_pad_token"),
+                     run_config.get("add_special_tokens"))
     if dtype is None:
         dtype = torch.bfloat16 if device_kind() == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False), head=head)
+        fit_vocabulary(base, tokenizer, run_config.get("add_special_tokens"))  # the adapter indexes the grown rows
         model = PeftModel.from_pretrained(base, checkpoint)
     elif checkpoint:
-        model = load_base(checkpoint, vision, dtype, head=head)
+        model = load_base(checkpoint, vision, dtype, head=head)  # a full model saves its grown matrices itself
     else:
         model = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False),
                           head=head)
+        fit_vocabulary(model, tokenizer, run_config.get("add_special_tokens"))
     _sync_special_tokens(model, tokenizer)
     model.to(device_kind()).eval()
     return model, tokenizer, processor

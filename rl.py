@@ -49,11 +49,15 @@ def logged_rewards(funcs, path: Path, keep: int = 4):
     what was generated and how it was scored, for the user (and the tests) to check."""
     import functools
 
+    import launch
+
     def wrap(fn):
         @functools.wraps(fn)
         def logged(completions, **kw):
             values = fn(completions, **kw)
             state = kw.get("trainer_state")
+            if not launch.is_main_process():  # under torchrun every rank scores its own completions: rank 0 logs
+                return values
             with open(path, "a") as f:
                 for i, (c, v) in enumerate(zip(completions, values)):
                     if i >= keep:

@@ -9,12 +9,17 @@ One GPU (unsloth is used automatically when installed: uv sync --extra unsloth):
 RVL-CDIP OCR layout, a base model in the plain completion format:
     uv run train.py -m meta-llama/Llama-3.2-1B -d rvl-cdip-ocr/ --response-template "### Classification:" \\
         --set-pad-token --max-len 768 --name rvl
-Several GPUs, data parallel (one process per GPU):
-    uv run torchrun --standalone --nproc-per-node=4 train.py -m ... --name ddp
+Several GPUs, data parallel (one process per GPU; --total-batch-size keeps the optimiser's batch whatever N is):
+    uv run torchrun --standalone --nproc-per-node=4 train.py -m ... --total-batch-size 64 --name ddp
+A model too big for one GPU: FSDP2 or DeepSpeed ZeRO-3 through accelerate (configs/accelerate/), or --split-model:
+    uv run accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 train.py -m ... --name fsdp
 Several nodes (run on every node, NODE_RANK = 0..N-1):
     uv run torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK --rdzv-backend=c10d \\
         --rdzv-endpoint=$MASTER_HOST:29500 train.py -m ... --name multi
 A YAML config (flags on the command line override it): uv run train.py --config run.yaml --lr 1e-4
+
+Killed, preempted or Ctrl-C'd: the same command with --resume continues from the newest complete checkpoint
+(Ctrl-C / SIGTERM save one first). A NaN loss stops the run and names the last good checkpoint.
 
 Writes log/NAME/: run.json (the resolved configuration eval.py reuses), checkpoint-N/ (resumable with --resume),
 best/ (adapter with the best validation metric: accuracy for closed-set tasks, else loss) and latest/ (the last
@@ -28,6 +33,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import batching  # stdlib imports only at module level: --help stays instant
+import launch
 
 MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see rl.py)
 
@@ -44,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--suffix", default="_aws", help="RVL-CDIP file suffix before .json (default _aws)")
     g.add_argument("--classes", help="class names: a JSON list or one per line (default for -d: RVL-CDIP's 16)")
     g.add_argument("-p", "--prompts", help='prompts.json: {"system": [...], "question": [...]}, drawn per sample')
+    g.add_argument("--allow-outside-paths", action="store_true",
+                   help="let image / sample file paths in the data point outside its folder (off: a safety check)")
     g.add_argument("--max-len", type=int, default=1024,
                    help="max tokens per sample; the document is truncated, never the answer (default 1024)")
+    g.add_argument("--num-preprocess-workers", type=int, metavar="N",
+                   help="processes that tokenise a large data set (default min(4, CPU cores)); the result is cached "
+                   "in $FINETUNE_CACHE or ~/.cache/finetune, so a re-run with the same data starts at once")
     g.add_argument("--response-template", help="plain completion format for base models, e.g. '### Classification:' "
                    "(default: the model's chat template)")
     g.add_argument("--head", default="generative", choices=["generative", "classifier"],
@@ -64,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated module names, or all-linear (default: every linear layer but the head)")
     g.add_argument("--set-pad-token", nargs="?", const="auto", default=None, metavar="TOKEN",
                    help="pad token to use (bare flag: choose one that is not EOS; that is also the default)")
+    g.add_argument("--add-special-tokens", metavar="TOKENS",
+                   help='comma-separated tokens to add as special tokens, e.g. "<|im_start|>,<|im_end|>": the '
+                   "embeddings grow and their rows train (saved with the adapter); eval/generate/export reuse them")
     g.add_argument("--mixed-precision", nargs="?", const="auto", default="auto",
                    choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs, "
                    "off on CPU")
@@ -77,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trainer", default="sft", choices=MODES, help="training method (default sft)")
     g.add_argument("-b", "--batch-size", type=int, default=8, help="per-device batch size (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument("--total-batch-size", type=int, help="samples per optimiser step over all processes: -b and "
+                   "--grad-accum are derived from it and the world size (overrides them)")
+    g.add_argument("--max-batch-size-per-device", type=int, help="with --total-batch-size: the largest per-device "
+                   "batch to use (default: -b)")
+    g.add_argument("--auto-batch-size", action="store_true", help="CUDA: find the largest per-device batch that "
+                   "fits in memory, keeping the total batch (more accumulation instead)")
     g.add_argument("--epochs", type=float, default=1, help="epochs (default 1: LoRA on labelled data converges fast)")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (overrides --epochs)")
     g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for LoRA/QLoRA, 2e-5 for full)")
@@ -137,7 +159,24 @@ def parse_args(argv=None):
         parser.error("give --train-data or -d/--data")
     if args.lr is None:
         args.lr = 2e-5 if args.trainable == "full" else 2e-4
+    plan_batch_size(args)
     return args
+
+
+def plan_batch_size(args):
+    """--total-batch-size T: per-device batch and accumulation from the world size (processes x per-device x
+    accumulation = T). Without it -b and --grad-accum are taken as given, as every Trainer does."""
+    if args.max_batch_size_per_device is None:
+        args.max_batch_size_per_device = args.batch_size
+    if args.total_batch_size is None:
+        args.total_batch_size = launch.world_size() * args.batch_size * args.grad_accum
+        return
+    groups = args.num_generations if args.trainer == "grpo" else 1
+    try:
+        args.batch_size, args.grad_accum = launch.plan_batch(args.total_batch_size, args.max_batch_size_per_device,
+                                                              launch.world_size(), groups)
+    except ValueError as e:
+        fail(str(e))
 
 
 def _vllm_available():
@@ -167,17 +206,20 @@ def load_data(args):
 
         if args.data:
             fail("--trainer dpo reads preference pairs from --train-data, not -d")
-        train = load_preferences(args.train_data, prompts)
-        val = load_preferences(args.validation_data, prompts) if args.validation_data else []
+        outside = args.allow_outside_paths
+        train = load_preferences(args.train_data, prompts, outside)
+        val = load_preferences(args.validation_data, prompts, outside) if args.validation_data else []
         return train, val[: args.val_samples] if args.val_samples else val, None, prompts
     if args.data:
         classes = classes or RVL_CDIP_CLASSES
-        train = load_rvl_cdip(args.data, "train", classes, args.suffix, prompts, need_q)
+        train = load_rvl_cdip(args.data, "train", classes, args.suffix, prompts, need_q, args.allow_outside_paths)
         has_val = any(p.name.startswith("validation_") for p in Path(args.data).iterdir())
-        val = load_rvl_cdip(args.data, "validation", classes, args.suffix, prompts, need_q) if has_val else []
+        val = load_rvl_cdip(args.data, "validation", classes, args.suffix, prompts, need_q,
+                            args.allow_outside_paths) if has_val else []
     else:
-        train = load_samples(args.train_data, prompts, require_question=need_q)
-        val = load_samples(args.validation_data, prompts, require_question=need_q) if args.validation_data else []
+        train = load_samples(args.train_data, prompts, require_question=need_q, allow_outside=args.allow_outside_paths)
+        val = load_samples(args.validation_data, prompts, require_question=need_q,
+                           allow_outside=args.allow_outside_paths) if args.validation_data else []
     classes = classes or infer_classes(train)
     if classes:
         from dataset import DataError, normalize
@@ -191,74 +233,21 @@ def load_data(args):
     return train, val, classes, prompts
 
 
-def encode_all(fmt, samples, train):
-    from datasets import Dataset
-
-    rows = [r for r in (fmt.encode(s, train=train) for s in samples) if r is not None]
-    for r in rows:
-        r.pop("text")
-    for r in rows:  # uniform columns for datasets: text-only rows in a vision run carry empty image fields
-        r.setdefault("prompt_text", None)
-        r.setdefault("answer_text", None)
-        r.setdefault("image", None)
-    return Dataset.from_list(rows)
-
-
-TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")
-
-
-class VisionCollator:
-    """Pads prompt + answer for vision-language models: the processor expands each image into its tokens, so
-    this tokenises at batch time (prompt through the processor, answer through the tokenizer: the loss mask is
-    exact). Text-only rows use their pre-computed ids."""
-
-    def __init__(self, processor, pad_id):
-        self.processor, self.pad_id = processor, pad_id
-
-    def __call__(self, rows):
-        import torch
-        from PIL import Image
-
-        ids, labels, extra = [], [], {}
-        for r in rows:
-            if r.get("image"):
-                enc = self.processor(text=[r["prompt_text"]], images=[Image.open(r["image"]).convert("RGB")],
-                                     return_tensors="pt")
-                p = enc["input_ids"][0].tolist()
-                a = self.processor.tokenizer(r["answer_text"], add_special_tokens=False)["input_ids"]
-                ids.append(p + a)
-                labels.append([-100] * len(p) + a)
-                for k, v in enc.items():
-                    if k in TOKEN_ALIGNED:  # one value per token: extended over the answer, padded below
-                        v = torch.cat([v[0], v.new_zeros(len(a))])
-                    if k != "input_ids" and k != "attention_mask":
-                        extra.setdefault(k, []).append(v)
-            else:
-                ids.append(r["input_ids"])
-                labels.append(r["labels"])
-        width = max(len(x) for x in ids)
-        batch = {"input_ids": torch.full((len(ids), width), self.pad_id), "labels": torch.full((len(ids), width), -100),
-                 "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
-        for i, (x, y) in enumerate(zip(ids, labels)):
-            batch["input_ids"][i, : len(x)] = torch.tensor(x)
-            batch["labels"][i, : len(y)] = torch.tensor(y)
-            batch["attention_mask"][i, : len(x)] = 1
-        for k, v in extra.items():
-            if k in TOKEN_ALIGNED:
-                batch[k] = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in v])
-            else:
-                batch[k] = torch.cat(v)
-        return batch
+def encode_all(fmt, samples, train, workers=1):
+    """Token ids of every sample that fits, as a datasets.Dataset: from the on-disk cache when the same data,
+    tokenizer and format were tokenised before, else tokenised (in `workers` processes when that pays) and cached."""
+    return batching.encode_cached(fmt, samples, train, workers)
 
 
 # ------------------------------------------------------------------------------------------------ run folder
 def run_dir(args) -> Path:
     from datetime import datetime
 
-    if not args.name:
+    if not args.name:  # one process here: main() asks a distributed launch for --name
         args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.log_dir) / args.name
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    # rank 0 alone checks: it may already have written run.json when another rank gets here
+    if launch.is_main_process() and out.exists() and any(out.iterdir()) and not args.resume:
         fail(f"{out}: a run of that name exists; pass --resume to continue it or choose another --name")
     if args.resume and not (out / "run.json").is_file():
         fail(f"{out}: nothing to resume (no run.json)")
@@ -271,7 +260,7 @@ SECRET_MARKERS = ("token", "key", "secret", "password")
 def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
     """Everything eval.py needs to score a checkpoint without being told the training options again."""
     cfg = {k: v for k, v in vars(args).items() if not any(m in k.lower() for m in SECRET_MARKERS) or k in
-           ("set_pad_token",)}
+           ("set_pad_token", "add_special_tokens")}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
     for k in ("train_data", "validation_data", "data", "prompts", "classes_file"):
@@ -287,6 +276,8 @@ def save_atomic(dest: Path, write):
     import shutil
 
     tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+    if old.exists() and not dest.exists():  # killed between the two renames below: the old copy is still whole
+        old.rename(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if dest.exists():
@@ -309,19 +300,27 @@ def make_trainer_class(base):
         real_tokens = 0    # non-pad tokens trained on, and the seconds spent in training steps (not validation)
         train_seconds = 0.0
 
-        def training_step(self, *args, **kwargs):
+        last_batch_shape = None  # (samples, tokens) of the batch in flight: named in an out-of-memory error
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            self.last_batch_shape = tuple(ids.shape) if ids is not None else None
             t = time.perf_counter()
             try:
-                return super().training_step(*args, **kwargs)
+                return super().training_step(model, inputs, *args, **kwargs)
             finally:
                 self.train_seconds += time.perf_counter() - t
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-            for key in ("attention_mask", "completion_mask"):  # SFT / classifier batches; GRPO completions
-                if model.training and key in inputs:
-                    self.real_tokens += int(inputs[key].sum())
-                    break
+            if model.training:  # attention mask (SFT, classifier), completion mask (GRPO), or padding-free positions
+                self.real_tokens += batching.real_tokens(inputs) or 0
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
+
+        def _get_train_sampler(self, train_dataset=None):  # length-bucketed batches; GRPO/DPO keep TRL's samplers
+            return batching.train_sampler(self, train_dataset, super()._get_train_sampler)
+
+        def _get_eval_sampler(self, eval_dataset):  # longest first: near-uniform batches, no randomness
+            return batching.eval_sampler(self, eval_dataset, super()._get_eval_sampler)
 
         def evaluate(self, *args, **kwargs):
             self._extra = self.validation() if self.validation else {}
@@ -355,14 +354,12 @@ def make_callbacks(args, out: Path, save, metric: str, history: list):
             if value is None:
                 return
             better = self.best is None or (value > self.best if metric.endswith("accuracy") else value < self.best)
-            if better:
+            if better:  # every rank: the metrics are the same on all of them, and save() is collective under FSDP
                 self.best = value
-                if state.is_world_process_zero:
-                    save(out / "best", {"step": state.global_step, metric: value})
+                save(out / "best", {"step": state.global_step, metric: value})
 
         def on_save(self, a, state, control, **kw):
-            if state.is_world_process_zero:
-                save(out / "latest", {"step": state.global_step})
+            save(out / "latest", {"step": state.global_step})  # every rank; save() writes on rank 0 only
 
     return [RunCallback()]
 
@@ -370,6 +367,14 @@ def make_callbacks(args, out: Path, save, metric: str, history: list):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through tee / a log file
     args = parse_args(argv)
+
+    if launch.split_model_error(args.split_model):
+        fail(launch.split_model_error(args.split_model))
+    if not args.name and launch.world_size() > 1:  # each process would stamp its own clock into the default name
+        fail(f"give --name under torchrun / accelerate launch (WORLD_SIZE={launch.world_size()}): every process "
+             f"must write to the same run folder")
+    if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
     from dataset import DataError, Formatter
     from modeling import ModelError, is_vision_model, load_config, load_processing, setup_tokens, unsloth_wanted
 
@@ -383,7 +388,7 @@ def main(argv=None):
                              "repeat) and a text model" if not vision else "--classifier supports text models only")
         tokenizer, processor = load_processing(args.model, vision, args.trust_remote_code)
         tokens = setup_tokens(tokenizer, processor, args.response_template,
-                              None if args.set_pad_token == "auto" else args.set_pad_token)
+                              None if args.set_pad_token == "auto" else args.set_pad_token, args.add_special_tokens)
         fmt = Formatter(tokenizer, processor, args.response_template, args.max_len, prompts, args.seed)
         val_fmt = Formatter(tokenizer, processor, args.response_template, args.max_len, prompts, args.seed)
         if head:
@@ -403,8 +408,9 @@ def main(argv=None):
             train_ds = rl.dpo_dataset(fmt, train)
             val_ds = rl.dpo_dataset(val_fmt, val) if val else None
         else:
-            train_ds = encode_all(fmt, train, train=True)
-            val_ds = encode_all(val_fmt, val, train=False) if val else None
+            workers = args.num_preprocess_workers or batching.default_workers()
+            train_ds = encode_all(fmt, train, train=True, workers=workers)
+            val_ds = encode_all(val_fmt, val, train=False, workers=workers) if val else None
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
         if args.trainer == "grpo":
             from rewards import load_rewards
@@ -421,7 +427,7 @@ def main(argv=None):
         print(f"warning: {fmt.truncated} training documents truncated to --max-len {args.max_len}"
               + (f", {fmt.dropped} conversations longer than it dropped" if fmt.dropped else ""), file=sys.stderr)
     out = run_dir(args)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = launch.is_main_process()
     cfg = run_config(args, classes, tokens, vision, len(train_ds), len(val) if val else 0)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +452,7 @@ def main(argv=None):
     print(f"model: {args.model} ({'vision-language' if vision else 'text'}), {args.trainable}, "
           f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, precision {prec}, "
           f"{'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
+    print(batch_line(args))
 
     common = dict(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
@@ -456,17 +463,15 @@ def main(argv=None):
         eval_strategy=("steps" if args.eval_steps else "epoch") if val_ds is not None else "no",
         eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
         save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
-        logging_steps=1, logging_first_step=True, report_to=[] if args.report_to == "none" else [args.report_to],
+        logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False,  # a NaN loss must show: guards.py
+        report_to=[] if args.report_to == "none" else [args.report_to],
         run_name=args.name, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
-        # sorting by length keeps padding low: on CPU plain padding beats padding-free attention by far
-        train_sampling_strategy="group_by_length", length_column_name="length",
+        # batches of near-equal length (batching.py: FinetuneTrainer's samplers read the "length" column)
+        length_column_name="length",
         disable_tqdm=not sys.stderr.isatty(), use_cpu=not torch.cuda.is_available(),
     )
     if args.trainer in ("grpo", "dpo"):
-        import rl
-
-        for key in ("train_sampling_strategy", "length_column_name"):  # TRL's own samplers decide the order
-            common.pop(key)
+        import rl  # TRL's own samplers decide the order (batching.train_sampler leaves GRPO/DPO alone)
     if args.trainer == "grpo":
         from trl import GRPOTrainer
 
@@ -490,14 +495,16 @@ def main(argv=None):
         from trl import SFTConfig, SFTTrainer
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-        collator = VisionCollator(processor, tokenizer.pad_token_id) if vision else \
+        collator = batching.VisionCollator(processor, tokenizer.pad_token_id) if vision else \
             DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
         keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if vision else [])
+        flat = batching.padding_free(model, vision)  # CUDA + flash-attention only; CPU pads (measured: batching.py)
         trainer = make_trainer_class(SFTTrainer)(
-            model=model, args=SFTConfig(**common, max_length=None, dataset_kwargs={"skip_prepare_dataset": True}),
+            model=model, args=SFTConfig(**common, max_length=None, padding_free=flat,
+                                        dataset_kwargs={"skip_prepare_dataset": True}),
             train_dataset=train_ds.select_columns(keep),
             eval_dataset=val_ds.select_columns(keep) if val_ds is not None else None,
-            processing_class=processor or tokenizer, data_collator=collator)
+            processing_class=processor or tokenizer, data_collator=None if flat else collator)
 
     if classes and val and not head:
         from predict import classification_metrics, predict
@@ -515,8 +522,17 @@ def main(argv=None):
     metric = "eval_accuracy" if classes and val and args.trainer == "sft" else "eval_loss"
 
     def save(dest: Path, info: dict):
+        """Called on every rank. Under FSDP / DeepSpeed ZeRO-3 each rank holds a shard of the weights: gathering the
+        full state dict is a collective (all ranks at once); rank 0 then writes. Otherwise only rank 0 does anything."""
+        state = None
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            state = trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled
+                                                       else trainer.model)
+        if not rank0:
+            return
+
         def write(tmp):
-            trainer.model.save_pretrained(tmp)
+            trainer.model.save_pretrained(tmp, state_dict=state)
             (processor or tokenizer).save_pretrained(tmp)
             (tmp / "run.json").write_text(json.dumps({**cfg, "checkpoint": info}, indent=2))
         save_atomic(dest, write)
@@ -525,16 +541,81 @@ def main(argv=None):
     for cb in make_callbacks(args, out, save, metric, history):
         trainer.add_callback(cb)
 
+    import guards
+
+    guard = guards.StopGuard()
+    trainer.add_callback(guard)
+    if args.auto_batch_size:
+        auto_batch_size(args, trainer)
     start = time.time()
-    if val_ds is not None and not args.resume:
-        trainer.evaluate()  # the baseline before the first step: the summary compares against it
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    guard.install()
+    try:
+        if val_ds is not None and not args.resume:
+            trainer.evaluate()  # the baseline before the first step: the summary compares against it
+        trainer.train(resume_from_checkpoint=resume_point(args, out, rank0))
+    except torch.OutOfMemoryError:
+        print(f"error: {guards.oom_message(args, trainer.last_batch_shape)}", file=sys.stderr)
+        sys.exit(guards.EXIT_FAILED)
+    finally:
+        guard.uninstall()
     seconds = time.time() - start
-    if rank0:
-        save(out / "latest", {"step": trainer.state.global_step})
-        if not (out / "best").exists():
-            save(out / "best", {"step": trainer.state.global_step})
+    if guard.bad_loss:
+        step, value = guard.bad_loss
+        good = guards.set_aside_diverged(out, step) if rank0 else ""
+        print(f"error: {guards.bad_loss_message(step, value, good, args)}", file=sys.stderr)
+        sys.exit(guards.EXIT_FAILED)
+    save(out / "latest", {"step": trainer.state.global_step})  # every rank (collective under FSDP / ZeRO-3)
+    if not (out / "best").exists():
+        save(out / "best", {"step": trainer.state.global_step})
     summarize(history, trainer, seconds, metric, out)
+    if guard.requested:
+        print(f"{guard.requested}: stopped at step {guard.stopped_at} with a checkpoint saved; continue with the "
+              f"same command and --resume")
+        sys.exit(guards.EXIT_INTERRUPTED)
+
+
+def resume_point(args, out: Path, rank0: bool) -> str | None:
+    """--resume: the newest complete checkpoint (model, optimiser, scheduler, RNG and data position), or a fresh
+    start with a warning when the run was killed before its first checkpoint."""
+    import guards
+
+    if not args.resume:
+        return None
+    found = guards.resumable_checkpoint(out, rename=rank0)
+    if found is None:
+        print(f"warning: {out} has no complete checkpoint yet; training from step 0", file=sys.stderr)
+    else:
+        print(f"resuming from {found}")
+    return found
+
+
+def batch_line(args) -> str:
+
+    return (f"batch: {launch.world_size()} process(es) x {args.batch_size} per device x {args.grad_accum} "
+            f"accumulation = {args.total_batch_size} samples per optimiser step")
+
+
+def auto_batch_size(args, trainer):
+    """--auto-batch-size: the largest per-device batch (<= --max-batch-size-per-device) whose worst-case step fits
+    in GPU memory, with accumulation raised to keep --total-batch-size; every rank takes the smallest found."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("warning: --auto-batch-size probes GPU memory; without a CUDA device -b is kept", file=sys.stderr)
+        return
+    if args.trainer != "sft":
+        fail("--auto-batch-size supports --trainer sft (GRPO/DPO memory depends on generation and pairs)")
+    groups = launch.batch_candidates(args.total_batch_size, args.max_batch_size_per_device, launch.world_size())
+    fits = launch.memory_probe(trainer.model, trainer.data_collator, trainer.train_dataset,
+                               trainer.args.device)
+    try:
+        p = launch.agree_on_min(launch.largest_fitting(groups, fits))
+    except ValueError as e:
+        fail(str(e))
+    args.batch_size, args.grad_accum = p, args.total_batch_size // (launch.world_size() * p)
+    trainer.args.per_device_train_batch_size = trainer._train_batch_size = p
+    trainer.args.gradient_accumulation_steps = args.grad_accum
+    print(batch_line(args) + " (--auto-batch-size)")
 
 
 def summarize(history, trainer, seconds, metric, out):

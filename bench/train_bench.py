@@ -91,7 +91,8 @@ def run_arms(argvs: dict, tmp: Path, lockstep: bool, threads: int) -> dict:
     procs, out = {}, {}
     for name, argv in argvs.items():
         other = next(n for n in argvs if n != name)
-        env = {**os.environ, "BENCH_STATS": str(tmp / f"{name}.json")}
+        # a fresh tokenisation cache: ours tokenises as on a first run (a warm cache would flatter its wall time)
+        env = {**os.environ, "BENCH_STATS": str(tmp / f"{name}.json"), "FINETUNE_CACHE": str(tmp / "cache")}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         if lockstep:

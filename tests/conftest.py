@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# the tokenisation cache (batching.py) goes to a per-session folder, never the user's ~/.cache
+os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-cache-"))
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +52,21 @@ def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def greedy(model, tok, prompts, n=8):
+    """Greedy continuations (token ids) and prompt logits: what the export / vocabulary tests compare."""
+    import torch
+
+    from dataset import Formatter, Sample
+
+    fmt = Formatter(tok, max_len=256)
+    outs, logits = [], []
+    with torch.inference_mode():
+        for i, q in enumerate(prompts):
+            ids = torch.tensor([fmt.prompt_ids(Sample(id=str(i), file="t", turns=[("user", q)]))])
+            logits.append(model(ids).logits)
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            outs.append(out[0, ids.shape[1]:].tolist())
+    return outs, logits

@@ -1,11 +1,10 @@
 """Classifier-head mode: it learns, reads the last real token under either padding side, and reloads exactly."""
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import run_cli
 
 
 def test_classifier_head_trains_and_evals(tiny_llm, tmp_path):

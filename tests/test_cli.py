@@ -71,3 +71,20 @@ def test_zero_shot_baseline(tiny_llm, tmp_path):
     assert len(rows) == 6 and all(r[1] in ("", "red", "blue") for r in rows)
     assert m["invalid"] == sum(r[1] == "" for r in rows)  # unmatched outputs are counted, not dropped
     assert m["accuracy"] == sum(r[1] == r[2] for r in rows) / 6
+
+
+def test_help_imports_no_ml_library():
+    """--help must answer at once (issue 8: under 2 s): no CLI imports torch / transformers to print it.
+    Timing is measured, not asserted; what is asserted is the cause of slowness, the imports."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for script in ("train.py", "eval.py", "export.py", "generate.py"):
+        code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+                f"try:\n    runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout, (script, r.stderr[-2000:])
+        assert r.stdout.strip().splitlines()[-1] == "[]", (script, r.stdout.strip().splitlines()[-1])

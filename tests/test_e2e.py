@@ -30,11 +30,12 @@ def losses(run: Path):
 
 @pytest.fixture(scope="module")
 def full_run(tiny_llm, tmp_path_factory):
-    """Full fine-tuning of a random-init model: it learns the task within a minute on CPU."""
+    """Full fine-tuning of a random-init model: it learns the task within a minute on CPU. 8 epochs (96 steps,
+    a few seconds): at 4, validation accuracy ended between 0.5 and 1.0 depending on the seed's batch order."""
     tmp = tmp_path_factory.mktemp("full")
     train, val, test = color_task(tmp, 96, 0), color_task(tmp, 16, 1), color_task(tmp, 24, 2)
     r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--trainable", "full",
-                "--lr", "3e-3", "--epochs", "4", "-b", "8", "--warmup", "0", "--name", "full", "--log-dir", tmp / "log")
+                "--lr", "3e-3", "--epochs", "8", "-b", "8", "--warmup", "0", "--name", "full", "--log-dir", tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, test, r
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import greedy, run_cli, write_jsonl
 
 QUESTIONS = ["Which colour? red house", "Which colour? blue river tree", "hello", "stone cloud paper"]
 
@@ -45,21 +45,6 @@ def trained(tiny_llm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(trained):
     return trained.run
-
-
-def greedy(model, tok, prompts, n=8):
-    from dataset import Formatter, Sample
-
-    fmt = Formatter(tok, max_len=256)
-    outs, logits = [], []
-    with torch.inference_mode():
-        for i, q in enumerate(prompts):
-            ids = torch.tensor([fmt.prompt_ids(Sample(id=str(i), file="t", turns=[("user", q)]))])
-            logits.append(model(ids).logits)
-            out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-            outs.append(out[0, ids.shape[1]:].tolist())
-    return outs, logits
 
 
 @pytest.fixture(scope="module")
