@@ -33,24 +33,16 @@ def encode(fmt, samples, classes: list[str], train=False):
 
 def load_for_training(args, classes, tokenizer):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT."""
-    import torch
+    from modeling import (QUANTIZE, _finish_token_training, _sync_special_tokens, fit_vocabulary, load_base,
+                          new_tokens_for, precision, token_training, training_dtype)
 
-    from modeling import (_finish_token_training, _sync_special_tokens, fit_vocabulary, load_base, precision,
-                          special_token_list, token_training)
-
-    new_tokens = getattr(args, "add_special_tokens", None)
-    if args.use_unsloth and special_token_list(new_tokens):
-        print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth",
-              flush=True)
-        args.use_unsloth = False
+    new_tokens = new_tokens_for(args)
     if args.use_unsloth:
         model = _load_unsloth(args, classes, tokenizer)
         if model is not None:
             return model
-    prec = precision(args.mixed_precision)
-    dtype = torch.float32 if args.trainable == "full" or prec == "no" else (
-        torch.bfloat16 if prec == "bf16" else torch.float16)
-    quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
+    dtype = training_dtype(args, precision(args.mixed_precision))
+    quantize = QUANTIZE.get(args.trainable)
     model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
                       args.trust_remote_code, head=classes)
     fit_vocabulary(model, tokenizer, new_tokens)  # --add-special-tokens: grown input embeddings (no LM head here)

@@ -336,24 +336,37 @@ def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None, trainable_tok
                       modules_to_save=modules_to_save, trainable_token_indices=trainable_token_indices)
 
 
-def load_for_training(args, vision, tokenizer):
-    """The model ready for the trainer: a PEFT model for lora/qlora, the plain model for full."""
+QUANTIZE = {"qlora": "4bit", "qlora8": "8bit"}  # --trainable -> load_base's quantize
+
+
+def training_dtype(args, prec):
+    """LoRA weights train in fp32 anyway; the frozen base can sit in bf16/fp16 on a GPU. Full fine-tuning keeps
+    fp32 master weights and lets autocast run the matmuls in bf16/fp16."""
     import torch
 
-    prec = precision(args.mixed_precision)
+    if args.trainable == "full" or prec == "no":
+        return torch.float32
+    return torch.bfloat16 if prec == "bf16" else torch.float16
+
+
+def new_tokens_for(args):
+    """--add-special-tokens, which turns unsloth off: its loaders do not take PEFT's trainable token rows."""
     new_tokens = getattr(args, "add_special_tokens", None)
     if args.use_unsloth and special_token_list(new_tokens):
         print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth",
               flush=True)
         args.use_unsloth = False
+    return new_tokens
+
+
+def load_for_training(args, vision, tokenizer):
+    """The model ready for the trainer: a PEFT model for lora/qlora, the plain model for full."""
+    prec = precision(args.mixed_precision)
+    new_tokens = new_tokens_for(args)
     if args.use_unsloth:
         return _load_unsloth(args, vision, prec)
-    # LoRA weights train in fp32 anyway; the frozen base can sit in bf16/fp16 on a GPU. Full fine-tuning keeps
-    # fp32 master weights and lets autocast run the matmuls in bf16/fp16.
-    dtype = torch.float32
-    if args.trainable != "full" and prec != "no":
-        dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-    quantize = {"qlora": "4bit", "qlora8": "8bit"}.get(args.trainable)
+    dtype = training_dtype(args, prec)
+    quantize = QUANTIZE.get(args.trainable)
     device_map = "auto" if args.split_model else None
     if special_token_list(new_tokens) and getattr(args, "vllm", False):
         raise ModelError("--vllm: vLLM builds the base model's vocabulary and cannot take the grown embeddings of "
