@@ -104,6 +104,11 @@ def load_test(args, cfg):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through tee / a log file
     args = build_parser().parse_args(argv)
+    import launch
+
+    bad = launch.size_error(args, ("batch_size", "max_len", "max_new_tokens", "limit"))  # before anything is loaded
+    if bad:
+        fail(bad)
     from dataset import DataError, Formatter, normalize
     from modeling import ModelError, is_vision_model, load_config
 

@@ -157,6 +157,11 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
+    import launch
+
+    bad = launch.size_error(args, ("batch_size", "max_new_tokens"))  # before anything is loaded
+    if bad:
+        fail(bad)
     from dataset import DataError, Formatter, Sample, load_prompts, load_samples
     from modeling import ModelError, find_run, load_for_inference
 

@@ -159,6 +159,10 @@ def parse_args(argv=None):
         parser.error("give --train-data or -d/--data")
     if args.lr is None:
         args.lr = 2e-5 if args.trainable == "full" else 2e-4
+    bad = launch.size_error(args, ("batch_size", "grad_accum", "max_len", "lora_rank", "num_generations",
+                                   "max_completion_len"))
+    if bad:
+        fail(bad)
     plan_batch_size(args)
     return args
 

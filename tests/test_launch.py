@@ -59,3 +59,21 @@ def test_train_cli_prints_the_plan_error_in_one_line():
                 "--max-batch-size-per-device", "8", env={"WORLD_SIZE": "4", "RANK": "0"})
     assert r.returncode == 2 and r.stderr.strip() == ("error: --total-batch-size 30 cannot be split evenly over 4 "
                                                       "processes: use 28 or 32")
+
+
+@pytest.mark.parametrize("flag, value", [("-b", "0"), ("--grad-accum", "0"), ("--max-len", "-1"), ("-r", "0")])
+def test_train_cli_rejects_sizes_below_one(flag, value):
+    from conftest import run_cli
+
+    r = run_cli("train.py", "-m", "x", "--train-data", "x.jsonl", flag, value)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --") and "at least 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script, flag", [("eval.py", "-b"), ("eval.py", "--limit"), ("generate.py", "-b")])
+def test_eval_and_generate_reject_sizes_below_one(script, flag):
+    from conftest import run_cli
+
+    source = ["-m", "x", "--test-data"] if script == "eval.py" else ["-c", "log/x", "--data"]
+    r = run_cli(script, *source, "x.jsonl", flag, "0")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --") and "at least 1" in r.stderr
