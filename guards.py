@@ -13,6 +13,8 @@ import sys
 
 from transformers import TrainerCallback
 
+import launch
+
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the run did not finish, but nothing was lost
 EXIT_FAILED = 1
 
@@ -44,7 +46,7 @@ class StopGuard(TrainerCallback):
               f"(send it again to stop at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kw):
-        if _any_rank(self.requested is not None):
+        if launch.across_ranks(self.requested is not None, "max"):  # any rank signalled: all stop here
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -56,19 +58,6 @@ class StopGuard(TrainerCallback):
             control.should_save = False  # never overwrite a good checkpoint with diverged weights
             control.should_training_stop = True
             control.should_evaluate = False
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    import torch
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def set_aside_diverged(out, step: int) -> str | None:

@@ -42,8 +42,7 @@ def plan_batch(total: int, max_per_device: int, world: int, multiple_of: int = 1
     Raises ValueError, with the nearest totals that work, when no exact split exists."""
     if total < 1 or max_per_device < 1:
         raise ValueError("--total-batch-size and --max-batch-size-per-device must be positive")
-    options = [p for p in range(min(max_per_device, total), 0, -1)
-               if p % multiple_of == 0 and total % (world * p) == 0]
+    options = batch_candidates(total, max_per_device, world, multiple_of)
     if options:
         return options[0], total // (world * options[0])
     unit = world * multiple_of  # every total that works is a multiple of this
@@ -101,16 +100,17 @@ def memory_probe(model, collate, dataset, device):
     return fits
 
 
-def agree_on_min(value: int) -> int:
-    """Every rank must train with the same batch: the smallest any rank could fit (no-op in one process)."""
+def across_ranks(value: int, op: str) -> int:
+    """`value` reduced over every process ("min" or "max"); the value itself in one process. The few decisions
+    all ranks must share (a batch size, a stop step) go through here: one rank deciding alone hangs the others."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return value
     import torch
 
-    t = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([int(value)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
     return int(t.item())
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
@@ -247,6 +248,11 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
         raise ModelError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(level)
+    if gguf:
+        # PEFT looks for the base's config.json on every adapter save to tell whether the vocabulary changed; a
+        # GGUF folder has none, so it warns each save (3x in the quickstart). It did not change unless
+        # --add-special-tokens was given, and then saves pass save_embedding_layers=False (token_training)
+        warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
     if gguf and not quantize:
         # GGUF weights are dequantised to `dtype` on load: from here on it is a plain float model, but transformers
         # still flags it as GGUF-quantised and would refuse to train or save it

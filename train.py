@@ -613,7 +613,7 @@ def auto_batch_size(args, trainer):
     fits = launch.memory_probe(trainer.model, trainer.data_collator, trainer.train_dataset,
                                trainer.args.device)
     try:
-        p = launch.agree_on_min(launch.largest_fitting(groups, fits))
+        p = launch.across_ranks(launch.largest_fitting(groups, fits), "min")
     except ValueError as e:
         fail(str(e))
     args.batch_size, args.grad_accum = p, args.total_batch_size // (launch.world_size() * p)
