@@ -33,7 +33,7 @@ def encode(fmt, samples, classes: list[str], train=False):
 
 def load_for_training(args, classes, tokenizer):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT."""
-    from modeling import (QUANTIZE, _finish_token_training, _sync_special_tokens, fit_vocabulary, load_base,
+    from modeling import (QUANTIZE, finish_token_training, sync_special_tokens, fit_vocabulary, load_base,
                           new_tokens_for, precision, token_training, training_dtype)
 
     new_tokens = new_tokens_for(args)
@@ -45,8 +45,9 @@ def load_for_training(args, classes, tokenizer):
     quantize = QUANTIZE.get(args.trainable)
     model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
                       args.trust_remote_code, head=classes)
+    start_uniform(model)
     fit_vocabulary(model, tokenizer, new_tokens)  # --add-special-tokens: grown input embeddings (no LM head here)
-    _sync_special_tokens(model, tokenizer)
+    sync_special_tokens(model, tokenizer)
     if args.trainable == "full":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -60,7 +61,7 @@ def load_for_training(args, classes, tokenizer):
     tti = token_training(model, tokenizer, new_tokens)
     model = get_peft_model(model, lora_config(args, task_type="SEQ_CLS", trainable_token_indices=tti))
     if tti is not None:
-        _finish_token_training(model)
+        finish_token_training(model)
     return model
 
 
@@ -80,15 +81,50 @@ def _load_unsloth(args, classes, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}
+        start_uniform(model)
         if args.trainable == "full":
             return model
-        return FastModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+        return FastModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_alpha,
                                         lora_dropout=args.lora_dropout, task_type="SEQ_CLS",
                                         modules_to_save=["score"], random_state=args.seed)
     except Exception as e:  # unsupported architecture or version: the transformers path always works
         print(f"warning: unsloth's classifier path did not apply ({type(e).__name__}: {e}); using transformers "
               "+ PEFT", flush=True)
         return None
+
+
+HEAD_NAMES = ("score", "classifier")  # what AutoModelForSequenceClassification calls the head (Llama/Qwen, others)
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def start_uniform(model):
+    """The new head starts at zero: every class gets the same logit, so training starts from a uniform guess
+    instead of a random preference (a randomly initialised head on a 576-wide hidden state gives one class most
+    of the probability at step 0, and the first steps only undo that)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if _is_head(name) and param.dtype.is_floating_point:
+                param.zero_()
+
+
+def split_head_lr(optimizer, model, head_lr: float):
+    """Moves the head's parameters into param groups of their own at `head_lr` (the rest keep --lr): a fresh
+    head learns from zero and needs a larger rate than the LoRA body (measured: see README, classifier head)."""
+    head = {id(p) for n, p in model.named_parameters() if p.requires_grad and _is_head(n)}
+    moved = []
+    for group in optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in head]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+            moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine, "lr": head_lr})
+    for group in moved:
+        optimizer.add_param_group(group)
+    return optimizer
 
 
 def compute_metrics(classes):

@@ -34,7 +34,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RVL_CDIP_CLASSES = [
@@ -406,19 +406,41 @@ def check_samples(samples, prompts, require_question=True):
 
 
 def infer_classes(samples: list[Sample]) -> list[str] | None:
-    """A closed label set when every answer is short and repeats: the answers, in first-seen order."""
-    answers = [s.answer for s in samples if s.answer is not None]
-    counts = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    if len(counts) < 2 or len(counts) > 100 or min(counts.values()) < 2 or max(len(a) for a in counts) > 60:
+    """A closed label set when every answer is short and repeats, in first-seen order. Answers that differ only in
+    case, surrounding whitespace or punctuation ('Food.', 'FOOD', ' food ') are one class (normalize), named by
+    its most frequent spelling (the first seen on a tie)."""
+    spellings: dict[str, dict[str, int]] = {}
+    for s in samples:
+        if s.answer is not None:
+            forms = spellings.setdefault(normalize(s.answer), {})
+            forms[s.answer.strip()] = forms.get(s.answer.strip(), 0) + 1
+    counts = [sum(forms.values()) for forms in spellings.values()]
+    if len(counts) < 2 or len(counts) > 100 or min(counts) < 2 or max(len(k) for k in spellings) > 60:
         return None
-    return list(counts)
+    return [max(forms, key=forms.get) for forms in spellings.values()]
 
 
 def normalize(text: str) -> str:
-    """Case, surrounding whitespace and punctuation do not count when matching answers."""
+    """The one rule for matching an answer to a class: case, surrounding whitespace and punctuation do not count."""
     return re.sub(r"^[\W_]+|[\W_]+$", "", text.strip().lower())
+
+
+def to_classes(samples: list[Sample], classes: list[str], whose="the classes") -> list[Sample]:
+    """Every reference answer replaced by the class name it matches (normalize), once, when the data is loaded:
+    training targets, validation, eval metrics, predictions.tsv and the confusion matrix then all compare class
+    names, never spellings. An answer that matches no class is a DataError."""
+    index = {normalize(c): c for c in classes}
+    out = []
+    for s in samples:
+        if s.answer is not None:
+            name = index.get(normalize(s.answer))
+            if name is None:
+                raise DataError(s.file, s.id, "answer", f"{s.answer!r} is not one of {whose} ({', '.join(classes)})")
+            if name != s.answer:
+                last = max(i for i, (role, _) in enumerate(s.turns) if role == "assistant")
+                s = replace(s, turns=s.turns[:last] + [("assistant", name)] + s.turns[last + 1:])
+        out.append(s)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- formatting

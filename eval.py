@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from options import fail, range_error
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def build_parser():
     a("-p", "--prompts", help="prompts.json (default: the run's); eval always uses the first prompt")
     a("--allow-outside-paths", action="store_true",
       help="let image / sample file paths in the data point outside its folder (off: a safety check)")
-    a("--prefill", help="text the reply starts with (appended to the prompt)")
+    a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     a("--response-template", help="plain completion format (default: the run's)")
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
     a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
@@ -46,18 +48,29 @@ def build_parser():
     a("--resume", action="store_true", help="keep the predictions an interrupted eval wrote to the same output "
       "folder and score only the rest")
     a("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
+    g = p.add_argument_group("training flags, accepted out of habit (the run's own values are used; a different "
+                             "pad token or response template overrides the run's, with a note)")
+    g.add_argument("--generative", dest="head", action="store_const", const="generative",
+                   help="check that the run is generative (an error on a --classifier run)")
+    g.add_argument("--classifier", dest="head", action="store_const", const="classifier",
+                   help="check that the run trained a classifier head")
+    g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, dest="use_unsloth",
+                   help="accepted; scoring runs through transformers either way")
+    g.add_argument("--set-pad-token", nargs="?", const="auto", metavar="TOKEN",
+                   help="pad token (bare flag or the run's token: no change)")
+    g.add_argument("--mixed-precision", nargs="?", const="auto", choices=["auto", "bf16", "fp16", "no"],
+                   help="weights' dtype for scoring: auto (bf16 on a GPU that has it, else float32), bf16, fp16, "
+                   "no (float32)")
     return p
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def resolve(args):
-    """The run configuration with command-line overrides applied, and where the weights are."""
+    """The run configuration with command-line overrides applied, and where the weights are. Training flags given
+    out of habit are checked against the run: the same value changes nothing, a different pad token or response
+    template overrides the run's (one note each), and a contradiction is an error."""
     if args.checkpoint:
-        from modeling import ModelError, find_run, run_name
+        from modeling import ModelError
+        from runs import find_run, run_name
 
         try:
             cfg, weights = find_run(args.checkpoint)
@@ -70,8 +83,21 @@ def resolve(args):
         cfg, weights, name = {"model": args.model, "vision": None}, None, Path(args.model.rstrip("/")).name
     else:
         fail("give -c/--checkpoint (a run of train.py) or -m/--model (zero-shot)")
-    for key in ("prompts", "response_template", "max_len", "suffix", "trust_remote_code"):
-        if getattr(args, key, None):
+    run_head = cfg.get("head") or "generative"
+    if args.head and args.head != run_head:
+        fail(f"--{args.head}: {name} is a {run_head} run" if weights else
+             "--classifier: a classifier head must be trained first (train.py --classifier); score its run with -c")
+    tokens = cfg.get("tokens") or {}
+    if args.set_pad_token not in (None, "auto", tokens.get("pad_token")):
+        if weights:
+            print(f"note: --set-pad-token {args.set_pad_token!r} overrides the run's pad token "
+                  f"{tokens.get('pad_token')!r}")
+        cfg["pad_override"] = args.set_pad_token
+    if weights and args.response_template is not None and args.response_template != cfg.get("response_template"):
+        print(f"note: --response-template {args.response_template!r} overrides the run's "
+              f"{cfg.get('response_template')!r}")
+    for key in ("prompts", "response_template", "max_len", "suffix", "trust_remote_code", "prefill"):
+        if getattr(args, key, None):  # else the run's own (a GRPO run's --prefill, say)
             cfg[key] = getattr(args, key)
     cfg.setdefault("max_len", 1024)
     cfg["max_len"] = cfg["max_len"] or 1024
@@ -79,12 +105,13 @@ def resolve(args):
 
 
 def load_test(args, cfg):
-    from dataset import RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, load_samples
+    from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, load_samples,
+                         to_classes)
 
     prompts = load_prompts(cfg.get("prompts"))
     classes = load_classes(args.classes) if args.classes else cfg.get("classes")
     data = args.data or (None if args.test_data else cfg.get("data"))
-    need_q = not cfg.get("response_template")
+    need_q = not cfg.get("response_template") and cfg.get("head") != "classifier"  # formats that ask nothing
     if data:
         classes = classes or RVL_CDIP_CLASSES
         samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q,
@@ -96,6 +123,9 @@ def load_test(args, cfg):
         fail("no test data: give --test-data FILE or -d RVL-CDIP-FOLDER (the run was not trained on -d)")
     if classes is None and cfg.get("task") != "generation":
         classes = infer_classes(samples)
+    if classes:  # the one matching rule (dataset.normalize): references become class names here, once
+        samples = to_classes(samples, classes, "the classes the model was trained on" if cfg.get("classes") else
+                             "the classes")
     if args.limit:
         samples = samples[: args.limit]
     return samples, classes, prompts
@@ -104,23 +134,15 @@ def load_test(args, cfg):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through tee / a log file
     args = build_parser().parse_args(argv)
-    import launch
-
-    bad = launch.size_error(args, ("batch_size", "max_len", "max_new_tokens", "limit"))  # before anything is loaded
+    bad = range_error(args)  # before anything is loaded
     if bad:
         fail(bad)
-    from dataset import DataError, Formatter, normalize
+    from dataset import DataError, Formatter
     from modeling import ModelError, is_vision_model, load_config
 
     cfg, weights, name = resolve(args)
     try:
         samples, classes, prompts = load_test(args, cfg)
-        if classes:
-            known = {normalize(c) for c in classes}
-            for s in samples:
-                if s.answer is not None and normalize(s.answer) not in known:
-                    raise DataError(s.file, s.id, "answer", f"{s.answer!r} is not one of the classes the model "
-                                    f"was trained on ({', '.join(classes)})")
         if cfg.get("vision") is None:
             cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
     except (DataError, ModelError) as e:
@@ -143,11 +165,12 @@ def main(argv=None):
     from modeling import load_for_inference
 
     try:
-        model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None)
+        model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
+                                                         inference_dtype(args.mixed_precision))
     except ModelError as e:
         fail(str(e))
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
-                    prefill=args.prefill)
+                    prefill=cfg.get("prefill"))
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"eval: {len(everything)} samples{f' over {world} processes' if world > 1 else ''}, {'classes: ' + ', '.join(classes) if classes else 'free text'}, "
           f"predict={mode}, model={cfg['model']}{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
@@ -205,12 +228,22 @@ def main(argv=None):
     else:
         metrics = text_metrics(refs, [p or "" for p in preds])
     metrics.update(predict=mode, seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
-                   resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
+                   resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None,
+                   max_len=cfg["max_len"], prefill=cfg.get("prefill"), response_template=cfg.get("response_template"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if classes and "confusion_matrix" in metrics:
         write_confusion(metrics["confusion_matrix"], out)
     print_table(metrics, classes)
     print(f"wrote {out}/")
+
+
+def inference_dtype(choice):
+    """--mixed-precision for scoring: None (auto: modeling.load_for_inference decides), else the dtype."""
+    if choice in (None, "auto"):
+        return None
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[choice]
 
 
 def distributed_setup() -> tuple[int, int]:

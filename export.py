@@ -51,7 +51,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from modeling import ModelError, find_run, is_adapter  # light: modeling imports torch and transformers lazily
+from modeling import ModelError  # light: modeling imports torch and transformers lazily
+from runs import find_run, is_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
 LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)(\.|$)")

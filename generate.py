@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from options import fail, range_error
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,12 +45,8 @@ def build_parser():
     a("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     a("-b", "--batch-size", type=int, default=8, help="samples per batch for greedy --data (default 8)")
     a("-o", "--output", help="write JSONL here (default: stdout)")
+    a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     return p
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None) -> str:
@@ -157,13 +155,12 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
-    import launch
-
-    bad = launch.size_error(args, ("batch_size", "max_new_tokens"))  # before anything is loaded
+    bad = range_error(args)  # before anything is loaded
     if bad:
         fail(bad)
     from dataset import DataError, Formatter, Sample, load_prompts, load_samples
-    from modeling import ModelError, find_run, load_for_inference
+    from modeling import ModelError, load_for_inference
+    from runs import find_run
 
     try:  # everything is checked before the model is loaded
         cfg, weights = find_run(args.checkpoint)
@@ -192,7 +189,8 @@ def main(argv=None):
         model, tokenizer, processor = load_for_inference(cfg, str(weights))
     except (DataError, ModelError) as e:
         fail(str(e))
-    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts)
+    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts,
+                    prefill=args.prefill if args.prefill is not None else cfg.get("prefill"))
     if samples is None:
         chat(model, fmt, args, image)
         return

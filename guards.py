@@ -60,19 +60,6 @@ class StopGuard(TrainerCallback):
             control.should_evaluate = False
 
 
-def set_aside_diverged(out, step: int) -> str | None:
-    """The loss at step k is computed with the weights saved at step k-1: if that checkpoint exists it holds the
-    weights that diverged. It becomes diverged-checkpoint-N (not deleted: it is the user's data), so --resume
-    picks an earlier one."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    bad = out / f"checkpoint-{step - 1}"
-    if bad.is_dir():
-        bad.rename(bad.with_name("diverged-" + bad.name))  # out of the Trainer's checkpoint-* rotation too
-    found = get_last_checkpoint(str(out)) if out.exists() else None
-    return found
-
-
 def bad_loss_message(step: int, value: float, good_checkpoint: str | None, args) -> str:
     where = (f"last good checkpoint: {good_checkpoint} (--resume continues from it once the cause is changed)"
              if good_checkpoint else "no good checkpoint yet: start again")
@@ -87,24 +74,3 @@ def oom_message(args, shape) -> str:
             f"{args.trainable}. What helps: --auto-batch-size (largest batch that fits, same total), a smaller "
             f"--max-len, --trainable qlora, --gradient-checkpointing"
             + (", --split-model (one model over several GPUs)" if not args.split_model else ""))
-
-
-def resumable_checkpoint(out, rename: bool = True) -> str | None:
-    """The newest *complete* checkpoint-N in `out`. The Trainer writes a checkpoint in place and its
-    trainer_state.json last, so a run killed while saving leaves a folder without it (or with a cut one), which
-    transformers' get_last_checkpoint would still pick. Such folders are renamed incomplete-checkpoint-N (by one
-    rank)."""
-    import json
-    import re
-
-    steps = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
-                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    for _, folder in reversed(steps):
-        try:
-            json.loads((folder / "trainer_state.json").read_text())
-            return str(folder)
-        except (OSError, ValueError):
-            print(f"warning: {folder} was cut off while saving (killed?); skipping it", file=sys.stderr)
-            if rename:
-                folder.rename(folder.with_name("incomplete-" + folder.name))
-    return None

@@ -124,13 +124,3 @@ def pin_to_local_gpu() -> dict:
     if world_size() > 1 and torch.cuda.is_available():
         torch.cuda.set_device(local)
     return {"": local}
-
-
-def size_error(args, names) -> str | None:
-    """The first of the size flags `names` (batch sizes, lengths, counts) set below 1, as a one-line message:
-    every CLI checks these before loading anything (a 0 would end in a traceback deep inside a library)."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be at least 1, got {value}"
-    return None

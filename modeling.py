@@ -191,10 +191,12 @@ def unsloth_wanted(flag: bool | None) -> bool:
     """--unsloth / --no-unsloth; unset means: use it when installed and a CUDA GPU is present."""
     import torch
 
-    available = importlib.util.find_spec("unsloth") is not None and torch.cuda.is_available()
-    if flag and not available:
-        raise ModelError("--unsloth needs the unsloth extra (uv sync --extra unsloth) and an NVIDIA GPU")
-    return available if flag is None else flag
+    installed = importlib.util.find_spec("unsloth") is not None
+    if flag and not installed:
+        raise ModelError("--unsloth: unsloth is not installed; run `uv sync --extra unsloth` (NVIDIA GPUs only)")
+    if flag and not torch.cuda.is_available():
+        raise ModelError("--unsloth needs an NVIDIA GPU")  # train.device_fallbacks turns it off first on CPU
+    return installed and torch.cuda.is_available() if flag is None else flag
 
 
 def model_class(vision: bool):
@@ -300,7 +302,7 @@ def token_training(model, tokenizer, spec):
     return {names[id(emb)]: ids, names[id(out)]: ids}
 
 
-def _finish_token_training(model):
+def finish_token_training(model):
     """After get_peft_model with trainable_token_indices: checks the head, and saves the rows alone.
 
     * The output head's new rows must train too: PEFT wraps it (untied: its own rows; tied: the embedding's rows).
@@ -337,7 +339,7 @@ def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None, trainable_tok
         targets = "all-linear"  # every linear layer but the output head: the QLoRA paper's finding
     elif isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_dropout=args.lora_dropout, target_modules=targets, task_type=task_type,
                       modules_to_save=modules_to_save, trainable_token_indices=trainable_token_indices)
 
@@ -382,7 +384,7 @@ def load_for_training(args, vision, tokenizer):
     if fit_vocabulary(model, tokenizer, new_tokens):  # before anything wraps the embeddings (full: trained as is)
         print(f"vocabulary: {rows} -> {len(tokenizer)} embedding rows for --add-special-tokens (new rows start at "
               "the mean of the old ones)", flush=True)
-    _sync_special_tokens(model, tokenizer)
+    sync_special_tokens(model, tokenizer)
     if args.trainable == "full":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training, PeftModel
@@ -402,13 +404,15 @@ def load_for_training(args, vision, tokenizer):
         tti = token_training(model, tokenizer, new_tokens)
         model = get_peft_model(model, lora_config(args, trainable_token_indices=tti))
     if getattr(model.peft_config["default"], "trainable_token_indices", None) is not None:
-        _finish_token_training(model)
+        finish_token_training(model)
     return model
 
 
 def _check_init_vocabulary(init, tokenizer):
     """An SFT adapter trained with --add-special-tokens needs the same tokens in this run (its rows, our ids)."""
     try:
+        from runs import find_run
+
         cfg, _ = find_run(init)
     except ModelError:
         return  # an adapter from elsewhere: PEFT reports any mismatch itself
@@ -418,7 +422,7 @@ def _check_init_vocabulary(init, tokenizer):
                          f"{cfg['add_special_tokens']!r}: pass the same flag (missing here: {', '.join(missing)})")
 
 
-def _sync_special_tokens(model, tokenizer):
+def sync_special_tokens(model, tokenizer):
     """Generation stops on the end-of-turn token and pads with our pad token, wherever the model came from."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     for cfg in (model.config, getattr(model, "generation_config", None)):
@@ -455,52 +459,9 @@ def _load_unsloth(args, vision, prec):
         return model
     targets = None if args.target_modules in (None, "all-linear", "all") else args.target_modules.split(",")
     return loader.get_peft_model(
-        model, r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=args.lora_dropout,
+        model, r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False, random_state=args.seed)
-
-
-def find_run(path) -> tuple[dict, Path]:
-    """(run config, weights folder) for log/NAME (its best/, else latest/), log/NAME/best|latest|checkpoint-N, or
-    a merged export (export.py merge: a full model with finetune_run.json). eval, export and generate share it."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelError(f"{path}: no such folder")
-    if (p / "finetune_run.json").is_file():  # a merged export: a full model with its run's configuration
-        return _read_json(p / "finetune_run.json"), p
-    if (p / "run.json").is_file() and not _has_weights(p):  # the run folder itself: its best/, else latest/
-        sub = next((p / s for s in ("best", "latest") if (p / s).is_dir()), None)
-        if sub is None:
-            raise ModelError(f"{path}: the run has no best/ or latest/ folder (did training save anything?)")
-        p = sub
-    cfg_file = p / "run.json" if (p / "run.json").is_file() else p.parent / "run.json"
-    if not cfg_file.is_file():
-        raise ModelError(f"{path}: not a run of train.py (no run.json here or in the parent folder)")
-    if not _has_weights(p):
-        raise ModelError(f"{p}: no adapter (adapter_config.json) and no model weights (config.json) in it")
-    return _read_json(cfg_file), p
-
-
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{f}: cannot read ({e})") from None
-
-
-def _has_weights(p: Path) -> bool:
-    return is_adapter(p) or (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-def is_adapter(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file() and any(p.glob("adapter_model.*"))
-
-
-def run_name(weights: Path) -> str:
-    """The run a weights folder belongs to: log/NAME/best -> NAME; a merged export -> its folder name."""
-    weights = Path(weights).resolve()
-    inside = weights.name in ("best", "latest") or weights.name.startswith("checkpoint-")
-    return weights.parent.name if inside else weights.name
 
 
 def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
@@ -529,6 +490,11 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
         model = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False),
                           head=head)
         fit_vocabulary(model, tokenizer, run_config.get("add_special_tokens"))
-    _sync_special_tokens(model, tokenizer)
+    pad = run_config.get("pad_override")  # eval.py --set-pad-token TOKEN other than the run's
+    if pad:
+        if pad not in tokenizer.get_vocab():
+            raise ModelError(f"--set-pad-token {pad!r}: not in the vocabulary")
+        tokenizer.pad_token = pad
+    sync_special_tokens(model, tokenizer)
     model.to(device_kind()).eval()
     return model, tokenizer, processor

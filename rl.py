@@ -85,3 +85,12 @@ def dpo_config(args, common: dict):
 
     return DPOConfig(**common, beta=0.1 if args.beta is None else args.beta, loss_type=[args.dpo_loss],
                      max_length=args.max_len)
+
+
+def vllm_available() -> bool:
+    """--vllm: colocated vLLM generation needs an NVIDIA GPU and the vllm package."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None

@@ -132,7 +132,7 @@ def _trainer(base, tmp_path, ds):
     import torch
     from transformers import TrainingArguments
 
-    from train import make_trainer_class
+    from training import make_trainer_class
 
     return make_trainer_class(base)(
         model=torch.nn.Linear(1, 1), train_dataset=ds, eval_dataset=ds,

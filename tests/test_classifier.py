@@ -1,4 +1,5 @@
 """Classifier-head mode: it learns, reads the last real token under either padding side, and reloads exactly."""
+import copy
 import json
 
 import pytest
@@ -29,9 +30,10 @@ def test_classifier_head_trains_and_evals(tiny_llm, tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     out = tmp_path / "res" / "1024-max-len" / "head"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["predict"] == "head" and m["accuracy"] >= 0.9 and m["invalid"] == 0
-    rows = (out / "predictions.tsv").read_text().splitlines()[1:]
-    assert len(rows) == 24 and all(0.5 <= float(r.split("\t")[4]) <= 1 for r in rows)
+    assert m["predict"] == "head" and m["accuracy"] >= 0.9
+    rows = [r.split("\t") for r in (out / "predictions.tsv").read_text().splitlines()[1:]]
+    assert len(rows) == 24 and sum(float(r[4]) for r in rows) / 24 > 0.7  # the head's softmax: a confident head
+    assert m["accuracy"] == sum(r[1] == r[2] for r in rows) / 24
     assert (out / "confusion_matrix.png").is_file()
 
 
@@ -39,6 +41,7 @@ def test_classifier_head_trains_and_evals(tiny_llm, tmp_path):
 def seq_cls(tiny_llm, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llm, num_labels=3,
@@ -65,6 +68,7 @@ def test_saved_head_reloads_with_identical_logits(tiny_llm, tokenizer, tmp_path)
 
     from modeling import load_for_inference
 
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"
     classes = ["a", "b", "c"]
     torch.manual_seed(1)

@@ -73,6 +73,26 @@ def test_zero_shot_baseline(tiny_llm, tmp_path):
     assert m["accuracy"] == sum(r[1] == r[2] for r in rows) / 6
 
 
+def test_answers_spelled_differently_count_as_their_class(tiny_llm, tmp_path):
+    """'Red.', 'RED', ' red ' are the class red in training (classes merge), in predictions.tsv, in the metrics and
+    in the confusion matrix: a correct prediction is never counted wrong for its reference's spelling."""
+    spellings = ["red", "Red.", "RED", " red ", "blue", "Blue!", "BLUE", "blue"]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}", "answer": a, "question": "Which colour?"}
+                                              for i, a in enumerate(spellings)])
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", data, "--validation-data", data, "--max-steps", "1",
+                "-b", "4", "--name", "v", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "log/v/run.json").read_text())["classes"] == ["red", "blue"]
+    e = run_cli("eval.py", "-c", tmp_path / "log/v", "--test-data", data, "-o", tmp_path / "res")
+    assert e.returncode == 0, e.stderr[-3000:]
+    out = tmp_path / "res/1024-max-len/v"
+    rows = [l.split("\t") for l in (out / "predictions.tsv").read_text().splitlines()[1:]]
+    assert [r[2] for r in sorted(rows, key=lambda r: int(r[0].split()[-1]))] == ["red"] * 4 + ["blue"] * 4
+    m = json.loads((out / "metrics.json").read_text())
+    assert sum(map(sum, m["confusion_matrix"]["counts"])) == 8  # every sample is in the matrix
+    assert m["accuracy"] == sum(r[1] == r[2] for r in rows) / 8
+
+
 def test_help_imports_no_ml_library():
     """--help must answer at once (issue 8: under 2 s): no CLI imports torch / transformers to print it.
     Timing is measured, not asserted; what is asserted is the cause of slowness, the imports."""

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import write_jsonl
 from dataset import (DataError, Formatter, load_classes, load_prompts, load_rvl_cdip, load_samples, infer_classes,
-                     normalize, RVL_CDIP_CLASSES)
+                     normalize, RVL_CDIP_CLASSES, to_classes)
 
 
 def _sample_files(folder, n=3):
@@ -63,6 +63,22 @@ def test_prompts_and_classes_files(tmp_path):
         {"text": "a", "answer": "x", "question": "q"}, {"text": "b", "answer": "y", "question": "q"},
         {"text": "c", "answer": "x", "question": "q"}, {"text": "d", "answer": "y", "question": "q"}]))) == ["x", "y"]
     assert normalize("  Food. ") == "food"
+
+
+SPELLINGS = ["food", "Food.", "FOOD", " food ", "law", "Law!", "law", "food"]
+
+
+def test_one_class_matching_rule(tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "v.jsonl", [{"text": f"t{i}", "answer": a, "question": "q"}
+                                                              for i, a in enumerate(SPELLINGS)]))
+    classes = infer_classes(samples)  # variants merge; each class is named by its most frequent spelling
+    assert classes == ["food", "law"]
+    mapped = to_classes(samples, classes)
+    assert [s.answer for s in mapped] == ["food", "food", "food", "food", "law", "law", "law", "food"]
+    assert [s.answer for s in samples] == SPELLINGS  # the loaded samples themselves are not changed in place
+    assert to_classes(samples, ["Food", "LAW"])[1].answer == "Food"  # a --classes file names the classes
+    with pytest.raises(DataError, match=r"v.jsonl: sample line 1: field 'answer': 'food' is not one of the classes"):
+        to_classes(samples, ["law", "love"])
 
 
 def _labels(tokenizer, enc):

@@ -59,11 +59,11 @@ def test_eval_scores_the_trained_run(full_run):
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp / "results" / "1024-max-len" / "full"
     m = json.loads((out / "metrics.json").read_text())
-    assert m["predict"] == "score" and m["samples"] == 24 and m["invalid"] == 0
+    assert m["predict"] == "score" and m["samples"] == 24
     assert m["accuracy"] >= 0.9, m  # chance is 0.5
     rows = list(csv.DictReader(open(out / "predictions.tsv"), delimiter="\t"))
     assert len(rows) == 24 and {r["id"] for r in rows} == {f"2-{i}" for i in range(24)}
-    assert all(0.5 <= float(r["confidence"]) <= 1 for r in rows)
+    assert sum(float(r["confidence"]) for r in rows) / 24 > 0.75  # a learned task is scored with confidence
     assert (out / "confusion_matrix.png").stat().st_size > 1000
     matrix = list(csv.reader(open(out / "confusion_matrix.csv")))
     assert matrix[0][1:] == ["red", "blue", "invalid"]
@@ -80,13 +80,18 @@ def test_eval_scores_the_trained_run(full_run):
     assert [r.split("\t")[:3] for r in (dout / "predictions.tsv").read_text().splitlines()] == \
         sorted([r.split("\t")[:3] for r in (out / "predictions.tsv").read_text().splitlines()],
                key=lambda r: (r[0] != "id", int(r[0].split("-")[1]) if r[0] != "id" else 0))
+    conf = {r["id"]: float(r["confidence"]) for r in rows}
+    for r in csv.DictReader(open(dout / "predictions.tsv"), delimiter="\t"):
+        assert abs(float(r["confidence"]) - conf[r["id"]]) < 1e-3  # the same scores, whatever the shard
     assert not list(dout.glob("predictions.rank*"))
 
     g = run_cli("eval.py", "-c", tmp / "log" / "full" / "latest", "--test-data", test, "-o", tmp / "results",
                 "--predict", "generate", "--max-new-tokens", "4")
     assert g.returncode == 0, g.stderr[-3000:]
     gm = json.loads((out / "metrics.json").read_text())
-    assert gm["predict"] == "generate" and gm["accuracy"] + gm["invalid_rate"] <= 1.0
+    grows = list(csv.DictReader(open(out / "predictions.tsv"), delimiter="\t"))
+    assert gm["predict"] == "generate" and gm["invalid"] == sum(r["prediction"] == "" for r in grows)
+    assert gm["accuracy"] == sum(r["prediction"] == r["reference"] for r in grows) / 24
     assert gm["accuracy"] >= 0.75, gm
 
 
@@ -130,4 +135,4 @@ def test_vision_language_model_trains_and_evals(tiny_vlm, tmp_path):
     e = run_cli("eval.py", "-c", run, "--test-data", test, "-o", tmp_path / "results")
     assert e.returncode == 0, e.stderr[-3000:]
     m = json.loads((tmp_path / "results" / "1024-max-len" / "vlm" / "metrics.json").read_text())
-    assert m["samples"] == 8 and m["invalid"] == 0 and 0 <= m["accuracy"] <= 1
+    assert m["samples"] == 8

@@ -1,0 +1,203 @@
+"""The four training modes behind one interface: train.py calls the same methods, in order, whatever the mode.
+
+    mode = modes.for_args(args)        SFT, Classifier (--classifier), GRPO or DPO (--trainer)
+    mode.load_data(s)                  samples, validation samples and classes into the Setup `s`
+    mode.encode(s)                     token ids (s.train_ds, s.val_ds) and the mode's own checks
+    mode.load_model(s)                 the model ready for its trainer (PEFT-wrapped unless --trainable full)
+    mode.make_trainer(s, model, common, out)   TRL's / transformers' trainer with our additions (training.py)
+    mode.metric(s)                     the validation metric best/ is chosen by
+
+Adding a mode is one class here; clashes between options are checked once, before any of this (options.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Setup:
+    """Everything prepared before the model loads: data, classes, tokenizer, prompt format, encoded datasets."""
+    args: object
+    train: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    classes: list | None = None
+    prompts: dict | None = None
+    vision: bool = False
+    tokenizer: object = None
+    processor: object = None
+    tokens: dict | None = None
+    fmt: object = None          # the training prompt format (a prompt drawn per sample)
+    val_fmt: object = None      # validation: always the first prompt
+    train_ds: object = None
+    val_ds: object = None
+    extras: dict = field(default_factory=dict)  # what one mode keeps for its trainer (GRPO's reward functions)
+
+
+class SFT:
+    """Supervised fine-tuning with the loss on the answer only (TRL's SFTTrainer)."""
+    name = "sft"
+
+    def load_data(self, s: Setup):
+        """Validated samples and classes: everything checked before a model is loaded."""
+        from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
+                             load_samples, to_classes)
+
+        a = s.args
+        s.prompts = load_prompts(a.prompts)
+        classes = load_classes(a.classes) if a.classes else None
+        # the plain format's response template stands in for a question, and a classifier head needs none
+        need_q = a.response_template is None and a.head != "classifier"
+        if a.data:
+            classes = classes or RVL_CDIP_CLASSES
+            s.train = load_rvl_cdip(a.data, "train", classes, a.suffix, s.prompts, need_q, a.allow_outside_paths)
+            has_val = any(p.name.startswith("validation_") for p in Path(a.data).iterdir())
+            s.val = load_rvl_cdip(a.data, "validation", classes, a.suffix, s.prompts, need_q,
+                                  a.allow_outside_paths) if has_val else []
+        else:
+            s.train = load_samples(a.train_data, s.prompts, require_question=need_q,
+                                   allow_outside=a.allow_outside_paths)
+            s.val = load_samples(a.validation_data, s.prompts, require_question=need_q,
+                                 allow_outside=a.allow_outside_paths) if a.validation_data else []
+        s.classes = classes or infer_classes(s.train)
+        if s.classes:  # the one matching rule: every reference answer becomes its class name, here, once
+            s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
+
+    def encode(self, s: Setup):
+        import batching
+
+        workers = s.args.num_preprocess_workers or batching.default_workers()
+        s.train_ds = batching.encode_cached(s.fmt, s.train, True, workers)
+        s.val_ds = batching.encode_cached(s.val_fmt, s.val, False, workers) if s.val else None
+
+    def load_model(self, s: Setup):
+        from modeling import load_for_training
+
+        return load_for_training(s.args, s.vision, s.tokenizer)
+
+    def make_trainer(self, s: Setup, model, common: dict, out: Path):
+        import batching
+        import training
+        from trl import SFTConfig, SFTTrainer
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        collator = batching.VisionCollator(s.processor, s.tokenizer.pad_token_id) if s.vision else \
+            DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id)
+        keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if s.vision else [])
+        flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (batching.py)
+        trainer = training.make_trainer_class(SFTTrainer)(
+            model=model, args=SFTConfig(**common, max_length=None, padding_free=flat,
+                                        dataset_kwargs={"skip_prepare_dataset": True}),
+            train_dataset=s.train_ds.select_columns(keep),
+            eval_dataset=s.val_ds.select_columns(keep) if s.val_ds is not None else None,
+            processing_class=s.processor or s.tokenizer, data_collator=None if flat else collator)
+        if s.classes and s.val:
+            trainer.validation = training.closed_set_validation(model, s.val_fmt, s.val, s.classes, s.args)
+        return trainer
+
+    def metric(self, s: Setup) -> str:
+        return "eval_accuracy" if s.classes and s.val else "eval_loss"
+
+
+class Classifier(SFT):
+    """A sequence-classification head on the LLM (transformers' Trainer): classifier.py."""
+    name = "classifier"
+
+    def encode(self, s: Setup):
+        import classifier
+        from modeling import ModelError
+
+        if not s.classes or s.vision:
+            raise ModelError("--classifier supports text models only" if s.vision else "--classifier needs a "
+                             "closed set of classes (--classes FILE, or short answers that repeat)")
+        s.train_ds = classifier.encode(s.fmt, s.train, s.classes, train=True)
+        s.val_ds = classifier.encode(s.val_fmt, s.val, s.classes) if s.val else None
+
+    def load_model(self, s: Setup):
+        import classifier
+
+        return classifier.load_for_training(s.args, s.classes, s.tokenizer)
+
+    def make_trainer(self, s: Setup, model, common: dict, out: Path):
+        import classifier
+        import training
+        from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+        trainer = training.make_trainer_class(Trainer)(
+            model=model, args=TrainingArguments(**common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
+            processing_class=s.tokenizer, data_collator=DataCollatorWithPadding(s.tokenizer),
+            compute_metrics=classifier.compute_metrics(s.classes))
+        trainer.head_lr = s.args.head_lr
+        return trainer
+
+
+class GRPO(SFT):
+    """GRPO with verifiable rewards (TRL's GRPOTrainer): rl.py, rewards.py. It validates nothing (options.py
+    refuses --validation-data); its progress is the reward in the log."""
+    name = "grpo"
+
+    def encode(self, s: Setup):
+        import rl
+        from modeling import ModelError
+        from rewards import load_rewards
+
+        a = s.args
+        s.fmt.prefill = a.prefill
+        s.train_ds, s.val_ds, s.val = rl.grpo_dataset(s.fmt, s.train, a.prefill), None, []
+        s.extras["rewards"] = load_rewards(a.rewards, a.reward_weights)
+        if a.batch_size % a.num_generations:
+            raise ModelError(f"-b {a.batch_size} must be a multiple of --num-generations {a.num_generations} "
+                             "(GRPO compares each prompt's completions as a group)")
+        if a.vllm and not rl.vllm_available():
+            raise ModelError("--vllm needs an NVIDIA GPU and vllm installed (uv pip install vllm)")
+
+    def make_trainer(self, s: Setup, model, common: dict, out: Path):
+        import rl
+        import training
+        from trl import GRPOTrainer
+
+        funcs, weights = s.extras["rewards"]
+        return training.make_trainer_class(GRPOTrainer)(
+            model=model, reward_funcs=rl.logged_rewards(funcs, out / "completions.jsonl"),
+            args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
+
+    def metric(self, s: Setup) -> str:
+        return "eval_loss"
+
+
+class DPO(SFT):
+    """DPO on preference pairs (TRL's DPOTrainer): rl.py."""
+    name = "dpo"
+
+    def load_data(self, s: Setup):
+        from dataset import load_preferences, load_prompts
+
+        a = s.args
+        s.prompts = load_prompts(a.prompts)
+        s.train = load_preferences(a.train_data, s.prompts, a.allow_outside_paths)
+        s.val = load_preferences(a.validation_data, s.prompts, a.allow_outside_paths) if a.validation_data else []
+
+    def encode(self, s: Setup):
+        import rl
+
+        s.train_ds = rl.dpo_dataset(s.fmt, s.train)
+        s.val_ds = rl.dpo_dataset(s.val_fmt, s.val) if s.val else None
+
+    def make_trainer(self, s: Setup, model, common: dict, out: Path):
+        import rl
+        import training
+        from trl import DPOTrainer
+
+        return training.make_trainer_class(DPOTrainer)(
+            model=model, args=rl.dpo_config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
+            processing_class=s.tokenizer)
+
+    def metric(self, s: Setup) -> str:
+        return "eval_loss"
+
+
+def for_args(args):
+    """The mode the options ask for (their clashes were checked in options.train_option_error)."""
+    if args.head == "classifier":
+        return Classifier()
+    return {"sft": SFT, "grpo": GRPO, "dpo": DPO}[args.trainer]()

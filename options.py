@@ -1,0 +1,132 @@
+"""Command-line checks shared by train.py, eval.py, generate.py and export.py, all made before anything loads.
+
+    fail(message)                    one line on stderr, exit status 2, no traceback
+    range_error(args, table)         the first numeric option outside its range, as that line
+    train_option_error(args, given)  the first pair of training options that cannot work together, or an option
+                                     the chosen mode would silently ignore
+    given_options(defaults, args)    the options whose value differs from their default (from flags or --config)
+
+A user who passes an option expects it to do something: an option that the chosen mode ignores is reported,
+never silently dropped, and a clash is reported before the model loads, so no run folder is left behind.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+# Options whose values are secrets: never written to run.json or logs. Named one by one (a filter on "token" or
+# "key" in the name would also drop --set-pad-token or a future --max-tokens).
+SECRET_OPTIONS = frozenset({"hub_token", "hf_token", "wandb_api_key", "api_key", "password"})
+
+
+def fail(message: str):
+    """Bad input: one line, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+# (dest, lowest, highest, lowest allowed itself?): None = unbounded on that side. Sizes and counts are >= 1.
+AT_LEAST_ONE = ("batch_size", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
+                "max_completion_len", "total_batch_size", "max_batch_size_per_device", "eval_steps", "save_steps",
+                "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams",
+                "no_repeat_ngram_size")
+RANGES = {
+    "lr": (0.0, None, False),
+    "epochs": (0.0, None, False),
+    "warmup": (0.0, None, True),
+    "weight_decay": (0.0, None, True),
+    "lora_dropout": (0.0, 1.0, True),
+    "temperature": (0.0, None, True),
+    "beta": (0.0, None, True),
+    "repetition_penalty": (0.0, None, False),
+    "seed": (0, None, True),
+}
+
+
+def range_error(args) -> str | None:
+    """The first numeric option outside its range (a negative learning rate would only fail in the optimiser,
+    after the model has loaded): checked by every CLI right after parsing."""
+    for name in AT_LEAST_ONE:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            return f"{flag(name)} must be at least 1, got {v}"
+    for name, (lo, hi, lo_ok) in RANGES.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{flag(name)} must be a finite number, got {v}"
+        if lo is not None and (v < lo or (v == lo and not lo_ok)):
+            return f"{flag(name)} must be {'at least' if lo_ok else 'greater than'} {lo}, got {v}"
+        if hi is not None and v >= hi:
+            return f"{flag(name)} must be below {hi}, got {v}"
+    if getattr(args, "max_steps", -1) not in (None, -1) and args.max_steps < 1:
+        return f"--max-steps must be at least 1 (or -1: use --epochs), got {args.max_steps}"
+    return None
+
+
+def given_options(defaults: dict, args) -> set[str]:
+    """Options set to something other than their parser default ({dest: default}, read before --config moved
+    them), by a flag or by --config: the ones a user asked for."""
+    return {d for d, v in defaults.items() if d != "help" and getattr(args, d, None) != v}
+
+
+# Options that only one mode reads: (dest, does the mode use it?, the mode, in words)
+def _mode_options(args):
+    grpo, dpo = args.trainer == "grpo", args.trainer == "dpo"
+    return [
+        ("num_generations", grpo, "--trainer grpo"),
+        ("max_completion_len", grpo, "--trainer grpo"),
+        ("temperature", grpo, "--trainer grpo"),
+        ("rewards", grpo, "--trainer grpo"),
+        ("reward_weights", grpo, "--trainer grpo"),
+        ("prefill", grpo, "--trainer grpo"),
+        ("vllm", grpo, "--trainer grpo"),
+        ("beta", grpo or dpo, "--trainer grpo or dpo"),
+        ("dpo_loss", dpo, "--trainer dpo"),
+        ("init_adapter", grpo or dpo, "--trainer grpo or dpo"),
+        ("suffix", args.data is not None, "-d (the RVL-CDIP OCR layout)"),
+        ("max_batch_size_per_device", args.total_batch_size is not None or args.auto_batch_size,
+         "--total-batch-size or --auto-batch-size"),
+        ("lora_alpha", args.trainable != "full", "LoRA / QLoRA (not --trainable full)"),
+        ("lora_dropout", args.trainable != "full", "LoRA / QLoRA (not --trainable full)"),
+        ("target_modules", args.trainable != "full", "LoRA / QLoRA (not --trainable full)"),
+        ("head_lr", args.head == "classifier", "--classifier"),
+        ("predict", args.head != "classifier" and args.trainer == "sft",
+         "generative SFT (how closed-set validation is measured)"),
+        ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
+         "SFT with a generative head (the tokenisation cache)"),
+    ]
+
+
+def train_option_error(args, given: set[str]) -> str | None:
+    """A clash between training options, or an option the chosen mode ignores; None when all is well."""
+    head = args.head == "classifier"
+    if args.data and args.train_data:
+        return "give --train-data or -d/--data, not both"
+    if head and args.trainer != "sft":
+        return f"--classifier trains a classification head with SFT; it cannot be combined with --trainer {args.trainer}"
+    if args.trainer == "dpo" and args.data:
+        return "--trainer dpo reads preference pairs from --train-data, not -d"
+    if args.init_adapter and args.trainable == "full":
+        return "--init-adapter starts a LoRA run from an SFT adapter; it cannot be combined with --trainable full"
+    if args.vllm and args.add_special_tokens:
+        return ("--vllm: vLLM builds the base model's vocabulary and cannot take the grown embeddings of "
+                "--add-special-tokens; generate with transformers (drop --vllm)")
+    if args.auto_batch_size and args.trainer != "sft":
+        return "--auto-batch-size supports --trainer sft (GRPO/DPO memory depends on generation and pairs)"
+    if args.trainer == "grpo" and args.validation_data:
+        return ("--trainer grpo does not validate (its progress is the reward in the log); drop --validation-data "
+                "and score the run with eval.py afterwards")
+    if args.total_batch_size is not None and "grad_accum" in given:
+        return "--grad-accum is derived from --total-batch-size (and the process count); give one of them"
+    if "max_steps" in given and "epochs" in given:
+        return "--max-steps ends the run whatever --epochs says; give one of them"
+    for dest, used, mode in _mode_options(args):
+        if dest in given and not used:
+            return f"{flag(dest)} only applies to {mode}; drop it (it would be ignored)"
+    return None

@@ -1,0 +1,154 @@
+"""The run folder, log/NAME/, and the one module that writes, finds and repairs it (train, eval, generate, export
+and the guards all come here).
+
+    log/NAME/run.json            the resolved configuration (run_config): eval.py, generate.py and export.py reuse it
+    log/NAME/checkpoint-N/       the Trainer's resumable checkpoints (model, optimiser, scheduler, RNG, data position)
+    log/NAME/best/, latest/      weights + tokenizer/processor + run.json with the checkpoint's step and metric,
+                                 each replaced atomically (save_atomic)
+    log/NAME/train_log.jsonl     every logged dict; completions.jsonl for GRPO
+    incomplete-checkpoint-N/     a checkpoint cut off while saving (set aside by resumable_checkpoint)
+    diverged-checkpoint-N/       the weights a NaN loss came from (set aside by set_aside_diverged)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from modeling import ModelError
+from options import SECRET_OPTIONS, fail
+
+
+def run_dir(args) -> Path:
+    """log/NAME for this run, checked: a new name, or --resume of an existing run."""
+    from datetime import datetime
+
+    import launch
+
+    if not args.name:  # one process here: train.py asks a distributed launch for --name
+        args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(args.log_dir) / args.name
+    # rank 0 alone checks: it may already have written run.json when another rank gets here
+    if launch.is_main_process() and out.exists() and any(out.iterdir()) and not args.resume:
+        fail(f"{out}: a run of that name exists; pass --resume to continue it or choose another --name")
+    if args.resume and not (out / "run.json").is_file():
+        fail(f"{out}: nothing to resume (no run.json)")
+    return out
+
+
+def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
+    """Everything eval.py needs to score a checkpoint without being told the training options again."""
+    cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
+    cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
+               train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
+    for k in ("train_data", "validation_data", "data", "prompts"):
+        if cfg.get(k):
+            cfg[k] = str(Path(cfg[k]).resolve())
+    if args.classes:
+        cfg["classes_file"] = str(Path(args.classes).resolve())
+    return cfg
+
+
+def save_atomic(dest: Path, write):
+    """write(tmp) fills a temporary folder that then replaces dest: a crash never leaves a half-written dest."""
+    import shutil
+
+    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+    if old.exists() and not dest.exists():  # killed between the two renames below: the old copy is still whole
+        old.rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_point(args, out: Path, rank0: bool) -> str | None:
+    """--resume: the newest complete checkpoint (model, optimiser, scheduler, RNG and data position), or a fresh
+    start with a warning when the run was killed before its first checkpoint."""
+    if not args.resume:
+        return None
+    found = resumable_checkpoint(out, rename=rank0)
+    if found is None:
+        print(f"warning: {out} has no complete checkpoint yet; training from step 0", file=sys.stderr)
+    else:
+        print(f"resuming from {found}")
+    return found
+
+
+def resumable_checkpoint(out, rename: bool = True) -> str | None:
+    """The newest *complete* checkpoint-N in `out`. The Trainer writes a checkpoint in place and its
+    trainer_state.json last, so a run killed while saving leaves a folder without it (or with a cut one), which
+    transformers' get_last_checkpoint would still pick. Such folders are renamed incomplete-checkpoint-N (by one
+    rank)."""
+    import json
+    import re
+
+    steps = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, folder in reversed(steps):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            print(f"warning: {folder} was cut off while saving (killed?); skipping it", file=sys.stderr)
+            if rename:
+                folder.rename(folder.with_name("incomplete-" + folder.name))
+    return None
+
+
+def set_aside_diverged(out, step: int) -> str | None:
+    """The loss at step k is computed with the weights saved at step k-1: if that checkpoint exists it holds the
+    weights that diverged. It becomes diverged-checkpoint-N (not deleted: it is the user's data), so --resume
+    picks an earlier one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    bad = out / f"checkpoint-{step - 1}"
+    if bad.is_dir():
+        bad.rename(bad.with_name("diverged-" + bad.name))  # out of the Trainer's checkpoint-* rotation too
+    found = get_last_checkpoint(str(out)) if out.exists() else None
+    return found
+
+
+def find_run(path) -> tuple[dict, Path]:
+    """(run config, weights folder) for log/NAME (its best/, else latest/), log/NAME/best|latest|checkpoint-N, or
+    a merged export (export.py merge: a full model with finetune_run.json). eval, export and generate share it."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{path}: no such folder")
+    if (p / "finetune_run.json").is_file():  # a merged export: a full model with its run's configuration
+        return _read_json(p / "finetune_run.json"), p
+    if (p / "run.json").is_file() and not _has_weights(p):  # the run folder itself: its best/, else latest/
+        sub = next((p / s for s in ("best", "latest") if (p / s).is_dir()), None)
+        if sub is None:
+            raise ModelError(f"{path}: the run has no best/ or latest/ folder (did training save anything?)")
+        p = sub
+    cfg_file = p / "run.json" if (p / "run.json").is_file() else p.parent / "run.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: not a run of train.py (no run.json here or in the parent folder)")
+    if not _has_weights(p):
+        raise ModelError(f"{p}: no adapter (adapter_config.json) and no model weights (config.json) in it")
+    return _read_json(cfg_file), p
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{f}: cannot read ({e})") from None
+
+
+def _has_weights(p: Path) -> bool:
+    return is_adapter(p) or (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def is_adapter(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file() and any(p.glob("adapter_model.*"))
+
+
+def run_name(weights: Path) -> str:
+    """The run a weights folder belongs to: log/NAME/best -> NAME; a merged export -> its folder name."""
+    weights = Path(weights).resolve()
+    inside = weights.name in ("best", "latest") or weights.name.startswith("checkpoint-")
+    return weights.parent.name if inside else weights.name

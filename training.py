@@ -1,0 +1,224 @@
+"""What train.py adds to TRL's and transformers' trainers: real-token throughput, our samplers, closed-set
+validation, the classifier head's own learning rate, best/ and latest/ saves, --auto-batch-size, the summary.
+
+    trainer = make_trainer_class(SFTTrainer)(...)    # any of TRL's trainers, or transformers' Trainer
+    trainer.validation = closed_set_validation(...)  # accuracy / macro-F1 merged into each evaluation's metrics
+    for cb in make_callbacks(args, out, saver, metric, history): trainer.add_callback(cb)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import batching
+import launch
+
+
+def make_trainer_class(base):
+    """`base` (TRL's SFT/GRPO/DPO trainer, or transformers' Trainer for the classifier head) plus closed-set
+    validation accuracy and real-token throughput. Without a GPU, TRL's Triton loss kernel is swapped for a
+    torch one first (trl_cpu.py)."""
+    import trl_cpu
+
+    trl_cpu.install()
+
+    class FinetuneTrainer(base):
+        validation = None  # callable -> dict of extra eval metrics (closed_set_validation)
+        real_tokens = 0    # non-pad tokens trained on, and the seconds spent in training steps (not validation)
+        train_seconds = 0.0
+        last_batch_shape = None  # (samples, tokens) of the batch in flight: named in an out-of-memory error
+        head_lr = None  # --classifier: the new head's own learning rate (classifier.split_head_lr)
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if self.head_lr is not None and not getattr(self, "_head_split", False):
+                import classifier
+
+                classifier.split_head_lr(optimizer, self.model, self.head_lr)
+                self._head_split = True
+            return optimizer
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            self.last_batch_shape = tuple(ids.shape) if ids is not None else None
+            t = time.perf_counter()
+            try:
+                return super().training_step(model, inputs, *args, **kwargs)
+            finally:
+                self.train_seconds += time.perf_counter() - t
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+            if model.training:  # attention mask (SFT, classifier), completion mask (GRPO), or padding-free positions
+                self.real_tokens += batching.real_tokens(inputs) or 0
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
+
+        def _get_train_sampler(self, train_dataset=None):  # length-bucketed batches; GRPO/DPO keep TRL's samplers
+            return batching.train_sampler(self, train_dataset, super()._get_train_sampler)
+
+        def _get_eval_sampler(self, eval_dataset):  # longest first: near-uniform batches, no randomness
+            return batching.eval_sampler(self, eval_dataset, super()._get_eval_sampler)
+
+        def evaluate(self, *args, **kwargs):
+            self._extra = self.validation() if self.validation else {}
+            return super().evaluate(*args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "eval_loss" in logs and getattr(self, "_extra", None):
+                logs.update(self._extra)  # the same dict reaches on_evaluate callbacks
+                self._extra = None
+            return super().log(logs, *args, **kwargs)
+
+    return FinetuneTrainer
+
+
+def closed_set_validation(model, fmt, val, classes, args):
+    """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
+    from predict import classification_metrics, predict
+
+    def validation():
+        was_training = model.training
+        model.eval()
+        res = predict(model, fmt, val, classes, args.predict, args.batch_size, max_new_tokens=16)
+        m = classification_metrics([r["reference"] for r in res], [r["prediction"] for r in res], classes)
+        if was_training:
+            model.train()
+        return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
+
+    return validation
+
+
+def training_arguments(args, out: Path, validates: bool) -> dict:
+    """The TrainingArguments every mode shares (TRL's configs extend them)."""
+    import torch
+    from modeling import precision
+
+    prec = precision(args.mixed_precision)
+    return dict(
+        output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
+        lr_scheduler_type=args.scheduler, seed=args.seed, data_seed=args.seed,
+        bf16=prec == "bf16", fp16=prec == "fp16",
+        eval_strategy=("steps" if args.eval_steps else "epoch") if validates else "no",
+        eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
+        save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
+        logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False,  # a NaN loss must show: guards.py
+        report_to=[] if args.report_to == "none" else [args.report_to],
+        run_name=args.name, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
+        # batches of near-equal length (batching.py: FinetuneTrainer's samplers read the "length" column)
+        length_column_name="length",
+        disable_tqdm=not sys.stderr.isatty(), use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def make_saver(trainer, owner, cfg: dict):
+    """save(dest, info): the weights and tokenizer/processor (`owner`) into dest atomically, with run.json and the
+    checkpoint info. Called on every rank: under FSDP / DeepSpeed ZeRO-3 each rank holds a shard of the weights and
+    gathering the full state dict is a collective (all ranks at once); rank 0 then writes."""
+    import runs
+
+    def save(dest: Path, info: dict):
+        state = None
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            state = trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled
+                                                       else trainer.model)
+        if not launch.is_main_process():
+            return
+
+        def write(tmp):
+            trainer.model.save_pretrained(tmp, state_dict=state)
+            owner.save_pretrained(tmp)
+            (tmp / "run.json").write_text(json.dumps({**cfg, "checkpoint": info}, indent=2))
+        runs.save_atomic(dest, write)
+
+    return save
+
+
+def make_callbacks(out: Path, save, metric: str, history: list):
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        """best/ on every validation that improves `metric`; latest/ at every checkpoint; a JSONL log."""
+        best = None
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                rec = {"step": state.global_step, **logs}
+                history.append(rec)
+                with open(out / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            value = (metrics or {}).get(metric)
+            if value is None:
+                return
+            better = self.best is None or (value > self.best if metric.endswith("accuracy") else value < self.best)
+            if better:  # every rank: the metrics are the same on all of them, and save() is collective under FSDP
+                self.best = value
+                save(out / "best", {"step": state.global_step, metric: value})
+
+        def on_save(self, a, state, control, **kw):
+            save(out / "latest", {"step": state.global_step})  # every rank; save() writes on rank 0 only
+
+    return [RunCallback()]
+
+
+def batch_line(args) -> str:
+    return (f"batch: {launch.world_size()} process(es) x {args.batch_size} per device x {args.grad_accum} "
+            f"accumulation = {args.total_batch_size} samples per optimiser step")
+
+
+def auto_batch_size(args, trainer, fail):
+    """--auto-batch-size: the largest per-device batch (<= --max-batch-size-per-device) whose worst-case step fits
+    in GPU memory, with accumulation raised to keep --total-batch-size; every rank takes the smallest found."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("warning: --auto-batch-size probes GPU memory; without a CUDA device -b is kept", file=sys.stderr)
+        return
+    groups = launch.batch_candidates(args.total_batch_size, args.max_batch_size_per_device, launch.world_size())
+    fits = launch.memory_probe(trainer.model, trainer.data_collator, trainer.train_dataset, trainer.args.device)
+    try:
+        p = launch.across_ranks(launch.largest_fitting(groups, fits), "min")
+    except ValueError as e:
+        fail(str(e))
+    args.batch_size, args.grad_accum = p, args.total_batch_size // (launch.world_size() * p)
+    trainer.args.per_device_train_batch_size = trainer._train_batch_size = p
+    trainer.args.gradient_accumulation_steps = args.grad_accum
+    print(batch_line(args) + " (--auto-batch-size)")
+
+
+def summarize(history, trainer, seconds, metric, out):
+    import torch
+
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if metric in h]
+    rewards = [h["reward"] for h in history if "reward" in h]  # GRPO: the weighted total reward per step
+    k = max(1, len(losses) // 10)
+    lines = []
+    if losses:
+        lines.append(f"train loss: {sum(losses[:k]) / k:.4f} (first {k} steps) -> {sum(losses[-k:]) / k:.4f} "
+                     f"(last {k} steps)")
+    if rewards:
+        lines.append(f"GRPO reward: {sum(rewards[:k]) / k:.4f} (first {k} steps) -> {sum(rewards[-k:]) / k:.4f} "
+                     f"(last {k} steps)")
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"validation {metric.removeprefix('eval_')}: {first[metric]:.4f} (step {first['step']}) -> "
+                     f"{last[metric]:.4f} (step {last['step']})")
+        if "eval_loss" in last and metric != "eval_loss":
+            lines.append(f"validation loss: {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gib()
+    lines.append(f"throughput: {trainer.real_tokens / max(trainer.train_seconds, 1e-9):.0f} real tokens/s in training "
+                 f"steps; {seconds:.0f} s in all with validation; peak memory {peak:.2f} GiB "
+                 f"({'GPU' if torch.cuda.is_available() else 'process RSS'})")
+    lines.append(f"saved: {out}/best, {out}/latest")
+    print("\n".join(lines))
+
+
+def peak_rss_gib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
