@@ -31,21 +31,22 @@ def encode(fmt, samples, classes: list[str], train=False):
     return Dataset.from_list(rows)
 
 
-def load_for_training(args, classes, tokenizer):
-    """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT."""
+def load_for_training(args, classes, tokenizer, class_ids=None):
+    """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT. class_ids: the
+    class names' tokens (class_token_ids) for the head's starting point (start_head)."""
     from modeling import (QUANTIZE, finish_token_training, sync_special_tokens, fit_vocabulary, load_base,
                           new_tokens_for, precision, token_training, training_dtype)
 
     new_tokens = new_tokens_for(args)
     if args.use_unsloth:
-        model = _load_unsloth(args, classes, tokenizer)
+        model = _load_unsloth(args, classes, tokenizer, class_ids)
         if model is not None:
             return model
     dtype = training_dtype(args, precision(args.mixed_precision))
     quantize = QUANTIZE.get(args.trainable)
     model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
                       args.trust_remote_code, head=classes)
-    start_uniform(model)
+    start_head(model, class_ids)
     fit_vocabulary(model, tokenizer, new_tokens)  # --add-special-tokens: grown input embeddings (no LM head here)
     sync_special_tokens(model, tokenizer)
     if args.trainable == "full":
@@ -65,7 +66,7 @@ def load_for_training(args, classes, tokenizer):
     return model
 
 
-def _load_unsloth(args, classes, tokenizer):
+def _load_unsloth(args, classes, tokenizer, class_ids=None):
     """unsloth's sequence-classification loader (FastModel with auto_model); None when it does not apply."""
     import launch
 
@@ -81,7 +82,7 @@ def _load_unsloth(args, classes, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.id2label = dict(enumerate(classes))
         model.config.label2id = {c: i for i, c in enumerate(classes)}
-        start_uniform(model)
+        start_head(model, class_ids)
         if args.trainable == "full":
             return model
         return FastModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -100,15 +101,30 @@ def _is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
-def start_uniform(model):
-    """The new head starts at zero: every class gets the same logit, so training starts from a uniform guess
-    instead of a random preference (a randomly initialised head on a 576-wide hidden state gives one class most
-    of the probability at step 0, and the first steps only undo that)."""
+def class_token_ids(fmt, classes: list[str]) -> list[list[int]]:
+    """The tokens each class name is written with as the reply (the prompt format's answer, special tokens such as
+    the end-of-turn dropped): what start_head reads the language model's opinion of the classes from."""
+    special = set(fmt.tokenizer.all_special_ids)
+    return [[t for t in fmt.answer_ids(c) if t not in special] or fmt.answer_ids(c) for c in classes]
+
+
+def start_head(model, class_ids: list[list[int]] | None = None):
+    """The new head's starting point, instead of transformers' random one (which gives one class most of the
+    probability at step 0, so the first steps only undo it). The head reads the same final hidden state the
+    language-model head reads, so where the output layer is the input embedding (tied: SmolLM2, Qwen2.5 up to 3B,
+    Llama 3.2 1B/3B) each class's row starts at the mean embedding of the tokens its name is written with: the head
+    starts as the language model's own zero-shot guess. Otherwise it starts at zero: every class equally likely."""
     import torch
 
+    emb = model.get_input_embeddings().weight
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and emb.dtype.is_floating_point
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if _is_head(name) and param.dtype.is_floating_point:
+            if not (_is_head(name) and param.dtype.is_floating_point):
+                continue
+            if tied and class_ids and param.dim() == 2 and param.shape == (len(class_ids), emb.shape[1]):
+                param.copy_(torch.stack([emb[ids].float().mean(0) for ids in class_ids]).to(param.dtype))
+            else:
                 param.zero_()
 
 

@@ -116,7 +116,8 @@ class Classifier(SFT):
     def load_model(self, s: Setup):
         import classifier
 
-        return classifier.load_for_training(s.args, s.classes, s.tokenizer)
+        names = classifier.class_token_ids(s.fmt, s.classes)  # the head starts from what the names mean
+        return classifier.load_for_training(s.args, s.classes, s.tokenizer, names)
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
         import classifier
