@@ -397,7 +397,8 @@ def main(argv=None):
         p.add_argument("--dry-run", action="store_true", help="join parts and show the pip call, install nothing")
         a = p.parse_args(argv[1:])
         return install(Path(a.bundle), a.dry_run)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="list the bundles from uv.lock's sizes; download nothing")
     p.add_argument("--max-mib", type=float, help="largest bundle (default: 64 MiB less the tracked files, less 1 MiB)")
     p.add_argument("--out", default=str(OUT), help="where the bundles go (default .gpu-bundles/, git-ignored)")

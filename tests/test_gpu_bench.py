@@ -4,7 +4,6 @@ checked here against references and against train.py's own messages."""
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -75,7 +74,8 @@ def test_varlen_attention_keeps_samples_apart():
     torch.manual_seed(0)
     lengths, heads, kv_heads, dim = [5, 3, 7], 4, 2, 8
     total = sum(lengths)
-    q, k, v = torch.randn(1, heads, total, dim), torch.randn(1, kv_heads, total, dim), torch.randn(1, kv_heads, total, dim)
+    q = torch.randn(1, heads, total, dim)
+    k, v = torch.randn(1, kv_heads, total, dim), torch.randn(1, kv_heads, total, dim)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
     expected, start = [], 0
     for n in lengths:
@@ -90,6 +90,37 @@ def test_varlen_attention_keeps_samples_apart():
         torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="one padding-free row"):
         gpu.varlen_attention(new_api)(None, q.expand(2, -1, -1, -1), k, v, None, position_ids=pos)
+
+
+def test_varlen_attention_plugs_into_transformers():
+    """Registered as an attention implementation, a Qwen2 model on one flattened row (position_ids restarting per
+    sample, no mask: TRL's padding-free batch) gives the logits of each sample run alone through SDPA."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0) and q.is_contiguous()
+        calls.append(cu_q.tolist())
+        outs = [torch.nn.functional.scaled_dot_product_attention(
+            *(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale).transpose(0, 1)
+            for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True)]
+        return torch.cat(outs)
+
+    gpu.register_varlen(kernel)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(config).eval()
+    samples = [torch.randint(0, 64, (n,)) for n in (5, 9, 3)]
+    with torch.no_grad():
+        alone = torch.cat([model(s.unsqueeze(0)).logits[0] for s in samples])
+        model.config._attn_implementation = gpu.VARLEN
+        flat = model(torch.cat(samples).unsqueeze(0),
+                     position_ids=torch.cat([torch.arange(len(s)) for s in samples]).unsqueeze(0)).logits[0]
+    torch.testing.assert_close(flat, alone, rtol=1e-4, atol=1e-4)
+    assert calls == [[0, 5, 14, 17]] * 2  # one call per layer, the samples' boundaries from position_ids
 
 
 def test_flops_match_the_published_parameter_counts():

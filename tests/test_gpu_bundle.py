@@ -6,7 +6,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -68,7 +67,8 @@ def test_parts_are_joined_once_all_have_arrived(tmp_path):
         assert bundle.folder_bytes(folder) <= max_bytes
         ready, waiting = bundle.join_parts(folder, staging)
         logs.append((ready, waiting))
-    assert [r for r, _ in logs] == [[], [], ["big==1.0"]] and logs[0][1] == ["big-1.0-py3-none-any.whl (1 of 3 parts here)"]
+    assert [r for r, _ in logs] == [[], [], ["big==1.0"]]
+    assert logs[0][1] == ["big-1.0-py3-none-any.whl (1 of 3 parts here)"]
     assert (staging / "big-1.0-py3-none-any.whl").read_bytes() == (cache / "big-1.0-py3-none-any.whl").read_bytes()
     assert "small==1.0" in (tmp_path / "out" / bundles[-1]["name"] / "requirements.txt").read_text()
     manifest = json.loads((tmp_path / "out" / "1" / "manifest.json").read_text())
@@ -85,7 +85,8 @@ def test_install_calls_pip_offline_without_deps(tmp_path, capsys):
     bundle.write_bundles(b, tmp_path / "out", cache, None)
     assert bundle.install(tmp_path / "out" / "1", dry=True, staging=tmp_path / "staging") == 0
     out = capsys.readouterr().out
-    assert "pip install --no-index --no-deps" in out and "--find-links" in out and "would install 1 packages: x==1.0" in out
+    assert "pip install --no-index --no-deps" in out and "--find-links" in out
+    assert "would install 1 packages: x==1.0" in out
     assert bundle.install(tmp_path / "nowhere", dry=True, staging=tmp_path / "staging") == 2
 
 
