@@ -9,11 +9,13 @@ The GPU machine (see bench/GPU.md) has Python 3.12 on x86-64 Linux, no network, 
 accelerate and the packages in PREINSTALLED already; a device call carries at most 64 MiB, the repository's
 tracked files included. So: the dependency closure of ROOTS is read from uv.lock, less what the machine has, and
 each package's wheel for CPython 3.12 / manylinux x86-64 is taken at its locked version (pip download --no-deps,
-checked against the lock's sha256). Wheels are packed into bundles of at most --max-mib (64 MiB less the
-tracked files, less 1 MiB); a file larger than that is cut into parts that `install` joins again (checking the
-sha256) once every part has arrived, in the same or a later call. The unsloth stack goes into the first bundles and
-the core (TRL, datasets, bitsandbytes, gguf, the tokenizer) into the last: the last call installs it and runs the
-bench, so if the machine was handed back in between, the core measurements still run and unsloth's are skipped.
+checked against the lock's sha256). Two wheels carry files that machine never loads (SLIM: bitsandbytes'
+libraries for other CUDA versions, ROCm and XPU; unsloth's Studio web app): the carried copies leave them out, which
+brings the whole set to one bundle (about 36 MiB). Wheels are packed into bundles of at most --max-mib (64 MiB less
+the tracked files, less 1 MiB); when they need more than one, the unsloth stack goes first and the core (TRL,
+datasets, bitsandbytes, gguf, the tokenizer) last, so that the last call installs the core and runs the bench even if
+the machine was handed back in between. A file larger than a bundle is cut into parts that `install` joins again
+(checking the sha256) once every part has arrived, in the same or a later call.
 
 `install` uses the standard library and pip only: pip install --no-index --no-deps --find-links BUNDLE -r
 BUNDLE/requirements.txt into the running Python (--no-deps: pip never touches the machine's own torch).
@@ -177,14 +179,16 @@ OVERHEAD = 64 * 2**10  # room left in each bundle for its manifest.json and requ
 
 
 def pack(groups: dict[str, list[dict]], max_bytes: int, tokenizer_bytes: int | None) -> list[dict]:
-    """Bundles (in call order) of at most max_bytes each, their manifest included: the unsloth group first, the
-    core last; each group first-fit decreasing; a file larger than a bundle cut into parts."""
+    """Bundles (in call order) of at most max_bytes each, their manifest included: one if everything fits, else the
+    unsloth group first and the core last, each first-fit decreasing; a file larger than a bundle cut into parts."""
     bundles: list[dict] = []
     max_bytes -= OVERHEAD
-    for group in ("unsloth", "core"):
-        items = [dict(e, kind="wheel") for e in groups.get(group, [])]
-        if group == "core" and tokenizer_bytes:
-            items.append({"name": "tokenizer", "kind": "tokenizer", "file": "tokenizer", "size": tokenizer_bytes})
+    items_of = {g: [dict(e, kind="wheel") for e in groups.get(g, [])] for g in ("unsloth", "core")}
+    if tokenizer_bytes:
+        items_of["core"].append({"name": "tokenizer", "kind": "tokenizer", "file": "tokenizer", "size": tokenizer_bytes})
+    if sum(i["size"] for items in items_of.values() for i in items) <= max_bytes:
+        items_of = {"all": items_of["unsloth"] + items_of["core"]}  # one bundle: one call installs and runs it all
+    for group, items in items_of.items():
         start = len(bundles)
         for item in sorted(items, key=lambda e: -e["size"]):
             if item["size"] > max_bytes and item["kind"] == "tokenizer":
@@ -269,9 +273,49 @@ def export_tokenizer(cache: Path) -> Path:
     return folder
 
 
+# Files the GPU machine never loads, dropped from the carried copy of a wheel (its RECORD rewritten to match):
+# {package: (regex over the wheel's member names, what they are)}. {cuda} is the --keep-cuda majors.
+SLIM = {
+    "bitsandbytes": (r"^bitsandbytes/libbitsandbytes_(?!cpu\.|cuda(?:{cuda})\d)\w+\.so$",
+                     "native libraries for the other CUDA majors, ROCm and XPU (bitsandbytes loads the one matching "
+                     "torch's CUDA)"),
+    "unsloth": (r"^studio/", "unsloth Studio, the web app (training never imports it)"),
+}
+
+
+def slim(entry: dict, src: Path, dest_dir: Path, keep_cuda: str) -> dict:
+    """A copy of the wheel without SLIM's files for its package (the locked wheel's hash was checked before);
+    returns the entry updated to the carried file (path, size, sha256) with what was dropped."""
+    import zipfile
+
+    rule = SLIM.get(entry["name"])
+    if rule is None:
+        return {**entry, "path": str(src)}
+    pattern = re.compile(rule[0].replace("{cuda}", "|".join(re.escape(m) for m in keep_cuda.split(","))))
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / entry["file"]
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    with zipfile.ZipFile(src) as zin:
+        names = zin.namelist()
+        drop = {n for n in names if pattern.search(n)}
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+            for info in zin.infolist():
+                if info.filename in drop:
+                    continue
+                data = zin.read(info)
+                if info.filename.endswith(".dist-info/RECORD"):
+                    data = "".join(line + "\n" for line in data.decode().splitlines()
+                                   if line.split(",")[0] not in drop).encode()
+                zout.writestr(info, data)
+    tmp.replace(dest)
+    return {**entry, "path": str(dest), "size": dest.stat().st_size, "sha256": sha256(dest),
+            "locked_sha256": entry["sha256"], "slimmed": {"dropped": len(drop), "what": rule[1],
+                                                          "bytes_saved": src.stat().st_size - dest.stat().st_size}}
+
+
 def write_bundles(bundles, out: Path, cache: Path, tokenizer: Path | None):
-    for b in bundles:
-        shutil.rmtree(out / b["name"], ignore_errors=True)
+    for old in (out.glob("[0-9]*") if out.is_dir() else []):  # an earlier run's bundles: never carry a stale one
+        shutil.rmtree(old, ignore_errors=True)
     for b in bundles:
         folder = out / b["name"]
         folder.mkdir(parents=True)
@@ -282,7 +326,7 @@ def write_bundles(bundles, out: Path, cache: Path, tokenizer: Path | None):
                 shutil.copytree(tokenizer, folder / "tokenizer")
                 manifest["files"].append({"file": "tokenizer/", "size": item["size"]})
                 continue
-            src = cache / item["file"]
+            src = Path(item["path"]) if item.get("path") else cache / item["file"]
             if "part" in item:
                 name = f"{item['file']}.part{item['part']}of{item['parts']}"
                 with open(src, "rb") as f, open(folder / name, "wb") as g:
@@ -360,6 +404,12 @@ def install(bundle: Path, dry: bool = False, staging: Path | None = None) -> int
             rc = subprocess.run(cmd).returncode
             if rc:
                 return rc
+            # what the machine's own packages do not satisfy (informative: --no-deps installs regardless)
+            check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout
+            ours = {r.split("==")[0].lower() for r in requirements}
+            for line in check.splitlines():
+                if line.split(" ")[0].lower() in ours:
+                    print(f"pip check: {line}")
     print(f"bundle {bundle.name}: {'would install' if dry else 'installed'} {len(requirements)} packages: "
           f"{' '.join(requirements) or '-'}")
     if (bundle / "tokenizer").is_dir():
@@ -370,16 +420,18 @@ def install(bundle: Path, dry: bool = False, staging: Path | None = None) -> int
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def plan(max_bytes=None, tokenizer_bytes=TOKENIZER_ESTIMATE, lock=None) -> dict:
-    lock = lock or load_lock()
-    groups, problems = wanted(lock)
+def plan(max_bytes=None, tokenizer_bytes=TOKENIZER_ESTIMATE, lock=None, groups=None) -> dict:
+    """The bundles for `groups` (default: what uv.lock asks for, at the locked wheels' sizes)."""
+    problems = []
+    if groups is None:
+        groups, problems = wanted(lock or load_lock())
     max_bytes = max_bytes or default_max_bytes()
     return {"max_bytes": max_bytes, "tree_bytes": tree_bytes(), "groups": groups, "problems": problems,
             "bundles": pack(groups, max_bytes, tokenizer_bytes)}
 
 
 def describe(p: dict) -> str:
-    lines = [f"{len(p['bundles'])} bundles of at most {p['max_bytes'] / 2**20:.0f} MiB (a call carries 64 MiB; the "
+    lines = [f"{len(p['bundles'])} bundle{'s' * (len(p['bundles']) != 1)} of at most {p['max_bytes'] / 2**20:.0f} MiB (a call carries 64 MiB; the "
              f"tracked files take {p['tree_bytes'] / 2**20:.1f} MiB)"]
     for b in p["bundles"]:
         items = ", ".join(f"{i['name']}" + (f" (part {i['part']}/{i['parts']})" if "part" in i else "") +
@@ -404,6 +456,9 @@ def main(argv=None):
     p.add_argument("--out", default=str(OUT), help="where the bundles go (default .gpu-bundles/, git-ignored)")
     p.add_argument("--no-tokenizer", action="store_true", help="leave SmolLM2's tokenizer out")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-slim", action="store_true", help="carry the wheels whole (see SLIM for what is dropped)")
+    p.add_argument("--keep-cuda", default="13", help="bitsandbytes' CUDA majors to carry, comma-separated (default 13: "
+                   "the GPU machine's torch is built for CUDA 13)")
     a = p.parse_args(argv)
     out = Path(a.out)
     cache = out / "cache"
@@ -412,17 +467,27 @@ def main(argv=None):
         tokenizer = export_tokenizer(cache)
         tok_bytes = folder_bytes(tokenizer)
     max_bytes = int(a.max_mib * 2**20) if a.max_mib else None
-    result = plan(max_bytes, tok_bytes)
+    groups, problems = wanted(load_lock())
+    if not a.dry_run and not problems:  # the real files: fetched (locked hash checked), then slimmed
+        groups = {g: [e if a.no_slim else slim(e, fetch(e, cache / "wheels"), cache / "slim", a.keep_cuda)
+                      for e in entries] for g, entries in groups.items()}
+        if a.no_slim:
+            for e in (e for entries in groups.values() for e in entries):
+                fetch(e, cache / "wheels")
+    result = plan(max_bytes, tok_bytes, groups=groups)
+    result["problems"] = problems
     if a.json:
         print(json.dumps(result, indent=2))
     else:
-        print(describe(result))
+        print(describe(result) + ("\n  (dry run: the locked wheels' sizes; the carried copies are slimmed, see "
+                                  "SLIM)" if a.dry_run and not a.no_slim else ""))
     if result["problems"]:
         return 1
     if a.dry_run:
         return 0
-    for entry in [e for g in result["groups"].values() for e in g]:
-        fetch(entry, cache / "wheels")
+    for e in (e for entries in groups.values() for e in entries if e.get("slimmed")):
+        print(f"slimmed {e['file']}: {e['slimmed']['dropped']} files, {e['slimmed']['bytes_saved'] / 2**20:.1f} MiB "
+              f"less ({e['slimmed']['what']})")
     write_bundles(result["bundles"], out, cache / "wheels", None if a.no_tokenizer else cache / "tokenizer")
     for b in result["bundles"]:
         size = folder_bytes(out / b["name"])
@@ -430,7 +495,7 @@ def main(argv=None):
             raise SystemExit(f"error: {out / b['name']} holds {size} bytes, over {result['max_bytes']}")
         print(f"wrote {out / b['name']}: {size / 2**20:.1f} MiB")
     (out / "plan.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2))
-    print("next: bench/GPU.md (one device call per bundle, back to back, then bench/gpu.py)")
+    print("next: bench/GPU.md (one device call per bundle, back to back; the last also runs bench/gpu.py)")
     return 0
 
 

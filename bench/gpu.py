@@ -1,7 +1,7 @@
 """Measure the GPU path in one go: LoRA throughput and MFU, padded against padding-free, QLoRA memory, unsloth,
 GRPO generation, --auto-batch-size and the out-of-memory message, on one GPU in under 8 minutes.
 
-    python bench/gpu.py --out $OUT          # on the GPU machine, after the bundles are installed (bench/GPU.md)
+    python3 bench/gpu.py --out $OUT         # on the GPU machine, after bench/bundle.py install (bench/GPU.md)
     uv run bench/gpu.py --dry-run           # every path on CPU with tiny shapes (about a minute): the test suite's
 
 Every measurement runs the real train.py in a subprocess, as a user would, through a thin wrapper (this file with

@@ -34,8 +34,46 @@ def test_bundles_fit_one_call_each(plan):
     for item in (i for b in plan["bundles"] for i in b["items"] if i["kind"] == "wheel"):
         assert WHEEL_TAGS.search(item["file"]), item["file"]  # CPython 3.12 on x86-64 Linux installs it
     groups = [b["group"] for b in plan["bundles"]]
-    assert groups == sorted(groups, key=lambda g: g == "core")  # the core last: the bench's own call installs it
-    assert len(plan["bundles"]) == 2  # two device calls today: unsloth's stack, then the core with the bench
+    assert groups == ["unsloth", "core"]  # at the locked sizes; the core last: the bench's own call installs it
+
+
+def test_slimmed_wheels_fit_one_bundle(tmp_path):
+    """With bitsandbytes' other CUDA / ROCm libraries and unsloth's Studio app left out (their real sizes), the
+    whole set fits one bundle: one device call installs it and runs the bench."""
+    groups, _ = bundle.wanted(bundle.load_lock())
+    saved = {"bitsandbytes": 34.3 * MiB, "unsloth": 27.7 * MiB}  # measured on the locked 0.50.2 / 2026.10.7
+    groups = {g: [dict(e, size=int(e["size"] - saved.get(e["name"], 0))) for e in es] for g, es in groups.items()}
+    p = bundle.plan(groups=groups)
+    assert len(p["bundles"]) == 1 and p["bundles"][0]["group"] == "all"
+    assert p["bundles"][0]["bytes"] + bundle.OVERHEAD <= p["max_bytes"]
+
+
+def test_slim_drops_only_what_the_gpu_never_loads(tmp_path):
+    """A wheel's unused native libraries leave the carried copy and its RECORD; everything else stays byte for byte."""
+    import zipfile
+
+    src = tmp_path / "src" / "bitsandbytes-1.0-py3-none-manylinux_2_24_x86_64.whl"
+    src.parent.mkdir()
+    members = {f"bitsandbytes/libbitsandbytes_{v}.so": v.encode() * 100 for v in
+               ("cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025")}
+    members["bitsandbytes/__init__.py"] = b"x = 1\n"
+    record = "".join(f"{n},sha256=x,1\n" for n in members) + "bitsandbytes-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(src, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        z.writestr("bitsandbytes-1.0.dist-info/RECORD", record)
+    entry = {"name": "bitsandbytes", "version": "1.0", "file": src.name, "size": src.stat().st_size,
+             "sha256": bundle.sha256(src)}
+    out = bundle.slim(entry, src, tmp_path / "slim", keep_cuda="13")
+    with zipfile.ZipFile(out["path"]) as z:
+        kept = set(z.namelist())
+        assert kept == {"bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so",
+                        "bitsandbytes/libbitsandbytes_cuda132.so", "bitsandbytes/__init__.py",
+                        "bitsandbytes-1.0.dist-info/RECORD"}
+        assert z.read("bitsandbytes/libbitsandbytes_cuda130.so") == members["bitsandbytes/libbitsandbytes_cuda130.so"]
+        assert {line.split(",")[0] for line in z.read("bitsandbytes-1.0.dist-info/RECORD").decode().split()} == kept
+    assert out["slimmed"]["dropped"] == 4 and out["locked_sha256"] == entry["sha256"] != out["sha256"]
+    assert bundle.slim({**entry, "name": "trl"}, src, tmp_path / "slim", "13")["path"] == str(src)  # no rule
 
 
 def test_a_smaller_limit_splits_the_large_wheels():
