@@ -18,7 +18,9 @@ the machine was handed back in between. A file larger than a bundle is cut into 
 (checking the sha256) once every part has arrived, in the same or a later call.
 
 `install` uses the standard library and pip only: pip install --no-index --no-deps --find-links BUNDLE -r
-BUNDLE/requirements.txt into the running Python (--no-deps: pip never touches the machine's own torch).
+BUNDLE/requirements.txt into the running Python (--no-deps: pip never touches the machine's own torch), and the
+unsloth stack (requirements-unsloth.txt) into a folder of its own, /tmp/finetune-unsloth-site ($FINETUNE_UNSLOTH_SITE),
+which bench/gpu.py puts on PYTHONPATH for the unsloth runs alone.
 """
 from __future__ import annotations
 
@@ -183,9 +185,10 @@ def pack(groups: dict[str, list[dict]], max_bytes: int, tokenizer_bytes: int | N
     unsloth group first and the core last, each first-fit decreasing; a file larger than a bundle cut into parts."""
     bundles: list[dict] = []
     max_bytes -= OVERHEAD
-    items_of = {g: [dict(e, kind="wheel") for e in groups.get(g, [])] for g in ("unsloth", "core")}
+    items_of = {g: [dict(e, kind="wheel", group=g) for e in groups.get(g, [])] for g in ("unsloth", "core")}
     if tokenizer_bytes:
-        items_of["core"].append({"name": "tokenizer", "kind": "tokenizer", "file": "tokenizer", "size": tokenizer_bytes})
+        items_of["core"].append({"name": "tokenizer", "kind": "tokenizer", "file": "tokenizer", "size": tokenizer_bytes,
+                                 "group": "core"})
     if sum(i["size"] for items in items_of.values() for i in items) <= max_bytes:
         items_of = {"all": items_of["unsloth"] + items_of["core"]}  # one bundle: one call installs and runs it all
     for group, items in items_of.items():
@@ -320,7 +323,7 @@ def write_bundles(bundles, out: Path, cache: Path, tokenizer: Path | None):
         folder = out / b["name"]
         folder.mkdir(parents=True)
         manifest = {"bundle": b["name"], "group": b["group"], "files": [], "joins": []}
-        requirements = []
+        requirements = {"core": [], "unsloth": []}
         for item in b["items"]:
             if item["kind"] == "tokenizer":
                 shutil.copytree(tokenizer, folder / "tokenizer")
@@ -333,13 +336,14 @@ def write_bundles(bundles, out: Path, cache: Path, tokenizer: Path | None):
                     f.seek(item["offset"])
                     g.write(f.read(item["size"]))
                 manifest["joins"].append({"file": item["file"], "part": name, "index": item["part"],
-                                          "parts": item["parts"], "sha256": item["sha256"],
+                                          "parts": item["parts"], "sha256": item["sha256"], "group": item["group"],
                                           "requirement": f"{item['name']}=={item['version']}"})
             else:
                 _link_or_copy(src, folder / item["file"])
-                requirements.append(f"{item['name']}=={item['version']}")
+                requirements[item["group"]].append(f"{item['name']}=={item['version']}")
             manifest["files"].append({"file": item["file"], "size": item["size"], "sha256": item["sha256"]})
-        (folder / "requirements.txt").write_text("".join(r + "\n" for r in requirements))
+        (folder / "requirements.txt").write_text("".join(r + "\n" for r in requirements["core"]))
+        (folder / "requirements-unsloth.txt").write_text("".join(r + "\n" for r in requirements["unsloth"]))
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -356,18 +360,21 @@ def folder_bytes(folder: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ installing (GPU side)
 STAGING = Path(os.environ.get("FINETUNE_BUNDLE_STAGING", "/tmp/finetune-bundle-parts"))
+# unsloth's stack goes to a folder of its own, which bench/gpu.py puts on PYTHONPATH for the unsloth runs alone: its
+# extra packages (torchao, xformers, diffusers, ...) never reach the plain PEFT runs the targets compare against
+UNSLOTH_SITE = Path(os.environ.get("FINETUNE_UNSLOTH_SITE", "/tmp/finetune-unsloth-site"))
 
 
-def join_parts(bundle: Path, staging: Path | None = None) -> tuple[list[str], list[str]]:
+def join_parts(bundle: Path, staging: Path | None = None) -> tuple[dict[str, list[str]], list[str]]:
     """Copies this bundle's parts to `staging` and joins every file whose parts have all arrived (sha256 checked).
-    Returns (requirements now installable, files still waiting for parts)."""
+    Returns ({group: requirements now installable}, files still waiting for parts)."""
     staging = staging or STAGING
     manifest = json.loads((bundle / "manifest.json").read_text())
     staging.mkdir(parents=True, exist_ok=True)
     for j in manifest["joins"]:
         shutil.copy2(bundle / j["part"], staging / j["part"])
         (staging / f"{j['file']}.join.json").write_text(json.dumps(j))
-    ready, waiting = [], []
+    ready, waiting = {"core": [], "unsloth": []}, []
     for meta in sorted(staging.glob("*.join.json")):
         j = json.loads(meta.read_text())
         parts = [staging / f"{j['file']}.part{i}of{j['parts']}" for i in range(1, j["parts"] + 1)]
@@ -380,38 +387,46 @@ def join_parts(bundle: Path, staging: Path | None = None) -> tuple[list[str], li
                 g.write(p.read_bytes())
         if sha256(whole) != j["sha256"]:
             raise SystemExit(f"error: {j['file']}: the joined parts do not match its sha256")
-        ready.append(j["requirement"])
+        ready[j.get("group", "core")].append(j["requirement"])
         meta.unlink()
         for p in parts:
             p.unlink()
     return ready, waiting
 
 
-def install(bundle: Path, dry: bool = False, staging: Path | None = None) -> int:
-    bundle, staging = Path(bundle), staging or STAGING
+def install(bundle: Path, dry: bool = False, staging: Path | None = None, unsloth_site: Path | None = None) -> int:
+    """pip install --no-index --no-deps of the bundle's wheels: the core into the running Python, unsloth's stack into
+    UNSLOTH_SITE; then what `pip check` finds unsatisfied among the core (informative: --no-deps installs anyway)."""
+    bundle, staging, unsloth_site = Path(bundle), staging or STAGING, unsloth_site or UNSLOTH_SITE
     if not (bundle / "manifest.json").is_file():
         print(f"error: {bundle}: no manifest.json (was it carried? name it in the call's carry)", file=sys.stderr)
         return 2
     joined, waiting = join_parts(bundle, staging)
-    requirements = [r for r in (bundle / "requirements.txt").read_text().split() if r] + joined
-    if requirements:
-        req = staging / f"requirements-{bundle.name}.txt"
+    done = []
+    for group in ("core", "unsloth"):
+        listed = bundle / ("requirements.txt" if group == "core" else "requirements-unsloth.txt")
+        requirements = [r for r in (listed.read_text().split() if listed.is_file() else []) if r] + joined[group]
+        if not requirements:
+            continue
+        req = staging / f"requirements-{bundle.name}-{group}.txt"
         req.write_text("".join(r + "\n" for r in requirements))
+        where = [] if group == "core" else ["--target", str(unsloth_site), "--upgrade"]
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "--find-links", str(bundle), "--find-links", str(staging), "-r", str(req)]
+               "--quiet", *where, "--find-links", str(bundle), "--find-links", str(staging), "-r", str(req)]
         print("$ " + " ".join(cmd), flush=True)
         if not dry:
             rc = subprocess.run(cmd).returncode
             if rc:
                 return rc
-            # what the machine's own packages do not satisfy (informative: --no-deps installs regardless)
-            check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout
-            ours = {r.split("==")[0].lower() for r in requirements}
-            for line in check.splitlines():
-                if line.split(" ")[0].lower() in ours:
-                    print(f"pip check: {line}")
-    print(f"bundle {bundle.name}: {'would install' if dry else 'installed'} {len(requirements)} packages: "
-          f"{' '.join(requirements) or '-'}")
+            if group == "core":
+                check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout
+                ours = {r.split("==")[0].lower() for r in requirements}
+                for line in check.splitlines():
+                    if line.split(" ")[0].lower() in ours:
+                        print(f"pip check: {line}")
+        done.append(f"{len(requirements)} {'into ' + str(unsloth_site) if group == 'unsloth' else 'here'} "
+                    f"({' '.join(requirements)})")
+    print(f"bundle {bundle.name}: {'would install' if dry else 'installed'} {'; '.join(done) or 'nothing'}")
     if (bundle / "tokenizer").is_dir():
         print(f"bundle {bundle.name}: tokenizer in {bundle / 'tokenizer'} (bench/gpu.py finds it there)")
     for w in waiting:
@@ -431,7 +446,8 @@ def plan(max_bytes=None, tokenizer_bytes=TOKENIZER_ESTIMATE, lock=None, groups=N
 
 
 def describe(p: dict) -> str:
-    lines = [f"{len(p['bundles'])} bundle{'s' * (len(p['bundles']) != 1)} of at most {p['max_bytes'] / 2**20:.0f} MiB (a call carries 64 MiB; the "
+    n = len(p["bundles"])
+    lines = [f"{n} bundle{'s' * (n != 1)} of at most {p['max_bytes'] / 2**20:.0f} MiB (a call carries 64 MiB; the "
              f"tracked files take {p['tree_bytes'] / 2**20:.1f} MiB)"]
     for b in p["bundles"]:
         items = ", ".join(f"{i['name']}" + (f" (part {i['part']}/{i['parts']})" if "part" in i else "") +

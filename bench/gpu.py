@@ -54,6 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "bench" / "shapes"
 BUNDLES = ROOT / ".gpu-bundles"
+# where bench/bundle.py install puts unsloth's stack: on PYTHONPATH for the unsloth runs only
+UNSLOTH_SITE = Path(os.environ.get("FINETUNE_UNSLOTH_SITE", "/tmp/finetune-unsloth-site"))
 
 # target: (measurement, metric, comparison, value, what it means)
 TARGETS = [
@@ -437,7 +439,7 @@ class Bench:
 
     # -------------------------------------------------------------------------- one train.py run
     def train(self, name, model: Path, data: Path, extra, force_padding_free=False, varlen=False, memory_gib=None,
-              warmup=None, timeout=None) -> dict:
+              warmup=None, timeout=None, unsloth=False) -> dict:
         stats_file = self.work / f"{name}.stats.json"
         stats_file.unlink(missing_ok=True)
         argv = ["-m", str(model), "--train-data", str(data), "--name", name, "--log-dir", str(self.work / "log"),
@@ -452,6 +454,8 @@ class Bench:
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # the first run writes the .pyc files the others then load
         if not self.cuda and self.jobs > 1:
             env["OMP_NUM_THREADS"] = "1"  # lanes at once on a CPU: one thread each
+        if unsloth and (UNSLOTH_SITE / "unsloth").is_dir():
+            env["PYTHONPATH"] = os.pathsep.join([str(UNSLOTH_SITE), *filter(None, [env.get("PYTHONPATH")])])
         timeout = max(10, min(timeout or self.plan["run_timeout"], self.left() + 20))
         shutil.rmtree(self.work / "log" / name, ignore_errors=True)
         started = time.time()
@@ -517,13 +521,13 @@ class Bench:
         extra = [*self.common(p["batch"], p["steps"]), "--unsloth" if unsloth else "--no-unsloth"]
         if unsloth:
             why = ("unsloth needs an NVIDIA GPU (it cannot even be imported without one)" if not self.cuda
-                   else self.missing("unsloth"))
+                   else None if (UNSLOTH_SITE / "unsloth").is_dir() else self.missing("unsloth"))
             if why:
                 return self.record(name, what, "skipped", why, command=command(extra))
         if not self.budget(name, what, 45):
             return None
         folder, cfg = self.model(shape)
-        run = self.train(name, folder, self.data["fixed"], extra)
+        run = self.train(name, folder, self.data["fixed"], extra, unsloth=unsloth)
         if run["rc"] != 0:
             return self.record(name, what, "failed", self.failed_reason(run), command=run["command"])
         fields = self.speed_fields(run, cfg, "lora")
@@ -779,15 +783,13 @@ class Bench:
 
         import torch
 
-        versions = {}
-        for m in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth",
-                  "unsloth_zoo", "vllm", "flash_attn", "xformers"):
-            try:
-                from importlib.metadata import version
+        from importlib.metadata import distributions
 
-                versions[m] = version(m.replace("_", "-"))
-            except Exception:  # noqa: BLE001
-                versions[m] = None
+        found = {d.metadata["Name"].lower().replace("_", "-"): d.version
+                 for d in [*distributions(), *distributions(path=[str(UNSLOTH_SITE)])]}
+        versions = {m: found.get(m.replace("_", "-")) for m in (
+            "torch", "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "bitsandbytes", "unsloth",
+            "unsloth_zoo", "xformers", "torchao", "vllm", "flash_attn")}
         return {"device": self.device_name(), "cuda": torch.version.cuda if self.cuda else None,
                 "memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if self.cuda else None,
                 "peak_tflops_bf16": self.peak, "python": platform.python_version(), "cpus": os.cpu_count(),

@@ -105,7 +105,7 @@ def test_parts_are_joined_once_all_have_arrived(tmp_path):
         assert bundle.folder_bytes(folder) <= max_bytes
         ready, waiting = bundle.join_parts(folder, staging)
         logs.append((ready, waiting))
-    assert [r for r, _ in logs] == [[], [], ["big==1.0"]]
+    assert [r["core"] for r, _ in logs] == [[], [], ["big==1.0"]]
     assert logs[0][1] == ["big-1.0-py3-none-any.whl (1 of 3 parts here)"]
     assert (staging / "big-1.0-py3-none-any.whl").read_bytes() == (cache / "big-1.0-py3-none-any.whl").read_bytes()
     assert "small==1.0" in (tmp_path / "out" / bundles[-1]["name"] / "requirements.txt").read_text()
@@ -114,17 +114,24 @@ def test_parts_are_joined_once_all_have_arrived(tmp_path):
 
 
 def test_install_calls_pip_offline_without_deps(tmp_path, capsys):
+    """The core into the running Python, unsloth's stack into a folder of its own (on PYTHONPATH for the unsloth
+    runs only), both with pip --no-index --no-deps."""
     cache = tmp_path / "wheels"
     cache.mkdir()
-    (cache / "x-1.0-py3-none-any.whl").write_bytes(b"wheel")
-    entry = {"name": "x", "version": "1.0", "file": "x-1.0-py3-none-any.whl", "size": 5,
-             "sha256": hashlib.sha256(b"wheel").hexdigest(), "url": ""}
-    b = bundle.pack({"core": [entry]}, MiB, None)
+    groups = {}
+    for name, group in (("x", "core"), ("u", "unsloth")):
+        (cache / f"{name}-1.0-py3-none-any.whl").write_bytes(b"wheel")
+        groups[group] = [{"name": name, "version": "1.0", "file": f"{name}-1.0-py3-none-any.whl", "size": 5,
+                          "sha256": hashlib.sha256(b"wheel").hexdigest(), "url": ""}]
+    b = bundle.pack(groups, MiB, None)
     bundle.write_bundles(b, tmp_path / "out", cache, None)
-    assert bundle.install(tmp_path / "out" / "1", dry=True, staging=tmp_path / "staging") == 0
+    site = tmp_path / "unsloth-site"
+    assert bundle.install(tmp_path / "out" / "1", dry=True, staging=tmp_path / "staging", unsloth_site=site) == 0
     out = capsys.readouterr().out
-    assert "pip install --no-index --no-deps" in out and "--find-links" in out
-    assert "would install 1 packages: x==1.0" in out
+    calls = [line for line in out.splitlines() if line.startswith("$ ")]
+    assert len(calls) == 2 and all("pip install --no-index --no-deps" in c and "--find-links" in c for c in calls)
+    assert "--target" not in calls[0] and f"--target {site}" in calls[1]
+    assert "would install 1 here (x==1.0); 1 into" in out
     assert bundle.install(tmp_path / "nowhere", dry=True, staging=tmp_path / "staging") == 2
 
 
