@@ -430,6 +430,9 @@ def to_classes(samples: list[Sample], classes: list[str], whose="the classes") -
     training targets, validation, eval metrics, predictions.tsv and the confusion matrix then all compare class
     names, never spellings. An answer that matches no class is a DataError."""
     index = {normalize(c): c for c in classes}
+    if not isinstance(samples, list) and all(s.answer is None or index.get(normalize(s.answer)) == s.answer
+                                             for s in samples):
+        return samples  # a lazy table (sources.py) already written with class names: keep it lazy, memory bounded
     out = []
     for s in samples:
         if s.answer is not None:

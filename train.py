@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (overrides --epochs)")
     g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for LoRA/QLoRA, 2e-5 for full)")
     g.add_argument("--head-lr", type=float, help="--classifier: learning rate of the new classification head, which "
-                   "starts from zero (default 1e-3 with LoRA/QLoRA: the body's 2e-4 leaves it barely trained in an "
-                   "epoch; 2e-4 with full)")
+                   "is new (default with LoRA/QLoRA: --lr, at least 1e-3, since the body's 2e-4 leaves it barely "
+                   "trained in an epoch; with full: --lr)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup: a ratio (<1) or steps (default 0.05)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--scheduler", default="cosine", help="LR schedule: cosine (default), linear, constant, ...")
@@ -179,7 +179,7 @@ def parse_args(argv=None):
     if args.lr is None:
         args.lr = 2e-5 if args.trainable == "full" else 2e-4
     if args.head == "classifier" and args.head_lr is None:
-        args.head_lr = args.lr if args.trainable == "full" else 1e-3
+        args.head_lr = args.lr if args.trainable == "full" else max(args.lr, 1e-3)
     if args.suffix is None:
         args.suffix = "_aws"
     plan_batch_size(args)

@@ -141,9 +141,9 @@ def test_flops_match_the_published_parameter_counts():
 
 
 def test_parsers_read_train_py_own_messages():
-    """The oom and auto-batch checks parse train.py's real messages (guards.oom_message, train.batch_line)."""
+    """The oom and auto-batch checks parse train.py's real messages (guards.oom_message, training.batch_line)."""
     import guards
-    import train
+    import training
 
     args = argparse.Namespace(batch_size=64, max_len=2048, trainable="lora", split_model=False, lr=2e-4,
                               grad_accum=4, total_batch_size=32)
@@ -152,7 +152,7 @@ def test_parsers_read_train_py_own_messages():
     assert not gpu.oom_ended_well(1, "Traceback (most recent call last):\n...\n" + message)[0]
     assert not gpu.oom_ended_well(0, message)[0]
     args.batch_size, args.grad_accum = 8, 4
-    assert gpu.auto_batch_found(train.batch_line(args) + " (--auto-batch-size)") == 8
+    assert gpu.auto_batch_found(training.batch_line(args) + " (--auto-batch-size)") == 8
 
 
 def test_steady_rate_skips_warmup_steps():
