@@ -49,6 +49,12 @@ def test_grpo_scores_what_it_generated_and_the_reward_rises(tiny_llm, tmp_path):
         assert x["prefill"] == "<reasoning>"
     assert (run / "best" / "model.safetensors").is_file()
 
+    # eval.py scores the run on the prompts it was trained on: its --prefill comes from run.json
+    e = run_cli("eval.py", "-c", run, "--test-data", train, "--limit", "4", "--predict", "generate",
+                "--max-new-tokens", "2", "-o", tmp_path / "res")
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert json.loads((tmp_path / "res/1024-max-len/grpo/metrics.json").read_text())["prefill"] == "<reasoning>"
+
 
 def test_dpo_margin_grows(tiny_llm, tmp_path):
     prefs = [{"question": f"Name a colour ({i}).", "chosen": "red", "rejected": "the big old stone house"}
