@@ -42,14 +42,18 @@ def main():
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     from dataset import Formatter, load_classes, load_prompts, load_samples
-    from eval import resolve
     from modeling import is_vision_model, load_config, load_for_inference
     from predict import classification_metrics, predict
+    from runs import find_run, run_name
 
-    # eval.py's run config: find_run's for -c (its -m override dropped), else {"model": ..., "vision": None}
-    cfg, weights, name = resolve(argparse.Namespace(
-        checkpoint=args.checkpoint, model=None if args.checkpoint else args.model, prompts=args.prompts,
-        response_template=None, max_len=None, suffix=None, trust_remote_code=False))
+    # the run config eval.py uses: find_run's for -c, else a zero-shot one
+    if args.checkpoint:
+        cfg, weights = find_run(args.checkpoint)
+        name = run_name(weights)
+    else:
+        cfg, weights, name = {"model": args.model, "vision": None}, None, Path(args.model.rstrip("/")).name
+    cfg["max_len"] = cfg.get("max_len") or 1024
+    cfg["prompts"] = args.prompts or cfg.get("prompts")
     if cfg.get("vision") is None:
         cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
     prompts = load_prompts(cfg.get("prompts"))
