@@ -23,7 +23,7 @@ merge: base model + adapter -> one standalone model (safetensors) that plain tra
 the run trained in (run.json "precision"): float32 for a CPU run, bfloat16 / float16 for a bf16 / fp16 GPU run, and
 the 16-bit compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
 of a float32 run exactly; bfloat16 / float16 halve the size but round every weight (8 / 11 significant bits), which
-changes some greedy answers of a model that trained in float32 (3 of 5 prompts kept on SmolLM2 in issue 18).
+can change greedy answers of a model that trained in float32 (the parity line shows how many).
 The tokenizer/processor is saved as it was used in training: EOS = the end-of-turn token (run.json
 tokens.eos_token, e.g. <|im_end|>), the run's pad token, no EOS appended by the tokenizer, and
 generation_config.json stops on the end-of-turn token. run.json is copied to OUT/finetune_run.json (provenance;
