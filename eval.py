@@ -81,6 +81,10 @@ def resolve(args):
             cfg["model"] = args.model
     elif args.model:
         cfg, weights, name = {"model": args.model, "vision": None}, None, Path(args.model.rstrip("/")).name
+        exported = Path(args.model).expanduser()
+        exported = (exported if exported.is_dir() else exported.parent) / "finetune_run.json"
+        if exported.is_file():  # an export.py export (model.gguf, merged/): its run's prompts, classes and format
+            cfg, name = {**json.loads(exported.read_text()), "model": args.model}, exported.parent.name
     else:
         fail("give -c/--checkpoint (a run of train.py) or -m/--model (zero-shot)")
     run_head = cfg.get("head") or "generative"

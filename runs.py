@@ -41,6 +41,9 @@ def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
     cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
+    from modeling import precision
+
+    cfg["precision"] = precision(args.mixed_precision)  # resolved (auto -> no / bf16 / fp16): export.py merges in it
     for k in ("train_data", "validation_data", "data", "prompts"):
         if cfg.get(k):
             cfg[k] = str(Path(cfg[k]).resolve())

@@ -37,7 +37,7 @@ def trained(tiny_llm, tmp_path_factory):
         run = tmp / "log" / "x"
         yield SimpleNamespace(
             run=run, tmp=tmp,
-            merge_cli=pool.submit(run_cli, "export.py", "merge", run, "-o", tmp / "m"),  # default dtype: bfloat16
+            merge_cli=pool.submit(run_cli, "export.py", "merge", run, "-o", tmp / "m"),  # default: the run's dtype
             generate_cli=pool.submit(run_cli, "generate.py", "-c", run, "--data", questions, "-o", tmp / "a.jsonl",
                                      "--max-new-tokens", "8", "-b", "1"))
 
@@ -76,6 +76,12 @@ def test_merge_equals_base_plus_adapter(run, tiny_llm, reference, tmp_path):
     assert base_ids != ref_ids  # the adapter really changes the answers: the equality above means something
     assert not torch.allclose(base_logits[0], ref_logits[0], atol=1e-2)
 
+    # bfloat16 rounds every weight: the parity check measures it (the float32 merge above: no difference)
+    export.main(["merge", str(run), "-o", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--min-identical", "0"])
+    bf16 = json.loads((tmp_path / "bf16" / "parity.json").read_text())
+    assert bf16["line"].startswith(f"parity: {bf16['identical']}/16 greedy identical, max |dlogit| ")
+    assert "(merge bfloat16, 16 training prompts)" in bf16["line"] and bf16["max_abs_dlogit"] > 1e-3, bf16
+
     # a QLoRA run's adapter is merged into the unquantised base: same weights as the LoRA merge, no 4-bit config
     qlora = tmp_path / "log" / "q"
     shutil.copytree(run, qlora)
@@ -96,8 +102,11 @@ def test_vllm_adapter_holds_only_lora_and_loads(run, tiny_llm, reference, tmp_pa
     import export
 
     src = (run / "best" / "adapter_model.safetensors").read_bytes()
-    out = export.vllm_adapter(run, tmp_path / "v", say=lambda _: None)
+    export.main(["vllm", str(run), "-o", str(tmp_path / "v")])  # the CLI in-process, parity check included
+    out = tmp_path / "v"
     assert (run / "best" / "adapter_model.safetensors").read_bytes() == src  # source untouched
+    parity = json.loads((out / "parity.json").read_text())
+    assert (parity["identical"], parity["prompts"]) == (16, 16) and parity["max_abs_dlogit"] < 1e-4, parity
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
@@ -107,7 +116,8 @@ def test_vllm_adapter_holds_only_lora_and_loads(run, tiny_llm, reference, tmp_pa
 
 
 def fake_run(tiny_llm, run, folder, grow_vocab=False):
-    """A run folder whose best/ adapter has full copies of embed_tokens and lm_head (modules_to_save)."""
+    """A run folder whose best/ adapter has full copies of embed_tokens and lm_head (modules_to_save), the lm_head
+    copy changed as training would change it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,6 +128,8 @@ def fake_run(tiny_llm, run, folder, grow_vocab=False):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter
+        if "lm_head.modules_to_save" in n:
+            p.data += torch.randn_like(p) * 0.5
     best = folder / "best"
     model.save_pretrained(best)
     tok = AutoTokenizer.from_pretrained(run / "best")
@@ -137,8 +149,14 @@ def test_vllm_drops_modules_to_save_when_vocab_unchanged(run, tiny_llm, tmp_path
     import export
 
     folder, trained = fake_run(tiny_llm, run, tmp_path / "log" / "mts")
-    export.main(["vllm", str(folder), "-o", str(tmp_path / "v")])  # the CLI, in-process
-    assert "dropped 2 non-LoRA tensors" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        export.main(["vllm", str(folder), "-o", str(tmp_path / "v")])  # the CLI, in-process
+    out, err = capsys.readouterr()
+    assert "dropped 2 non-LoRA tensors" in out
+    # the dropped lm_head copy was trained: the check sees the answers change, and says so (exit 1, export kept)
+    parity = json.loads((tmp_path / "v" / "parity.json").read_text())
+    assert e.value.code == 1 and "parity below" in err and parity["line"] in out, (out, err)
+    assert parity["identical"] < 0.9 * parity["prompts"] and parity["max_abs_dlogit"] > 0.1
     with safe_open(tmp_path / "v" / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
@@ -190,7 +208,10 @@ def test_errors_are_one_line_exit_2(run, tmp_path, capsys):
              (generate.main, ["-c", str(bad / "best"), "--prompt", "hi"], "no adapter"),
              (export.main, ["merge", str(run), "-o", str(run)], "not empty")]
     if not torch.cuda.is_available():
-        cases.append((export.main, ["gguf", str(run), "-o", str(tmp_path / "g")], "convert_hf_to_gguf.py"))
+        cases.append((export.main, ["gguf", str(run), "-o", str(tmp_path / "o"), "--quant", "q4_k_m"],
+                      "llama-quantize"))
+    cases += [(export.main, ["merge", str(run), "-o", str(tmp_path / "o"), "--check-prompts", "0"], "--check-prompts"),
+              (export.main, ["check", str(run)], "not an export")]
     for main, argv, words in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -201,17 +222,25 @@ def test_errors_are_one_line_exit_2(run, tmp_path, capsys):
 
 
 # ------------------------------------------------ the subprocesses started by `trained`, last: they had time to run
-def test_merge_cli_bf16_with_inference_tokenizer(trained):
+def test_merge_cli_keeps_training_dtype_checks_parity_and_tokenizer(trained, capsys):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    r = trained.merge_cli.result()  # export.py merge RUN -o OUT, default dtype
+    import export
+
+    r = trained.merge_cli.result()  # export.py merge RUN -o OUT, default dtype: the run trained in float32 (CPU)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("error") == 0 and r.stdout.strip().endswith("m/")
+    assert r.stderr.count("error") == 0 and "wrote " + str(trained.tmp / "m") in r.stdout
+    assert "parity: 16/16 greedy identical, max |dlogit| " in r.stdout and "(merge float32, 16 training prompts)" \
+        in r.stdout, r.stdout
     run, out = trained.run, trained.tmp / "m"
+    saved = json.loads((out / "parity.json").read_text())
+    assert saved["identical"] == 16 and saved["max_abs_dlogit"] < 1e-4 and saved["line"] in r.stdout
+    export.main(["check", str(out)])  # the same check on the export made earlier: the same line
+    assert capsys.readouterr().out.strip() == saved["line"]
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert not getattr(tok, "add_eos_token", False)
@@ -221,7 +250,7 @@ def test_merge_cli_bf16_with_inference_tokenizer(trained):
     assert tok.convert_tokens_to_ids("<|im_end|>") in eos and gc.pad_token_id == tok.pad_token_id
     prov = json.loads((out / "finetune_run.json").read_text())
     run_json = json.loads((run / "run.json").read_text())
-    assert {k: prov[k] for k in run_json} == run_json and prov["export"]["dtype"] == "bfloat16"
+    assert {k: prov[k] for k in run_json} == run_json and prov["export"]["dtype"] == "float32"
     assert not (trained.tmp / "m.tmp").exists()
 
 
