@@ -359,6 +359,10 @@ def load_samples(path, prompts=None, require_answer=True, require_question=True,
     """Every sample of a TSV / folder / JSON / JSONL path, validated; prompts fill in missing questions.
     The plain format (--response-template) needs no question: pass require_question=False. Files and images
     the data names must lie inside its folder (data_root) unless allow_outside."""
+    import sources  # Hub ids, tables, save_to_disk folders, JSON in other formats, several sources: sources.py
+
+    if sources.handles(path):
+        return sources.load_samples(path, prompts, require_answer, require_question, allow_outside)
     root = data_root(path, allow_outside)
     samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(samples, prompts, require_question)
@@ -628,6 +632,10 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:
+    import sources
+
+    if sources.handles(path):
+        return sources.load_preferences(path, prompts, allow_outside)
     root = data_root(path, allow_outside)
     prefs = [parse_preference(rec, f, sid, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(prefs, prompts)

@@ -46,8 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="YAML file of options (keys as the long flags, with _); command-line flags override it")
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file")
+    g.add_argument("--train-data", help="a Hub id (org/name[:config][@split]), a .parquet/.csv/.tsv/.arrow table, a "
+                   "save_to_disk folder, a .json/.jsonl file, a TSV of sample JSON files or a folder of them; "
+                   "several, comma-separated, to mix (README: Data)")
     g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
+    g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
+    g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
+                   "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
+    g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
+    g.add_argument("--mix", metavar="R,R,...", help="sampling ratios of the comma-separated --train-data sources "
+                   "(seeded); the mix is as large as they allow, or --train-samples")
     g.add_argument("-d", "--data", help="RVL-CDIP OCR folder: train_*/validation_*/test_* files")
     g.add_argument("--suffix", default="_aws", help="RVL-CDIP file suffix before .json (default _aws)")
     g.add_argument("--classes", help="class names: a JSON list or one per line (default for -d: RVL-CDIP's 16)")
@@ -202,6 +210,9 @@ def load_data(args):
     """Validated samples, class names and prompts: everything checked before a model is loaded."""
     from dataset import RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, load_samples
 
+    import sources
+
+    sources.configure(args)  # --columns for every source below
     prompts = load_prompts(args.prompts)
     classes = load_classes(args.classes) if args.classes else None
     need_q = args.response_template is None  # the plain format's response template stands in for a question
@@ -224,6 +235,7 @@ def load_data(args):
         train = load_samples(args.train_data, prompts, require_question=need_q, allow_outside=args.allow_outside_paths)
         val = load_samples(args.validation_data, prompts, require_question=need_q,
                            allow_outside=args.allow_outside_paths) if args.validation_data else []
+    train, val = sources.prepare(args, train, val)  # --mix, --validation-split, --train-samples
     classes = classes or infer_classes(train)
     if classes:
         from dataset import DataError, normalize
@@ -263,13 +275,15 @@ SECRET_MARKERS = ("token", "key", "secret", "password")
 
 def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
     """Everything eval.py needs to score a checkpoint without being told the training options again."""
+    import sources  # Hub ids stay ids; local paths become absolute
+
     cfg = {k: v for k, v in vars(args).items() if not any(m in k.lower() for m in SECRET_MARKERS) or k in
            ("set_pad_token", "add_special_tokens")}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
     for k in ("train_data", "validation_data", "data", "prompts", "classes_file"):
         if cfg.get(k):
-            cfg[k] = str(Path(cfg[k]).resolve())
+            cfg[k] = sources.resolved(cfg[k]) if k.endswith("_data") else str(Path(cfg[k]).resolve())
     if args.classes:
         cfg["classes_file"] = str(Path(args.classes).resolve())
     return cfg
