@@ -425,6 +425,7 @@ class Table:
                                  (".csv", ".tsv") and kind(spec) == "table")
         self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
         self.ds, self.spec, self.preference, self.require_answer = ds, spec, preference, require_answer
+        self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
 
     def __len__(self):
         return len(self.ds)
@@ -435,8 +436,8 @@ class Table:
             rec, trusted = self.convert(row, self.file, sid)
             root = None if trusted else self.root
             if self.preference:
-                return d.parse_preference(rec, Path(self.file), sid, root)
-            return d.parse_sample(rec, Path(self.file), sid, self.require_answer, root)
+                return d.parse_preference(rec, self.path, sid, root)
+            return d.parse_sample(rec, self.path, sid, self.require_answer, root)
         except d.DataError as e:
             raise self.convert.error(e) from None
 
