@@ -9,6 +9,8 @@ Layouts (`--train-data`, `--validation-data`, `--test-data`):
     -d rvl-cdip-ocr/   RVL-CDIP OCR layout: train_0000_13_aws.json, validation_..., test_...; the split is
                        the filename prefix, the class index the last number before --suffix (default _aws),
                        the document text the "ocr" field, class names from --classes (default: RVL-CDIP's 16)
+    Hub ids, parquet / CSV / Arrow tables, save_to_disk folders, JSON in other formats (alpaca, OpenAI with
+    images), --columns and several sources: sources.py, which load_samples / load_preferences hand them to.
 
 A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}

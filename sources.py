@@ -30,8 +30,9 @@ Table cells that are null, and empty cells of a CSV, count as absent (text: an e
 and ids are used as their text (0 -> "0").
 
 `--columns text=article,answer=category,image=img` renames a table's columns to our fields (in --config: a mapping).
-A mapped column the table lacks (unless it has the field under our name already) and a table with no column to read
-are one error line listing the table's columns.
+It applies to every source that has the mapped columns. A mapped column that a source lacks is an error (one line
+listing the source's columns), unless the source has the field under our name already or is in one of the other
+formats (so a mapped CSV mixes with an alpaca JSON); so is a table with no column to read.
 
 Rows are validated by dataset.parse_sample / parse_preference, so every rule of dataset.py holds; an error names
 the file, `row N` (data rows counted from 1, the header not counted) and the column. A table is read memory-mapped
@@ -372,10 +373,11 @@ def _mapping(have, file) -> tuple[dict, dict]:
     """(rename: the user's column -> our field, names: our field -> the user's column) for --columns, checked
     against the columns a source has."""
     rename, names = {}, {}
+    own = detect(have) not in (None, "ours")  # alpaca, messages, ShareGPT, DPO: needs no mapping (a mix of sources)
     for ours, theirs in OPTIONS["columns"].items():
         if theirs in have:
             rename[theirs], names[ours] = ours, theirs
-        elif ours not in have:  # a source that has the field under our name needs no mapping (a mix of sources)
+        elif ours not in have and not own:  # nor does a source with the field under our name
             raise _d().DataError(file, None, None, f"--columns {ours}={theirs}: no column {theirs!r}; the "
                                  f"{'table' if have else 'data'} has columns: {', '.join(have) or '(none)'}")
     return rename, names
@@ -524,7 +526,8 @@ class Samples(Sequence):
         for i in positions:
             p, n = self._locate(i)
             per[p].append(n)
-        return Samples([(name, base, per[p]) for p, (name, base, _) in enumerate(self.parts) if per[p]])
+        # every part stays, empty or not: a part's index is its source's place in --train-data (run.json's ids)
+        return Samples([(name, base, per[p]) for p, (name, base, _) in enumerate(self.parts)])
 
     def __add__(self, other):
         return Samples(self.parts + [("", other, None)])
@@ -734,7 +737,7 @@ def _mix(train: Samples, ratios: str, total: int | None, seed: int) -> Samples:
     for (name, base, idx), n, k in zip(train.parts, sizes, counts):
         picks = sorted(rng.sample(range(n), k % n) + list(range(n)) * (k // n)) if k else []
         parts.append((name, base, [idx[j] if idx is not None else j for j in picks]))
-    return Samples([p for p in parts if p[2]])
+    return Samples(parts)
 
 
 def _carve(train: Samples, spec, seed: int, classes) -> list[int]:

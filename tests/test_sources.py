@@ -261,6 +261,16 @@ def test_validation_split_is_seeded_and_stratified(tmp_path):
         sources.prepare(_args(tmp_path, validation_split="0.2"), load_samples(data), val)
 
 
+def test_a_resumed_run_validates_on_the_ids_it_stored(tmp_path):
+    data = _colours(tmp_path, 40, "c")
+    (tmp_path / "log" / "run").mkdir(parents=True)
+    (tmp_path / "log" / "run" / "run.json").write_text(json.dumps({"validation_split_ids": [[0, "row 3"],
+                                                                                             [0, "row 7"]]}))
+    args = _args(tmp_path, validation_split="0.5", resume=True, name="run")
+    train, val = sources.prepare(args, load_samples(data), [])
+    assert [s.id for s in val] == ["row 3", "row 7"] and len(train) == 38
+
+
 def test_mix_ratios_and_train_samples(tmp_path):
     a, b = _colours(tmp_path, 40, "a"), write_jsonl(tmp_path / "b.jsonl", ROWS)  # 40 and 8 samples
     args = _args(tmp_path, train_data=f"{a},{b}", mix="0.75,0.25")
