@@ -94,6 +94,9 @@ def parse_columns(value, where="--columns") -> dict:
 def configure(args=None, columns=None):
     """The CLI's --columns for every source read afterwards (train.py, eval.py call it before loading)."""
     OPTIONS["columns"] = parse_columns(columns if args is None else getattr(args, "columns", None))
+    if getattr(args, "trainer", None) == "dpo" and (args.mix or args.validation_split or args.train_samples):
+        raise _d().DataError("--trainer dpo", None, None, "--mix, --validation-split and --train-samples are not "
+                             "supported for preference pairs yet")
 
 
 # ------------------------------------------------------------------------------------------------ what a spec is
@@ -565,7 +568,8 @@ class Samples(Sequence):
                 fmt.dropped += self._size(base, idx) - len(ds)
                 used = max(used, n)
             else:  # counted by encode_rows itself
-                rows, _ = batching.encode_rows(fmt, base if idx is None else [base[i] for i in idx], train)
+                rows, n = batching.encode_rows(fmt, base if idx is None else [base[i] for i in idx], train, workers)
+                used = max(used, n)
                 ds = datasets.Dataset.from_list([{**r, "truncated": False} for r in rows],
                                                 features=_encoded_features())
             pieces.append(ds)
@@ -598,6 +602,9 @@ def _encoded_features():
 ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image", "truncated")
 
 
+MAP_PROCESSES_FROM = 20000  # rows from which datasets.map tokenises a table in --num-preprocess-workers processes
+
+
 class _Carried(Exception):
     """A DataError's message across datasets.map's worker processes (DataError's constructor takes four args)."""
 
@@ -625,7 +632,7 @@ def _encode_batch(batch, positions, table, fmt, train, idx):
 
 def _encode_table(table, idx, fmt, train, workers, cache_file):
     ds = table.ds if idx is None else table.ds.select(idx)
-    procs = workers if workers > 1 and len(ds) >= 20000 else None  # worker start-up costs seconds
+    procs = workers if workers > 1 and len(ds) >= MAP_PROCESSES_FROM else None  # starting workers costs seconds
     try:
         out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
                      fn_kwargs={"table": table, "fmt": fmt, "train": train, "idx": idx},
@@ -772,9 +779,11 @@ def _held_out(train: Samples, ids) -> list[int]:
 def prepare(args, train, val):
     """--mix, --validation-split and --train-samples on the loaded training data; what was used goes to args
     (run.json: data_sources, validation_split_ids) and to the start-up report. Returns (train, val)."""
-    if not isinstance(train, Samples):
-        train = Samples([(args.train_data, train, None)])
     DataError = _d().DataError
+    if not isinstance(train, Samples):
+        if not (args.mix or args.validation_split or args.train_samples):
+            return train, val  # one source as dataset.py read it: nothing to do
+        train = Samples([(args.train_data or args.data, train, None)])
     if getattr(args, "mix", None):
         train = _mix(train, args.mix, args.train_samples, args.seed)
     elif len(train.parts) > 1 and args.train_samples:

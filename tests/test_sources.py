@@ -224,6 +224,13 @@ def test_an_image_path_outside_the_table_folder(tmp_path):
     assert load_samples(path, allow_outside=True)[0].image == str(tmp_path / "out.png")
 
 
+def test_an_unknown_content_part(tmp_path):
+    msgs = [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "red"}]
+    with pytest.raises(DataError, match=r"m.jsonl: sample line 1: field 'messages\[0\].content\[0\].type': "
+                                        "expected 'text' or 'image', got 'audio'"):
+        load_samples(write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))
+
+
 def test_a_damaged_table(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="bad.parquet: cannot read as a table"):
@@ -305,3 +312,84 @@ def test_a_table_is_tokenised_through_map_and_cached_on_its_fingerprint(tmp_path
     _table(tmp_path, [{**r, "text": r["text"] + "!"} for r in ROWS])  # the same file, new content: a miss
     ds = batching.encode_cached(fmt, load_samples(table), train=True)
     assert "from cache" not in capsys.readouterr().out and ds["input_ids"] != [w[0] for w in want]
+
+
+# ------------------------------------------------------------------------------------------------ the CLIs
+# case(tmp, llm) -> (script args, env, [what the one error line must hold: file, row, column, what])
+def case_parquet_null_answer(tmp, llm):
+    return ["train.py", "-m", llm, "--train-data", _table(tmp, [ROWS[0], {**ROWS[1], "answer": None}])], {}, \
+        ["t.parquet", "sample row 2", "column 'answer'", "missing"]
+
+
+def case_csv_mapped_column_missing(tmp, llm):
+    (tmp / "r.csv").write_text("review,stars\ngood,5\n")
+    return ["train.py", "-m", llm, "--train-data", tmp / "r.csv", "--columns", "text=review,answer=label"], {}, \
+        ["r.csv", "--columns answer=label", "no column 'label'", "columns: review, stars"]
+
+
+def case_tsv_table_wrong_type_of_cell(tmp, llm):
+    (tmp / "r.tsv").write_text("text\tanswer\tquestion\ngood\tred\tQ\nbad\tred\t\n")
+    return ["train.py", "-m", llm, "--train-data", tmp / "r.tsv"], {}, \
+        ["r.tsv", "sample row 2", "column 'question'", "missing: put a 'question' in the sample or pass -p"]
+
+
+def case_save_to_disk_image_missing(tmp, llm):
+    return ["train.py", "-m", llm, "--train-data", _table(tmp, [{**ROWS[0], "image": "gone.png"}], "disk")], {}, \
+        ["disk", "sample row 1", "column 'image'", "image file 'gone.png' not found"]
+
+
+def case_hub_id_not_cached(tmp, llm):
+    return ["train.py", "-m", llm, "--train-data", "org/not-cached"], {"HF_DATASETS_CACHE": str(tmp / "hf")}, \
+        ["org/not-cached", "not in the local Hugging Face cache and not reachable"]
+
+
+def case_alpaca_output_missing(tmp, llm):
+    (tmp / "a.json").write_text(json.dumps([{"instruction": "Q", "input": "x", "output": "red"},
+                                            {"instruction": "Q", "input": "y", "output": None}]))
+    return ["train.py", "-m", llm, "--train-data", tmp / "a.json"], {}, \
+        ["a.json", "sample #1", "field 'output'", "missing"]
+
+
+def case_dpo_table_missing_rejected(tmp, llm):
+    p = _table(tmp, [{"prompt": "Q", "chosen": "red", "rejected": "blue"}, {"prompt": "Q", "chosen": "red",
+                                                                            "rejected": None}])
+    return ["train.py", "-m", llm, "--trainer", "dpo", "--train-data", p], {}, \
+        ["t.parquet", "sample row 2", "column 'rejected'", "missing"]
+
+
+def case_eval_split_without_one(tmp, llm):
+    run = tmp / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": str(llm), "classes": ["red", "blue"], "vision": False}))
+    (run / "best" / "adapter_config.json").write_text("{}")
+    (run / "best" / "adapter_model.safetensors").write_bytes(b"")
+    return ["eval.py", "-c", run, "--split", "validation"], {}, \
+        ["--split validation", "the run was not trained with --validation-split"]
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_in_a_new_source_is_one_clear_line(case, tmp_path, tiny_llm):
+    from conftest import run_cli
+
+    (script, *args), env, expected = case(tmp_path, tiny_llm)
+    out = tmp_path / "out"
+    r = run_cli(script, *args, *(["--name", "bad", "--log-dir"] if script == "train.py" else ["-o"]), out, env=env,
+                timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert (r.returncode, len(lines), r.stdout) == (2, 1, ""), r.stderr[-2000:]
+    assert lines[0].startswith("error: ") and all(part in lines[0] for part in expected), (expected, lines[0])
+    assert not out.exists()  # nothing half-written
+
+
+def test_a_table_tokenised_in_worker_processes_gives_the_same_rows(tmp_path, tokenizer, monkeypatch):
+    import batching
+
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    fmt = Formatter(tokenizer, max_len=64)
+    one = batching.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=1)
+    monkeypatch.setattr(sources, "MAP_PROCESSES_FROM", 1)
+    two = batching.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=2)
+    assert two.to_list() == one.to_list() and len(one) == len(ROWS)
