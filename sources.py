@@ -24,7 +24,8 @@ Formats, detected per source from its column names (or the first record's keys),
                 (an image part may also name the row's `images` column); a sample with an image is single-turn
     ShareGPT    conversations: [{from, value}]  (FineTome-100k)
     DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
-Images: a path (relative to the table's file, inside its folder unless --allow-outside-paths), or a `datasets`
+Images: a path (relative to the table's file, or to a save_to_disk folder itself; inside that folder unless
+--allow-outside-paths), or a `datasets`
 Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>; a path is used as it is).
 Table cells that are null, and empty cells of a CSV, count as absent (text: an empty document); integer answers
 and ids are used as their text (0 -> "0").
@@ -431,6 +432,8 @@ class Table:
         self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
         self.ds, self.spec, self.preference, self.require_answer = ds, spec, preference, require_answer
         self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
+        # a save_to_disk folder: image paths are relative to the folder itself, not to the folder it lies in
+        self.base = Path(where) if kind(spec) == "disk" else None
 
     def __len__(self):
         return len(self.ds)
@@ -439,6 +442,8 @@ class Table:
         d, sid = _d(), f"row {n + 1}"
         try:
             rec, trusted = self.convert(row, self.file, sid)
+            if self.base is not None and isinstance(rec.get("image"), str) and not Path(rec["image"]).is_absolute():
+                rec["image"] = str(self.base / rec["image"])
             root = None if trusted else self.root
             if self.preference:
                 return d.parse_preference(rec, self.path, sid, root)

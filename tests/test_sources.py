@@ -335,7 +335,7 @@ def case_tsv_table_wrong_type_of_cell(tmp, llm):
 
 def case_save_to_disk_image_missing(tmp, llm):
     return ["train.py", "-m", llm, "--train-data", _table(tmp, [{**ROWS[0], "image": "gone.png"}], "disk")], {}, \
-        ["disk", "sample row 1", "column 'image'", "image file 'gone.png' not found"]
+        ["disk", "sample row 1", "column 'image'", "disk/gone.png' not found"]
 
 
 def case_hub_id_not_cached(tmp, llm):
