@@ -25,8 +25,8 @@ Formats, detected per source from its column names (or the first record's keys),
     ShareGPT    conversations: [{from, value}]  (FineTome-100k)
     DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
 Images: a path (relative to the table's file, or to a save_to_disk folder itself; inside that folder unless
---allow-outside-paths), or a `datasets`
-Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>; a path is used as it is).
+--allow-outside-paths), or a `datasets` Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>;
+a path is used as it is).
 Table cells that are null, and empty cells of a CSV, count as absent (text: an empty document); integer answers
 and ids are used as their text (0 -> "0").
 
