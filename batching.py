@@ -308,7 +308,7 @@ def cache_key(fmt, samples, train: bool) -> str:
     chat = getattr(fmt.processor, "chat_template", None) if fmt.processor is not None else None
     parts = {
         "version": CACHE_VERSION,
-        "samples": _samples_digest(samples),
+        "samples": getattr(samples, "fingerprint", None) or _samples_digest(samples),  # tables: sources.py
         "tokenizer": tokenizer_fingerprint(fmt.tokenizer),
         "processor": [type(fmt.processor).__name__, chat] if fmt.processor is not None else None,
         "format": [_fields(fmt), bool(train)],  # response template, max_len, prompts, seed, prefill, ...
@@ -424,10 +424,13 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
                 _warn(f"ignoring a damaged tokenisation cache entry {entry} ({type(e).__name__})")
             shutil.rmtree(entry, ignore_errors=True)  # damaged: tokenise again and store it anew
     truncated, dropped, start = fmt.truncated, fmt.dropped, time.perf_counter()
-    rows, used = encode_rows(fmt, samples, train, workers)
-    ds = Dataset.from_list(rows)
+    if hasattr(samples, "encode"):  # tables (sources.Samples): datasets.map into Arrow files, bounded memory
+        ds, used = samples.encode(fmt, train, workers)
+    else:
+        rows, used = encode_rows(fmt, samples, train, workers)
+        ds = Dataset.from_list(rows)
     seconds = time.perf_counter() - start
-    stored = entry is not None and bool(rows) and _store(entry, ds, {
+    stored = entry is not None and len(ds) > 0 and _store(entry, ds, {
         "rows": len(ds), "samples": len(samples), "truncated": fmt.truncated - truncated,
         "dropped": fmt.dropped - dropped, "train": bool(train), "created": time.time()})
     log(f"tokenised: {len(samples)} samples in {seconds:.1f} s" + (f" ({used} worker processes)" if used > 1 else "")

@@ -9,6 +9,8 @@ Layouts (`--train-data`, `--validation-data`, `--test-data`):
     -d rvl-cdip-ocr/   RVL-CDIP OCR layout: train_0000_13_aws.json, validation_..., test_...; the split is
                        the filename prefix, the class index the last number before --suffix (default _aws),
                        the document text the "ocr" field, class names from --classes (default: RVL-CDIP's 16)
+    Hub ids, parquet / CSV / Arrow tables, save_to_disk folders, JSON in other formats (alpaca, OpenAI with
+    images), --columns and several sources: sources.py, which load_samples / load_preferences hand them to.
 
 A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
@@ -359,6 +361,10 @@ def load_samples(path, prompts=None, require_answer=True, require_question=True,
     """Every sample of a TSV / folder / JSON / JSONL path, validated; prompts fill in missing questions.
     The plain format (--response-template) needs no question: pass require_question=False. Files and images
     the data names must lie inside its folder (data_root) unless allow_outside."""
+    import sources  # Hub ids, tables, save_to_disk folders, JSON in other formats, several sources: sources.py
+
+    if sources.handles(path):
+        return sources.load_samples(path, prompts, require_answer, require_question, allow_outside)
     root = data_root(path, allow_outside)
     samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(samples, prompts, require_question)
@@ -653,6 +659,10 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:
+    import sources
+
+    if sources.handles(path):
+        return sources.load_preferences(path, prompts, allow_outside)
     root = data_root(path, allow_outside)
     prefs = [parse_preference(rec, f, sid, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(prefs, prompts)

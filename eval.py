@@ -30,7 +30,10 @@ def build_parser():
     a = p.add_argument
     a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
     a("-m", "--model", help="base model to score zero-shot (no checkpoint), or to override the run's base model")
-    a("--test-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file")
+    a("--test-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file; a Hub id or a "
+      "table (README: Data)")
+    a("--columns", help="map a table's columns to our fields: text=article,answer=category (default: the run's)")
+    a("--split", choices=["validation"], help="score the samples the run held out with --validation-split")
     a("-d", "--data", help="RVL-CDIP OCR folder: scores its test_* files")
     a("--suffix", help="RVL-CDIP file suffix (default: the run's, else _aws)")
     a("--classes", help="class names file (default: the run's classes)")
@@ -116,7 +119,12 @@ def load_test(args, cfg):
     classes = load_classes(args.classes) if args.classes else cfg.get("classes")
     data = args.data or (None if args.test_data else cfg.get("data"))
     need_q = not cfg.get("response_template") and cfg.get("head") != "classifier"  # formats that ask nothing
-    if data:
+    import sources
+
+    sources.configure(columns=args.columns or cfg.get("columns"))
+    if args.split:
+        samples = sources.run_split(cfg, prompts, need_q, args.allow_outside_paths)
+    elif data:
         classes = classes or RVL_CDIP_CLASSES
         samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q,
                                 args.allow_outside_paths)

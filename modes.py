@@ -40,10 +40,12 @@ class SFT:
 
     def load_data(self, s: Setup):
         """Validated samples and classes: everything checked before a model is loaded."""
+        import sources
         from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
                              load_samples, to_classes)
 
         a = s.args
+        sources.configure(a)  # --columns for every source below
         s.prompts = load_prompts(a.prompts)
         classes = load_classes(a.classes) if a.classes else None
         # the plain format's response template stands in for a question, and a classifier head needs none
@@ -59,6 +61,7 @@ class SFT:
                                    allow_outside=a.allow_outside_paths)
             s.val = load_samples(a.validation_data, s.prompts, require_question=need_q,
                                  allow_outside=a.allow_outside_paths) if a.validation_data else []
+        s.train, s.val = sources.prepare(a, s.train, s.val)  # --mix, --validation-split, --train-samples
         s.classes = classes or infer_classes(s.train)
         if s.classes:  # the one matching rule: every reference answer becomes its class name, here, once
             s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
@@ -171,9 +174,11 @@ class DPO(SFT):
     name = "dpo"
 
     def load_data(self, s: Setup):
+        import sources
         from dataset import load_preferences, load_prompts
 
         a = s.args
+        sources.configure(a)  # --columns
         s.prompts = load_prompts(a.prompts)
         s.train = load_preferences(a.train_data, s.prompts, a.allow_outside_paths)
         s.val = load_preferences(a.validation_data, s.prompts, a.allow_outside_paths) if a.validation_data else []

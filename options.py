@@ -30,7 +30,7 @@ def flag(dest: str) -> str:
 
 
 # (dest, lowest, highest, lowest allowed itself?): None = unbounded on that side. Sizes and counts are >= 1.
-AT_LEAST_ONE = ("batch_size", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
+AT_LEAST_ONE = ("batch_size", "train_samples", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
                 "max_completion_len", "total_batch_size", "max_batch_size_per_device", "eval_steps", "save_steps",
                 "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams",
                 "no_repeat_ngram_size")
@@ -90,6 +90,9 @@ def _mode_options(args):
         ("dpo_loss", dpo, "--trainer dpo"),
         ("init_adapter", grpo or dpo, "--trainer grpo or dpo"),
         ("suffix", args.data is not None, "-d (the RVL-CDIP OCR layout)"),
+        ("mix", args.trainer != "dpo", "SFT, the classifier head and GRPO (not preference pairs yet)"),
+        ("validation_split", args.trainer not in ("dpo", "grpo"), "SFT and the classifier head"),
+        ("train_samples", args.trainer != "dpo", "SFT, the classifier head and GRPO (not preference pairs yet)"),
         ("max_batch_size_per_device", args.total_batch_size is not None or args.auto_batch_size,
          "--total-batch-size or --auto-batch-size"),
         ("lora_alpha", args.trainable != "full", "LoRA / QLoRA (not --trainable full)"),

@@ -44,9 +44,11 @@ def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
     from modeling import precision
 
     cfg["precision"] = precision(args.mixed_precision)  # resolved (auto -> no / bf16 / fp16): export.py merges in it
+    import sources  # Hub ids stay ids; local paths become absolute
+
     for k in ("train_data", "validation_data", "data", "prompts"):
         if cfg.get(k):
-            cfg[k] = str(Path(cfg[k]).resolve())
+            cfg[k] = sources.resolved(cfg[k]) if k.endswith("_data") else str(Path(cfg[k]).resolve())
     if args.classes:
         cfg["classes_file"] = str(Path(args.classes).resolve())
     return cfg

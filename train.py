@@ -50,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="YAML file of options (keys as the long flags, with _); command-line flags override it")
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file")
+    g.add_argument("--train-data", help="a Hub id (org/name[:config][@split]), a .parquet/.csv/.tsv/.arrow table, a "
+                   "save_to_disk folder, a .json/.jsonl file, a TSV of sample JSON files or a folder of them; "
+                   "several, comma-separated, to mix (README: Data)")
     g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
+    g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
+    g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
+                   "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
+    g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
+    g.add_argument("--mix", metavar="R,R,...", help="sampling ratios of the comma-separated --train-data sources "
+                   "(seeded); the mix is as large as they allow, or --train-samples")
     g.add_argument("-d", "--data", help="RVL-CDIP OCR folder: train_*/validation_*/test_* files")
     g.add_argument("--suffix", help="RVL-CDIP file suffix before .json (default _aws)")
     g.add_argument("--classes", help="class names: a JSON list or one per line (default for -d: RVL-CDIP's 16)")

@@ -1,0 +1,169 @@
+"""Data at scale: time and peak memory to load, validate and tokenise a big parquet table, ours against a plain
+`datasets.load_dataset` + `map` script, in the same run.
+
+    uv run bench/data_bench.py                    # 1,000,000 short rows (~10-20 min on 2 shared cores)
+    uv run bench/data_bench.py --rows 20000       # a quick look
+
+Writes a parquet table of short closed-set rows ({"text", "answer", "question"}, 4 classes) into a temporary
+folder, then runs each arm in a fresh process (peak RSS is the process's own ru_maxrss), one after the other:
+    ours     dataset.load_samples (read memory-mapped, every row validated), infer_classes, then
+             batching.encode_cached (chat template, loss mask, datasets.map into Arrow), as train.py does
+    plain    load_dataset("parquet") + map(apply_chat_template + tokenizer), batched: no validation, no loss mask
+    list     what a Python list of Sample dataclasses costs: load_samples, then list(samples) (the old way)
+Both tokenising arms use the tiny tokenizer of tests/tiny_models.py with the same ChatML template, one process each
+(--workers 1: the cores are shared), a fresh HF_DATASETS_CACHE and tokenisation cache. Prints a markdown table
+(arm | seconds | rows/s | peak RSS | peak anonymous RSS: the heap, without the memory-mapped Arrow pages) and the
+ratios ours/plain. Do not edit dataset.py or sources.py while it runs: they are part of the cache key.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+CLASSES = ["red", "blue", "green", "black"]
+WORDS = "the a small big old new house tree river stone cloud paper window garden road light".split()
+
+
+def make_table(path: Path, rows: int):
+    """Short rows written in chunks, so the writer's memory stays small too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, chunk = None, 100_000
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        ids = range(start, start + n)
+        table = pa.table({"text": [f"{WORDS[i % 16]} {WORDS[(i // 16) % 16]} {CLASSES[i % 4]} {i}" for i in ids],
+                          "answer": [CLASSES[i % 4] for i in ids], "question": ["Which colour?"] * n})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def arm_ours(table, tok_dir, workers):
+    from transformers import AutoTokenizer
+
+    import batching
+    from dataset import Formatter, infer_classes, load_samples
+
+    t0 = time.perf_counter()
+    samples = load_samples(table)
+    classes = infer_classes(samples)
+    t1 = time.perf_counter()
+    fmt = Formatter(AutoTokenizer.from_pretrained(tok_dir), max_len=256)
+    ds = batching.encode_cached(fmt, samples, train=True, workers=workers, log=lambda *a: None)
+    t2 = time.perf_counter()
+    again = batching.encode_cached(fmt, load_samples(table), train=True, workers=workers, log=lambda *a: None)
+    t3 = time.perf_counter()
+    assert len(again) == len(ds) == len(samples) and classes == CLASSES
+    return {"seconds": t2 - t0, "load_validate_s": t1 - t0, "tokenise_s": t2 - t1, "cached_rerun_s": t3 - t2,
+            "rows": len(ds)}
+
+
+def arm_plain(table, tok_dir, workers):
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+
+    def encode(batch):
+        texts = [tok.apply_chat_template([{"role": "user", "content": f"{t}\n\n{q}"},
+                                          {"role": "assistant", "content": a}], tokenize=False)
+                 for t, q, a in zip(batch["text"], batch["question"], batch["answer"])]
+        return tok(texts, add_special_tokens=False)
+
+    t0 = time.perf_counter()
+    ds = load_dataset("parquet", data_files=str(table), split="train")
+    ds = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=workers if workers > 1 else None)
+    return {"seconds": time.perf_counter() - t0, "rows": len(ds)}
+
+
+def arm_list(table, tok_dir, workers):
+    from dataset import load_samples
+
+    t0 = time.perf_counter()
+    samples = list(load_samples(table))
+    return {"seconds": time.perf_counter() - t0, "rows": len(samples)}
+
+
+ARMS = {"ours": arm_ours, "plain": arm_plain, "list": arm_list}
+
+
+def watch_anon(peak: dict):
+    """Samples /proc/self/status every 0.2 s: the peak of RssAnon (the process's own heap) apart from RssFile
+    (pages of memory-mapped Arrow files, which the kernel may drop at any time), both counted in ru_maxrss."""
+    import threading
+
+    def loop():
+        while True:
+            fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+            for k in ("RssAnon", "RssFile"):
+                peak[k] = max(peak.get(k, 0), int(fields.get(k, "0 kB").split()[0]) / 2**20)
+            time.sleep(0.2)
+
+    if Path("/proc/self/status").is_file():
+        threading.Thread(target=loop, daemon=True).start()
+
+
+def child(arm, table, tok_dir, workers):
+    peak = {}
+    watch_anon(peak)
+    out = ARMS[arm](table, tok_dir, workers)
+    print(json.dumps({**out, "arm": arm, "peak_rss_gib": peak_gib(), "peak_anon_gib": peak.get("RssAnon"),
+                      "peak_file_gib": peak.get("RssFile")}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1,000,000)")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes per arm (default 1)")
+    p.add_argument("--arms", default="ours,plain,list", help="which arms, in order (default ours,plain,list)")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        arm, table, tok_dir, workers = args.child
+        return child(arm, table, tok_dir, int(workers))
+    from tiny_models import build_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
+        tmp = Path(tmp)
+        table, tok_dir = tmp / "rows.parquet", tmp / "tokenizer"
+        make_table(table, args.rows)
+        build_tokenizer(words=CLASSES).save_pretrained(tok_dir)
+        print(f"{args.rows:,} rows, {table.stat().st_size / 2**20:.1f} MiB parquet; {os.cpu_count()} CPUs; "
+              f"--workers {args.workers}")
+        results = {}
+        for arm in args.arms.split(","):
+            env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-{arm}"), "FINETUNE_CACHE": str(tmp / f"ft-{arm}"),
+                   "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+            r = subprocess.run([sys.executable, __file__, "--child", arm, str(table), str(tok_dir),
+                                str(args.workers)], env=env, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"arm {arm} failed:\n{r.stderr[-3000:]}")
+            results[arm] = json.loads(r.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[arm]), flush=True)
+        print("\n| arm | seconds | rows/s | peak RSS | of it, peak anonymous |\n|---|---|---|---|---|")
+        for arm, r in results.items():
+            anon = f"{r['peak_anon_gib']:.2f} GiB" if r.get("peak_anon_gib") is not None else "-"
+            print(f"| {arm} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} GiB | {anon} |")
+        if "ours" in results and "plain" in results:
+            o, q = results["ours"], results["plain"]
+            print(f"\nours / plain: {o['seconds'] / q['seconds']:.2f}x the time, {o['peak_rss_gib'] / q['peak_rss_gib']:.2f}x"
+                  f" the peak RSS; ours: load + validate {o['load_validate_s']:.1f} s, tokenise {o['tokenise_s']:.1f} s,"
+                  f" a re-run from the tokenisation cache {o['cached_rerun_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

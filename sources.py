@@ -1,0 +1,840 @@
+"""Data from where users keep it: Hugging Face datasets, parquet / CSV / Arrow tables, save_to_disk folders,
+column mapping, formats detected per source, a validation split carved from the training data, and mixing.
+
+A source (`--train-data`, `--validation-data`, eval's `--test-data`, generate's `--data`) is one of
+    org/name[:config][@split]   a Hugging Face dataset id; from the local cache when HF_HUB_OFFLINE=1
+    file.parquet | file.arrow   a table with named columns (one row per sample)
+    file.csv | file.tsv         a table with a header row, comma / tab separated (every cell read as text), unless
+                                it lists sample JSON files (below)
+    folder/                     a `save_to_disk` folder (it holds dataset_info.json or dataset_dict.json), else a
+                                folder of sample JSON files
+    file.json | file.jsonl      a JSON list of samples, or one per line (read by dataset.py: exact line numbers)
+Any source takes `@SPLIT`, the `datasets` split syntax: `@train`, `@train[:95%]`, `@train[10:500]`, `@test+validation`.
+A source with one split needs none; with several, name one (the error lists them). Several training sources are
+joined with commas: `--train-data a.parquet,org/name@train --mix 0.7,0.3`.
+
+Which .csv/.tsv is a list of sample files, decided by content: its first non-blank line, or the second when the
+first is a header, has a first cell (tab-separated) ending in `.json`. Then it is today's layout (dataset.py).
+
+Formats, detected per source from its column names (or the first record's keys), after --columns:
+    ours        text|ocr, answer, question, system, image, id
+    alpaca      instruction, input, output (+ system): instruction -> question, input -> text (the document,
+                placed before the question and truncated by --max-len), output -> answer
+    OpenAI      messages: [{role, content}], content a string or parts [{type: text, text}, {type: image, image}]
+                (an image part may also name the row's `images` column); a sample with an image is single-turn
+    ShareGPT    conversations: [{from, value}]  (FineTome-100k)
+    DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
+Images: a path (relative to the table's file, or to a save_to_disk folder itself; inside that folder unless
+--allow-outside-paths), or a `datasets` Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>;
+a path is used as it is).
+Table cells that are null, and empty cells of a CSV, count as absent (text: an empty document); integer answers
+and ids are used as their text (0 -> "0").
+
+`--columns text=article,answer=category,image=img` renames a table's columns to our fields (in --config: a mapping).
+It applies to every source that has the mapped columns. A mapped column that a source lacks is an error (one line
+listing the source's columns), unless the source has the field under our name already or is in one of the other
+formats (so a mapped CSV mixes with an alpaca JSON); so is a table with no column to read.
+
+Rows are validated by dataset.parse_sample / parse_preference, so every rule of dataset.py holds; an error names
+the file, `row N` (data rows counted from 1, the header not counted) and the column. A table is read memory-mapped
+(Arrow) and parsed on demand (`Samples`): validation streams over it once, and batching.encode_cached tokenises it
+with `datasets.map` into Arrow files, keyed on the dataset's fingerprint, so memory stays bounded (README,
+Benchmarks: bench/data_bench.py).
+
+Training only (`prepare`, after loading): --mix ratios (seeded; the mix is as large as the sources allow without
+repeating a sample, or --train-samples), --validation-split F|N (a seeded split, stratified by answer for closed-set
+tasks; the held-out ids go to run.json: a resumed run reuses them and `eval.py -c RUN --split validation` scores
+them), --train-samples N (a seeded subset, after the split). run.json and the start-up report count each source.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+FIELDS = ("text", "ocr", "answer", "question", "system", "image", "id", "messages", "conversations", "prompt",
+          "chosen", "rejected", "instruction", "input", "output", "images", "prompt_messages", "chosen_messages",
+          "rejected_messages")
+TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}
+RECORD_SUFFIXES = (".json", ".jsonl", ".txt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+SPLIT = re.compile(r"^\w+(\[[^\]]*\])?(\+\w+(\[[^\]]*\])?)*$")
+OPTIONS = {"columns": {}}  # set by configure() from the CLI: --columns reaches every load_samples call
+
+
+class DataError(Exception):  # replaced by dataset.DataError at first use (dataset imports nothing from here)
+    pass
+
+
+def _d():
+    import dataset
+
+    return dataset
+
+
+# ------------------------------------------------------------------------------------------------ options
+def parse_columns(value, where="--columns") -> dict:
+    """'text=article,answer=category' (or a mapping from --config) -> {"text": "article", "answer": "category"}."""
+    if not value:
+        return {}
+    pairs = value.items() if isinstance(value, dict) else [p.partition("=")[::2] for p in str(value).split(",")]
+    out = {}
+    for ours, theirs in pairs:
+        ours, theirs = str(ours).strip(), str(theirs).strip()
+        if ours not in FIELDS or not theirs:
+            raise _d().DataError(where, None, None, f"expected FIELD=COLUMN pairs with FIELD one of "
+                                 f"{', '.join(FIELDS[:7])}, ...; got {ours + '=' + theirs!r}")
+        out[ours] = theirs
+    return out
+
+
+def configure(args=None, columns=None):
+    """The CLI's --columns for every source read afterwards (train.py, eval.py call it before loading)."""
+    OPTIONS["columns"] = parse_columns(columns if args is None else getattr(args, "columns", None))
+    if getattr(args, "trainer", None) == "dpo" and (args.mix or args.validation_split or args.train_samples):
+        raise _d().DataError("--trainer dpo", None, None, "--mix, --validation-split and --train-samples are not "
+                             "supported for preference pairs yet")
+
+
+# ------------------------------------------------------------------------------------------------ what a spec is
+def split_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """'org/name:config@train[:95%]' -> ('org/name', 'config', 'train[:95%]'); local paths keep their colons."""
+    spec = str(spec).strip()
+    path, split = spec, None
+    if "@" in spec and not Path(spec).exists():
+        head, _, tail = spec.rpartition("@")
+        if SPLIT.match(tail.replace(" ", "")):
+            path, split = head, tail.replace(" ", "")
+    config = None
+    if not Path(path).exists() and HUB_ID.match(path) and ":" in path:
+        path, config = path.split(":", 1)
+    return path, config, split
+
+
+def is_listing(path: Path) -> bool:
+    """A .csv/.tsv/.txt whose first (or, after a header, second) non-blank line starts with a cell ending .json."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
+    except OSError:
+        return True  # dataset.read_records names the problem
+    return any(line.split("\t")[0].strip().endswith(".json") for line in lines)
+
+
+def kind(spec: str) -> str:
+    """'hub', 'table', 'disk' (save_to_disk), 'json' (dataset.py reads it, formats converted here) or 'records'
+    (dataset.py's own layouts: a listing TSV, a folder of JSON files, a path that is not there)."""
+    path, config, split = split_spec(spec)
+    p = Path(path)
+    if p.is_dir():
+        return "disk" if any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")) \
+            else "records"
+    if p.is_file():
+        if p.suffix in (".parquet", ".arrow") or (p.suffix in (".csv", ".tsv") and not is_listing(p)):
+            return "table"
+        return "json" if p.suffix in (".json", ".jsonl") else "records"
+    if HUB_ID.match(path + (f":{config}" if config else "")) and p.suffix not in (*TABLE_SUFFIXES, *RECORD_SUFFIXES):
+        return "hub"
+    return "records"  # not there: dataset.read_records says so
+
+
+def handles(spec) -> bool:
+    """Does this spec need sources.py (several sources, a split, a table, a Hub id, a save_to_disk folder)?"""
+    spec = str(spec)
+    parts = [s for s in spec.split(",")] if "," in spec and not Path(spec).exists() else [spec]
+    return len(parts) > 1 or kind(spec) != "records" or bool(split_spec(spec)[2])
+
+
+def resolved(spec) -> str:
+    """The spec with local paths made absolute (for run.json): Hub ids and @splits kept as written."""
+    out = []
+    for s in (str(spec).split(",") if handles(spec) else [str(spec)]):
+        path, config, split = split_spec(s)
+        if kind(s) != "hub":
+            path = str(Path(path).resolve())
+        out.append(path + (f":{config}" if config else "") + (f"@{split}" if split else ""))
+    return ",".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ reading tables
+def _quiet():
+    import datasets
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
+
+
+def read_table(spec: str):
+    """(datasets.Dataset, file name for messages, folder that relative image paths start from)."""
+    import datasets
+
+    _quiet()
+    path, config, split = split_spec(spec)
+    k = kind(spec)
+    DataError = _d().DataError
+    try:
+        if k == "hub":
+            ds = datasets.load_dataset(path, config)
+            where = Path.cwd()
+        elif k == "disk":
+            ds, where = datasets.load_from_disk(path), Path(path)
+        else:
+            p = Path(path)
+            builder = TABLE_SUFFIXES[p.suffix]
+            extra = _csv_options(p) if builder == "csv" else {}
+            ds, where = datasets.load_dataset(builder, data_files=str(p), **extra), p.parent
+    except (ConnectionError, FileNotFoundError) as e:
+        if k == "hub":
+            raise DataError(path, None, None, "not in the local Hugging Face cache and not reachable "
+                            f"({_first(e)}); run once with the network, or check the id") from None
+        raise DataError(path, None, None, f"cannot read: {_first(e)}") from None
+    except Exception as e:  # pyarrow / pandas / datasets raise many types for a damaged or foreign file
+        raise DataError(path, None, None, f"cannot read as a {k}: {_first(e)}") from None
+    return _pick_split(ds, path, split), path, where
+
+
+def _csv_options(p: Path) -> dict:
+    """Every cell as text (a CSV has no types: pandas would read '007' as 7), empty cells as ''."""
+    import csv
+
+    import datasets
+
+    sep = "\t" if p.suffix == ".tsv" else ","
+    with open(p, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter=sep), [])
+    return {"delimiter": sep, "keep_default_na": False, "encoding": "utf-8-sig",
+            "features": datasets.Features({c: datasets.Value("string") for c in header})}
+
+
+def _first(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _pick_split(ds, path, split):
+    """A Dataset from a Dataset or DatasetDict and a `datasets` split expression (slicing included)."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        ds = datasets.DatasetDict({"train": ds})
+    names = list(ds)
+    if split is None:
+        if len(names) > 1:
+            raise _d().DataError(path, None, None, f"has splits {', '.join(names)}: name one, e.g. {path}@{names[0]}")
+        return ds[names[0]]
+    try:  # datasets' own parser of 'train[:95%]+test': the same syntax as load_dataset(split=...)
+        instr = datasets.ReadInstruction.from_spec(split).to_absolute({n: len(ds[n]) for n in names})
+    except (ValueError, KeyError, AssertionError) as e:
+        raise _d().DataError(path, None, None, f"split {split!r}: {_first(e)} (splits: {', '.join(names)})") \
+            from None
+    parts = [ds[i.splitname].select(range(i.from_, i.to)) for i in instr]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def detect(columns) -> str | None:
+    """The format of a source from its column names (a table) or its first record's keys (JSON)."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "openai"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:
+        return "dpo"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if cols & {"text", "ocr", "answer", "question", "image", "prompt"}:
+        return "ours"
+    return None
+
+
+ALPACA = {"question": "instruction", "text": "input", "answer": "output"}  # our field -> alpaca's
+
+
+class Converter:
+    """Rows of one source (dicts of its columns, renamed by --columns) -> records in dataset.py's keys, and errors
+    that name the user's own columns. `names`: our field -> the user's name for it."""
+
+    def __init__(self, fmt: str, names: dict, table: bool, blank_is_absent=False):
+        self.fmt, self.table, self.blank_is_absent = fmt, table, blank_is_absent
+        self.names = {**({k: names.get(v, v) for k, v in ALPACA.items()} if fmt == "alpaca" else {}), **names}
+
+    def clean(self, row: dict) -> dict:
+        out = {}
+        for k, v in row.items():
+            if v is None or (self.blank_is_absent and v == "" and k not in ("text", "ocr")):
+                continue  # a null cell (or an empty CSV cell) is an absent field
+            if self.table and k in ("answer", "output", "id") and isinstance(v, int) and not isinstance(v, bool):
+                v = str(v)  # integer labels are their text (a table's column has one type; JSON keeps its rule)
+            out[k] = v
+        return out
+
+    def __call__(self, row: dict, file, sid) -> tuple[dict, bool]:
+        """(record, trusted): trusted when the image is a file we wrote (no data-folder check for it)."""
+        rec = self.clean(row) if isinstance(row, dict) else row
+        if not isinstance(rec, dict):
+            return rec, False
+        if self.fmt == "alpaca":
+            rec = {"question": rec.get("instruction"), "text": rec.get("input") or None, "answer": rec.get("output"),
+                   **{k: rec[k] for k in ("system", "id") if k in rec}}
+            rec = {k: v for k, v in rec.items() if v is not None}
+        elif self.fmt == "openai":
+            rec = _openai(rec, file, sid)
+        elif self.fmt == "dpo":
+            rec = {(f"{k}_messages" if k in ("prompt", "chosen", "rejected") and isinstance(v, list) else k): v
+                   for k, v in rec.items()}
+        trusted = False
+        if isinstance(rec.get("image"), dict):  # a datasets Image feature, undecoded: {"bytes", "path"}
+            rec["image"], trusted = _image_file(rec["image"], file, sid)
+        return rec, trusted
+
+    def error(self, e):
+        """The DataError with the field renamed to the user's column (tables) or key."""
+        msg = str(e)
+        m = re.search(r"field '([A-Za-z_]+)", msg)
+        if m and (self.table or m.group(1) in self.names):
+            word = "column" if self.table else "field"
+            msg = f"{msg[:m.start()]}{word} '{self.names.get(m.group(1), m.group(1))}{msg[m.end():]}"
+        return _error(msg)
+
+
+def _error(message: str):
+    """A DataError carrying a finished one-line message."""
+    DataError = _d().DataError
+    err = DataError.__new__(DataError)
+    Exception.__init__(err, message)
+    return err
+
+
+def _openai(rec, file, sid):
+    """OpenAI messages whose content may be a list of text / image parts: text parts joined; a sample with an
+    image becomes our single-turn form (system, question, image, answer), the shape the Formatter renders."""
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list):
+        return rec
+    images, out, image = list(rec.get("images") or []), [], None
+    for i, m in enumerate(msgs):
+        c = m.get("content") if isinstance(m, dict) else None
+        if isinstance(c, list):
+            texts = []
+            for j, part in enumerate(c):
+                kind_ = part.get("type") if isinstance(part, dict) else None
+                if kind_ == "text":
+                    texts.append(part.get("text") or "")
+                elif kind_ in ("image", "image_url"):
+                    url = part.get("image_url")
+                    v = part.get("image") or part.get("path") or (url.get("url") if isinstance(url, dict) else url)
+                    v = v if v is not None else (images.pop(0) if images else None)
+                    if v is None or image is not None:
+                        raise _d().DataError(file, sid, f"messages[{i}].content[{j}]", "no image for this part"
+                                             if v is None else "one image per sample is supported")
+                    image = v
+                else:
+                    raise _d().DataError(file, sid, f"messages[{i}].content[{j}].type",
+                                         f"expected 'text' or 'image', got {kind_!r}")
+            m = {**m, "content": "".join(texts)}
+        out.append(m)
+    if image is None:
+        return {**rec, "messages": out}
+    turns = [(m.get("role"), m.get("content")) for m in out if isinstance(m, dict)]
+    if sum(r == "user" for r, _ in turns) != 1 or sum(r == "assistant" for r, _ in turns) > 1:
+        raise _d().DataError(file, sid, "messages", "a sample with an image must be single-turn (one user turn)")
+    pick = {r: t for r, t in turns}
+    new = {"image": image, "question": pick.get("user") or None, "system": pick.get("system"),
+           "answer": pick.get("assistant"), "id": rec.get("id")}
+    return {k: v for k, v in new.items() if v is not None}
+
+
+def _image_file(value: dict, file, sid) -> tuple[str, bool]:
+    """An Image feature's cell: its bytes written once to the cache (content-addressed), else its path."""
+    data, path = value.get("bytes"), value.get("path")
+    if not data:
+        if not path:
+            raise _d().DataError(file, sid, "image", "an Image cell with neither bytes nor a path")
+        return path, False
+    import batching
+
+    root = batching.cache_root()
+    if root is None:
+        import tempfile
+
+        root = Path(tempfile.gettempdir()) / "finetune-images"
+    digest = hashlib.sha256(data).hexdigest()
+    out = root / "images" / f"{digest}{Path(path or '').suffix or '.img'}"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.rename(out)
+    return str(out), True
+
+
+# ------------------------------------------------------------------------------------------------ --columns
+def _mapping(have, file) -> tuple[dict, dict]:
+    """(rename: the user's column -> our field, names: our field -> the user's column) for --columns, checked
+    against the columns a source has."""
+    rename, names = {}, {}
+    own = detect(have) not in (None, "ours")  # alpaca, messages, ShareGPT, DPO: needs no mapping (a mix of sources)
+    for ours, theirs in OPTIONS["columns"].items():
+        if theirs in have:
+            rename[theirs], names[ours] = ours, theirs
+        elif ours not in have and not own:  # nor does a source with the field under our name
+            raise _d().DataError(file, None, None, f"--columns {ours}={theirs}: no column {theirs!r}; the "
+                                 f"{'table' if have else 'data'} has columns: {', '.join(have) or '(none)'}")
+    return rename, names
+
+
+def _require(fmt, cols, file, preference, require_answer):
+    """One line, with the columns the table has, when nothing in it can be read as samples."""
+    has = f"the table has columns: {', '.join(cols)}"
+    DataError = _d().DataError
+    if fmt is None:
+        raise DataError(file, None, None, f"no column to read samples from; {has}; name them with --columns "
+                        "text=COLUMN,answer=COLUMN")
+    if preference and fmt != "dpo":
+        raise DataError(file, None, None, f"--trainer dpo needs prompt, chosen and rejected columns; {has}")
+    if not preference and fmt == "ours" and require_answer and "answer" not in cols:
+        raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN")
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _undecoded(ds):
+    """Image columns as {"bytes", "path"} cells: nothing is decoded while reading (dataset.py verifies files)."""
+    import datasets
+
+    for name, feat in ds.features.items():
+        inner = getattr(feat, "feature", None)
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(inner, datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return ds
+
+
+class Table:
+    """One table source: a memory-mapped datasets.Dataset, each row parsed into a Sample (or Preference) when
+    it is read, so a million rows cost their Arrow pages, not a million Python objects."""
+
+    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False):
+        ds, self.file, where = read_table(spec)
+        ds = _undecoded(ds)
+        rename, names = _mapping(ds.column_names, self.file)
+        if rename:
+            taken = [c for c in rename.values() if c in ds.column_names and c not in rename]
+            ds = ds.remove_columns(taken).rename_columns(rename)
+        self.format = detect(ds.column_names)
+        _require(self.format, ds.column_names, self.file, preference, require_answer)
+        self.convert = Converter(self.format, names, table=True, blank_is_absent=Path(self.file).suffix in
+                                 (".csv", ".tsv") and kind(spec) == "table")
+        self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
+        self.ds, self.spec, self.preference, self.require_answer = ds, spec, preference, require_answer
+        self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
+        # a save_to_disk folder: image paths are relative to the folder itself, not to the folder it lies in
+        self.base = Path(where) if kind(spec) == "disk" else None
+
+    def __len__(self):
+        return len(self.ds)
+
+    def parse(self, row: dict, n: int):
+        d, sid = _d(), f"row {n + 1}"
+        try:
+            rec, trusted = self.convert(row, self.file, sid)
+            if self.base is not None and isinstance(rec.get("image"), str) and not Path(rec["image"]).is_absolute():
+                rec["image"] = str(self.base / rec["image"])
+            root = None if trusted else self.root
+            if self.preference:
+                return d.parse_preference(rec, self.path, sid, root)
+            return d.parse_sample(rec, self.path, sid, self.require_answer, root)
+        except d.DataError as e:
+            raise self.convert.error(e) from None
+
+    def get(self, n: int):
+        return self.parse(self.ds[int(n)], int(n))
+
+    def rows(self, indices=None, batch=1000):
+        """(row number, row dict) in order, read in Arrow batches."""
+        ds = self.ds if indices is None else self.ds.select(indices)
+        pos = 0
+        for b in ds.iter(batch_size=batch):
+            for values in zip(*b.values()):
+                yield (pos if indices is None else int(indices[pos])), dict(zip(b, values))
+                pos += 1
+
+    def validate(self, prompts, require_question):
+        """Every row parsed once (nothing kept): the errors of dataset.py, before a model is loaded."""
+        d = _d()
+        seen = {} if "id" in self.ds.column_names else None
+        for n, row in self.rows():
+            s = self.parse(row, n)
+            try:
+                d.check_samples([s], prompts, require_question)
+            except d.DataError as e:
+                raise self.convert.error(e) from None
+            if seen is not None:
+                if s.id in seen:
+                    raise self.convert.error(d.DataError(self.file, f"row {n + 1}", "id", f"duplicate sample id "
+                                                         f"{s.id!r}: also row {seen[s.id]}"))
+                seen[s.id] = n + 1
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset's fingerprint (datasets: it changes with the files' content and every transform) and how
+        rows become samples (format, mapping, checks, this module's code)."""
+        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        return _hash([self.ds._fingerprint, self.spec, self.format, self.convert.names, self.require_answer,
+                      self.preference, str(self.root), code])
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ a lazy sequence
+class Samples(Sequence):
+    """The samples of one or more sources, in order: parts [(name, base, indices)], base a Table (rows parsed
+    when read) or a list of Samples, indices None (all) or sorted positions in base (repeats allowed: a mix)."""
+
+    def __init__(self, parts):
+        self.parts = [(name, base, None if idx is None else list(idx)) for name, base, idx in parts]
+
+    @staticmethod
+    def _size(base, idx):
+        return len(base) if idx is None else len(idx)
+
+    def __len__(self):
+        return sum(self._size(b, i) for _, b, i in self.parts)
+
+    def __iter__(self):
+        for _, base, idx in self.parts:
+            if isinstance(base, Table):
+                yield from (base.parse(row, n) for n, row in base.rows(idx))
+            else:
+                yield from (base if idx is None else (base[i] for i in idx))
+
+    def _locate(self, i):
+        for p, (_, base, idx) in enumerate(self.parts):
+            if i < self._size(base, idx):
+                return p, (i if idx is None else idx[i])
+            i -= self._size(base, idx)
+        raise IndexError(i)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        p, n = self._locate(i + len(self) if i < 0 else i)
+        base = self.parts[p][1]
+        return base.get(n) if isinstance(base, Table) else base[n]
+
+    def take(self, positions):
+        """The samples at these positions (ascending) as a new Samples: nothing is read."""
+        per = [[] for _ in self.parts]
+        for i in positions:
+            p, n = self._locate(i)
+            per[p].append(n)
+        # every part stays, empty or not: a part's index is its source's place in --train-data (run.json's ids)
+        return Samples([(name, base, per[p]) for p, (name, base, _) in enumerate(self.parts)])
+
+    def __add__(self, other):
+        return Samples(self.parts + [("", other, None)])
+
+    def __radd__(self, other):
+        return Samples([("", other, None)] + self.parts)
+
+    def part_of(self):
+        """(part index, sample) for every sample: what --validation-split stores (ids repeat across sources)."""
+        for p, (name, base, idx) in enumerate(self.parts):
+            for s in Samples([(name, base, idx)]):
+                yield p, s
+
+    @property
+    def fingerprint(self) -> str | None:
+        """For batching.cache_key when every part is a table (else None: the samples are hashed one by one)."""
+        if not all(isinstance(b, Table) for _, b, _ in self.parts):
+            return None
+        return _hash([[b.fingerprint, None if i is None else hashlib.sha256(str(i).encode()).hexdigest()]
+                      for _, b, i in self.parts])
+
+    def encode(self, fmt, train: bool, workers: int = 1):
+        """(datasets.Dataset of encoded rows, worker processes): tables through datasets.map into Arrow files
+        (bounded memory, `workers` processes for large ones), lists through batching.encode_rows; fmt.truncated
+        and fmt.dropped grow as in batching.encode_rows."""
+        import datasets
+
+        import batching
+
+        folder = _scratch()
+        pieces, used = [], 1
+        for p, (_, base, idx) in enumerate(self.parts):
+            if isinstance(base, Table):
+                ds, n = _encode_table(base, idx, fmt, train, workers, folder / f"part{p}.arrow")
+                fmt.dropped += self._size(base, idx) - len(ds)
+                used = max(used, n)
+            else:  # counted by encode_rows itself
+                rows, n = batching.encode_rows(fmt, base if idx is None else [base[i] for i in idx], train, workers)
+                used = max(used, n)
+                ds = datasets.Dataset.from_list([{**r, "truncated": False} for r in rows],
+                                                features=_encoded_features())
+            pieces.append(ds)
+        ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
+        fmt.truncated += sum(1 for t in ds["truncated"] if t)
+        return ds.remove_columns("truncated"), used
+
+
+def _scratch() -> Path:
+    """A folder for map's Arrow files, removed when the process ends (the cache keeps its own copy)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="finetune-encode-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _encoded_features():
+    import datasets
+
+    ids = datasets.List(datasets.Value("int64"))
+    text = datasets.Value("string")
+    return datasets.Features({"id": text, "input_ids": ids, "labels": ids, "length": datasets.Value("int64"),
+                              "prompt_text": text, "answer_text": text, "image": text,
+                              "truncated": datasets.Value("bool")})
+
+
+ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image", "truncated")
+
+
+MAP_PROCESSES_FROM = 20000  # rows from which datasets.map tokenises a table in --num-preprocess-workers processes
+
+
+class _Carried(Exception):
+    """A DataError's message across datasets.map's worker processes (DataError's constructor takes four args)."""
+
+
+def _encode_batch(batch, positions, table, fmt, train, idx):
+    out = {k: [] for k in ENCODED_COLUMNS}
+    keys = list(batch)
+    for j, values in zip(positions, zip(*batch.values())):
+        n = j if idx is None else int(idx[j])
+        try:
+            s = table.parse(dict(zip(keys, values)), n)
+            truncated, dropped = fmt.truncated, fmt.dropped
+            r = fmt.encode(s, train=train)
+        except _d().DataError as e:
+            raise _Carried(str(e)) from None
+        # counted from the rows afterwards (Samples.encode), the same in one process or in map's workers
+        truncated, fmt.truncated, fmt.dropped = fmt.truncated > truncated, truncated, dropped
+        if r is None:
+            continue
+        r["truncated"] = truncated
+        for k in ENCODED_COLUMNS:
+            out[k].append(r.get(k))
+    return out
+
+
+def _encode_table(table, idx, fmt, train, workers, cache_file):
+    ds = table.ds if idx is None else table.ds.select(idx)
+    procs = workers if workers > 1 and len(ds) >= MAP_PROCESSES_FROM else None  # starting workers costs seconds
+    try:
+        out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
+                     fn_kwargs={"table": table, "fmt": fmt, "train": train, "idx": idx},
+                     remove_columns=ds.column_names, features=_encoded_features(), cache_file_name=str(cache_file),
+                     new_fingerprint=_hash([table.fingerprint, str(cache_file)])[:32], desc="tokenising")
+    except _Carried as e:
+        raise _error(str(e)) from None
+    return out, procs or 1
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def specs(spec) -> list[str]:
+    spec = str(spec)
+    return [s.strip() for s in spec.split(",") if s.strip()] if "," in spec and not Path(spec).exists() else [spec]
+
+
+def _slice(items: list, path, split):
+    """A JSON source's records cut by a split expression ('train[:100]'): the file is the one split 'train'."""
+    if not split:
+        return items
+    import datasets
+
+    try:
+        instr = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(items)})
+    except (ValueError, KeyError, AssertionError) as e:
+        raise _d().DataError(path, None, None, f"split {split!r}: {_first(e)} (a JSON file is the one split "
+                             "'train')") from None
+    return [r for i in instr for r in items[i.from_:i.to]]
+
+
+def _json_records(spec, preference, require_answer, allow_outside):
+    """A JSON / JSONL source read by dataset.py, in the format detected from its first record, parsed."""
+    d = _d()
+    path, _, split = split_spec(spec)
+    records = _slice(d.read_records(path, allow_outside), path, split)
+    first = next((r for _, _, r in records if isinstance(r, dict)), {})
+    rename, names = _mapping(list(first), path)
+    fmt = detect(rename.get(k, k) for k in first) or "ours"
+    convert, root, out = Converter(fmt, names, table=False), d.data_root(path, allow_outside), []
+    for f, sid, rec in records:
+        try:
+            if isinstance(rec, dict) and rename:
+                rec = {rename.get(k, k): v for k, v in rec.items()}
+            rec, trusted = convert(rec, f, sid)
+            root_ = None if trusted else root
+            out.append(d.parse_preference(rec, f, sid, root_) if preference else
+                       d.parse_sample(rec, f, sid, require_answer, root_))
+        except d.DataError as e:
+            raise convert.error(e) from None
+    return out
+
+
+def _load(spec, preference, prompts, require_answer, require_question, allow_outside):
+    d, parts = _d(), []
+    for s in specs(spec):
+        k = kind(s)
+        if k == "records":  # dataset.py's own layouts (the split, if any, cut here)
+            path, _, split = split_spec(s)
+            base = _slice(d.load_preferences(path, prompts, allow_outside) if preference else
+                          d.load_samples(path, prompts, require_answer, require_question, allow_outside), path, split)
+        elif k == "json":
+            base = _json_records(s, preference, require_answer, allow_outside)
+            d.check_samples(base, prompts, require_question or preference)
+        else:
+            base = Table(s, preference, require_answer, allow_outside)
+            if preference:
+                base = [base.parse(row, n) for n, row in base.rows()]  # DPO sets are small: TRL wants them whole
+                d.check_samples(base, prompts)
+            else:
+                base.validate(prompts, require_question)
+        parts.append((s, base, None))
+    if len(parts) == 1 and isinstance(parts[0][1], list):
+        return parts[0][1]
+    return Samples(parts)
+
+
+def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False):
+    """dataset.load_samples for the specs handles() accepts: a list, or a lazy Samples for tables and mixes."""
+    return _load(spec, False, prompts, require_answer, require_question, allow_outside)
+
+
+def load_preferences(spec, prompts=None, allow_outside=False):
+    return list(_load(spec, True, prompts, True, True, allow_outside))
+
+
+# ------------------------------------------------------------------------------------------------ training only
+def _fraction(value, what) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = -1
+    if not v > 0:
+        raise _d().DataError(what, None, None, f"expected a positive number, got {value!r}")
+    return v
+
+
+def _mix(train: Samples, ratios: str, total: int | None, seed: int) -> Samples:
+    """Each source's share of the training set, drawn without repeats (seeded); the set is as large as the
+    sources allow at these ratios, or --train-samples (a source too small for its share is repeated)."""
+    DataError = _d().DataError
+    weights = [_fraction(r, "--mix") for r in str(ratios).split(",")]
+    if len(weights) != len(train.parts):
+        raise DataError("--mix", None, None, f"{len(weights)} ratios for {len(train.parts)} training sources")
+    shares = [w / sum(weights) for w in weights]
+    sizes = [Samples._size(b, i) for _, b, i in train.parts]
+    total = total or int(min(n / r for n, r in zip(sizes, shares)))
+    counts = [round(r * total) for r in shares]
+    rng, parts = random.Random(f"mix:{seed}"), []
+    for (name, base, idx), n, k in zip(train.parts, sizes, counts):
+        picks = sorted(rng.sample(range(n), k % n) + list(range(n)) * (k // n)) if k else []
+        parts.append((name, base, [idx[j] if idx is not None else j for j in picks]))
+    return Samples(parts)
+
+
+def _carve(train: Samples, spec, seed: int, classes) -> list[int]:
+    """Positions of the held-out validation samples: a seeded draw, stratified by answer for closed-set tasks
+    (each class gives its share; largest remainders settle the rounding)."""
+    n = len(train)
+    value = _fraction(spec, "--validation-split")
+    k = round(value * n) if value < 1 else int(value)
+    if value >= 1 and value != int(value) or not 0 < k < n:
+        raise _d().DataError("--validation-split", None, None, f"{spec!r} leaves {n - k} of {n} samples to train on; "
+                             "give a fraction in (0, 1) or a count below the number of samples")
+    rng = random.Random(f"validation-split:{seed}")
+    if not classes:
+        return sorted(rng.sample(range(n), k))
+    d = _d()
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(train):
+        groups.setdefault(d.normalize(s.answer or ""), []).append(i)
+    exact = {c: len(g) * k / n for c, g in groups.items()}
+    take = {c: int(x) for c, x in exact.items()}
+    for c in sorted(exact, key=lambda c: (take[c] - exact[c], rng.random()))[: k - sum(take.values())]:
+        take[c] += 1
+    return sorted(i for c, g in groups.items() for i in rng.sample(g, take[c]))
+
+
+def _held_out(train: Samples, ids) -> list[int]:
+    """Positions of the [source, id] pairs a run stored (a resumed run, eval --split validation)."""
+    want = {(p, i) for p, i in ids}
+    return [pos for pos, (p, s) in enumerate(train.part_of()) if (p, s.id) in want]
+
+
+def prepare(args, train, val):
+    """--mix, --validation-split and --train-samples on the loaded training data; what was used goes to args
+    (run.json: data_sources, validation_split_ids) and to the start-up report. Returns (train, val)."""
+    DataError = _d().DataError
+    if not isinstance(train, Samples):
+        if not (args.mix or args.validation_split or args.train_samples):
+            return train, val  # one source as dataset.py read it: nothing to do
+        train = Samples([(args.train_data or args.data, train, None)])
+    if getattr(args, "mix", None):
+        train = _mix(train, args.mix, args.train_samples, args.seed)
+    elif len(train.parts) > 1 and args.train_samples:
+        train = _mix(train, ",".join(str(Samples._size(b, i)) for _, b, i in train.parts), args.train_samples,
+                     args.seed)
+    if args.validation_split:
+        if val:
+            raise DataError("--validation-split", None, None, "give --validation-data or --validation-split, not both")
+        stored = _stored_split(args)
+        if stored is not None:
+            held = _held_out(train, stored)
+        else:
+            d = _d()
+            classes = d.load_classes(args.classes) if args.classes else d.infer_classes(train)
+            held = _carve(train, args.validation_split, args.seed, classes)
+        keep = sorted(set(range(len(train))) - set(held))
+        val = list(train.take(held))
+        args.validation_split_ids = [[p, s.id] for p, s in train.take(held).part_of()]
+        train = train.take(keep)
+    if args.train_samples and len(train.parts) == 1 and args.train_samples < len(train):
+        train = train.take(sorted(random.Random(f"train-samples:{args.seed}").sample(range(len(train)),
+                                                                                        args.train_samples)))
+    args.data_sources = [{"source": name, "samples": Samples._size(b, i)} for name, b, i in train.parts]
+    if len(args.data_sources) > 1 or args.validation_split or args.train_samples:
+        used = ", ".join(f"{x['source']}: {x['samples']}" for x in args.data_sources)
+        print(f"data used: {used}" + (f"; validation split: {len(val)} held out (--validation-split "
+                                      f"{args.validation_split})" if args.validation_split else ""))
+    return train, val
+
+
+def _stored_split(args):
+    """--resume: the held-out ids the run stored, so the resumed run validates on the very same samples."""
+    run = Path(args.log_dir) / (args.name or "") / "run.json"
+    if not (args.resume and args.name and run.is_file()):
+        return None
+    try:
+        return json.loads(run.read_text()).get("validation_split_ids")
+    except (OSError, ValueError):
+        return None
+
+
+def run_split(cfg, prompts, require_question, allow_outside=False) -> list:
+    """eval.py --split validation: the samples a run held out with --validation-split, from its training data."""
+    if not cfg.get("validation_split_ids"):
+        raise _d().DataError("--split validation", None, None, "the run was not trained with --validation-split")
+    train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question,
+                         allow_outside=allow_outside)
+    train = train if isinstance(train, Samples) else Samples([(cfg["train_data"], train, None)])
+    return list(train.take(_held_out(train, cfg["validation_split_ids"])))
