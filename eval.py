@@ -24,6 +24,8 @@ from pathlib import Path
 
 
 def build_parser():
+    from predict import DEFAULT_SCORE_RULE, SCORE_RULES, add_decoding_options
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
@@ -40,7 +42,11 @@ def build_parser():
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
     a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
-    a("--max-new-tokens", type=int, help="generation budget (default 32 for classes, 256 for free text)")
+    a("--score-rule", choices=SCORE_RULES, default=DEFAULT_SCORE_RULE,
+      help=f"--predict score: how classes are compared (default {DEFAULT_SCORE_RULE}; see predict.py)")
+    a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
+      "tokens; zero-shot 32 for classes, 256 for free text)")
+    add_decoding_options(p)
     a("-o", "--output", default="results", help="output root (default results/)")
     a("--limit", type=int, help="score the first N samples only")
     a("--resume", action="store_true", help="keep the predictions an interrupted eval wrote to the same output "
@@ -107,6 +113,9 @@ def main(argv=None):
     import launch
 
     bad = launch.size_error(args, ("batch_size", "max_len", "max_new_tokens", "limit"))  # before anything is loaded
+    from predict import decoding_error
+
+    bad = bad or decoding_error(args)
     if bad:
         fail(bad)
     from dataset import DataError, Formatter, normalize
@@ -127,7 +136,9 @@ def main(argv=None):
         fail(str(e))
     head = cfg.get("head") == "classifier"
     mode = "head" if head else (args.predict or "score") if classes else "generate"
-    max_new = args.max_new_tokens or (32 if classes else 256)
+    from predict import decoding_of, generation_budget
+
+    max_new = args.max_new_tokens or generation_budget(cfg, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_setup()
@@ -175,7 +186,7 @@ def main(argv=None):
                 results = classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             else:
                 results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch,
-                                  bar.update)
+                                  bar.update, args.score_rule, decoding_of(args))
     except DataError as e:
         fail(str(e))
     seconds = time.time() - start
@@ -204,7 +215,8 @@ def main(argv=None):
         metrics = classification_metrics(refs, preds, classes)
     else:
         metrics = text_metrics(refs, [p or "" for p in preds])
-    metrics.update(predict=mode, seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
+    metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
+                   max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args), seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
                    resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if classes and "confusion_matrix" in metrics:

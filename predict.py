@@ -2,7 +2,8 @@
 
     --predict score     closed-set tasks: the log-likelihood of every class name (end-of-turn included) as the
                         reply, conditioned on the prompt; the prompt runs once and its KV cache is shared by all
-                        classes. Never invalid; the softmax over classes is the confidence.
+                        classes. Never invalid; the softmax over classes is the confidence. --score-rule picks
+                        how the class log-likelihoods are compared (SCORE_RULES below).
     --predict generate  batched greedy generation (left padding, KV cache); the answer is taken from
                         <answer>...</answer> when present, normalised, and matched to a class (else invalid).
 
@@ -15,6 +16,17 @@ import re
 
 from dataset import normalize
 
+# How --predict score compares classes (bench/zero_shot.py measures each; figures in the README):
+#   sum              the summed log-probability of the class tokens: favours classes of few tokens
+#   mean             per token (length-normalised): the sum divided by the class's token count
+#   calibrated       contextual calibration (Zhao et al. 2021, "Calibrate before use"): the sum minus the log of
+#                    the class probabilities the model gives when the document is replaced by content-free texts
+#                    (CONTENT_FREE, averaged), so a class the prompt alone favours loses that head start. One extra
+#                    pass per distinct prompt (system + question), not per sample.
+#   calibrated-mean  the same on the per-token scores
+SCORE_RULES = ("sum", "mean", "calibrated", "calibrated-mean")
+DEFAULT_SCORE_RULE = "calibrated"
+CONTENT_FREE = ("N/A", "[MASK]", "")
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 
 
@@ -91,6 +103,49 @@ def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_
     return total.cpu()
 
 
+def content_free(sample, text: str):
+    """The sample with its content replaced by `text`: the document when it has one, else the last user turn.
+    System prompt and question stay, so the calibration sees the same prompt as the sample."""
+    from dataclasses import replace
+
+    turns = sample.turns[:-1] if sample.turns[-1][0] == "assistant" else list(sample.turns)  # no reference
+    if sample.document is not None:
+        return replace(sample, turns=turns, document=text, image=None)
+    last = max(i for i, (role, _) in enumerate(turns) if role == "user")
+    return replace(sample, turns=turns[:last] + [("user", text)] + turns[last + 1:], image=None)
+
+
+def content_free_ll(model, fmt, samples, class_ids, batch_size=8, make=content_free):
+    """(N, K, C) summed class log-likelihoods after each sample's prompt with its content replaced by each of the
+    K CONTENT_FREE texts. Samples that share a prompt share the pass: one batch per distinct prompt."""
+    import torch
+
+    keys, unique = [], {}
+    for s in samples:
+        ids = tuple(tuple(fmt.encode(make(s, t), with_answer=False)["input_ids"]) for t in CONTENT_FREE)
+        keys.append(unique.setdefault(ids, len(unique)))
+    rows = [list(r) for prompt in unique for r in prompt]
+    ll = torch.cat([score_text(model, rows[i:i + batch_size], class_ids, fmt.tokenizer.pad_token_id)
+                    for i in range(0, len(rows), batch_size)])
+    per_prompt = ll.view(len(unique), len(CONTENT_FREE), len(class_ids))
+    return per_prompt[torch.tensor(keys)]
+
+
+def rule_scores(ll, n_tokens, rule: str, free_ll=None):
+    """(B, C) class scores under a SCORE_RULES rule, from summed log-likelihoods ll (B, C), the class token counts
+    n_tokens (C,) and, for the calibrated rules, content_free_ll's rows for the same samples (B, K, C)."""
+    import torch
+
+    n = torch.as_tensor(n_tokens, dtype=ll.dtype)
+    per_token = rule.endswith("mean")
+    scores = ll / n if per_token else ll
+    if rule.startswith("calibrated"):
+        free = free_ll / n if per_token else free_ll
+        prior = torch.softmax(free, -1).mean(1)  # the class probabilities without content, averaged over K
+        scores = scores - prior.log()
+    return scores
+
+
 def score_vision(model, processor, prompt_texts, images, class_texts, class_ids):
     """(B, C) log-likelihoods for image prompts: one batched forward per sample over its C continuations.
 
@@ -116,9 +171,52 @@ def score_vision(model, processor, prompt_texts, images, class_texts, class_ids)
     return torch.tensor(rows)
 
 
+# Decoding defaults of eval.py and generate.py (bench/decoding.py measures each setting; figures in the README):
+# transformers' generate() does the work, these are its own keyword arguments.
+DECODING = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+BUDGET_MARGIN = (1.5, 16)  # generation budget: 1.5 x the run's longest training answer + 16 tokens
+
+
+def add_decoding_options(parser):
+    """--num-beams, --repetition-penalty, --no-repeat-ngram-size (eval.py and generate.py)."""
+    a = parser.add_argument
+    a("--num-beams", type=int, default=DECODING["num_beams"],
+      help=f"beam search with N beams (default {DECODING['num_beams']}: greedy)")
+    a("--repetition-penalty", type=float, default=DECODING["repetition_penalty"],
+      help=f"divide the scores of tokens already in the prompt or output by this (default "
+           f"{DECODING['repetition_penalty']:g}: off)")
+    a("--no-repeat-ngram-size", type=int, default=DECODING["no_repeat_ngram_size"],
+      help=f"never repeat an n-gram of this size in the output (default {DECODING['no_repeat_ngram_size']}: off)")
+
+
+def decoding_error(args) -> str | None:
+    """One line for a decoding option out of range, else None."""
+    if args.num_beams < 1:
+        return f"--num-beams must be at least 1, got {args.num_beams}"
+    if not args.repetition_penalty > 0:
+        return f"--repetition-penalty must be above 0, got {args.repetition_penalty:g}"
+    if args.no_repeat_ngram_size < 0:
+        return f"--no-repeat-ngram-size must be 0 (off) or more, got {args.no_repeat_ngram_size}"
+    return None
+
+
+def decoding_of(args) -> dict:
+    return {k: getattr(args, k) for k in DECODING}
+
+
+def generation_budget(cfg: dict, classes) -> int:
+    """Default max new tokens: a margin over the run's longest training answer (run.json's longest_answer_tokens),
+    so a looping output stops near the longest answer the model learnt; 32 (classes) or 256 without a run."""
+    longest = cfg.get("longest_answer_tokens")
+    if longest:
+        return math.ceil(BUDGET_MARGIN[0] * longest) + BUDGET_MARGIN[1]
+    return 32 if classes else 256
+
+
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, processor=None,
-             prompt_texts=None, images=None):
-    """Greedy completions (decoded, special tokens dropped) for a batch of prompts."""
+             prompt_texts=None, images=None, decoding=None):
+    """Greedy (or beam search) completions, decoded with special tokens dropped, for a batch of prompts;
+    `decoding` holds DECODING's transformers generate() options."""
     import torch
 
     dev = next(model.parameters()).device
@@ -131,7 +229,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
         ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
         enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **{**DECODING, **(decoding or {})})
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
@@ -185,11 +284,13 @@ def text_metrics(refs: list[str], preds: list[str]) -> dict:
 
 
 def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_new_tokens=64, on_batch=None,
-            progress=None):
+            progress=None, rule=DEFAULT_SCORE_RULE, decoding=None):
     """One result dict per sample: id, prediction, reference, raw output, confidence.
 
     `on_batch(results)` is called as each batch completes (eval.py appends to predictions.tsv there, so a crash
-    keeps what was done). Classification when `classes` is given, free text otherwise (always generated).
+    keeps what was done). Classification when `classes` is given, free text otherwise (always generated). `rule`
+    is the SCORE_RULES rule of --predict score; image prompts are not calibrated (the uncalibrated rule is used).
+    `decoding` overrides DECODING's generation options.
     """
     import torch
 
@@ -198,6 +299,13 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
     if classes and mode == "score":
         class_texts = [fmt.answer_text(c) for c in classes]
         class_ids = [fmt.answer_ids(c) for c in classes]
+        n_tokens = [len(c) for c in class_ids]
+        if vision:
+            rule = rule.removeprefix("calibrated").lstrip("-") or "sum"
+        free = None
+        if rule.startswith("calibrated") and samples:
+            with torch.inference_mode():
+                free = content_free_ll(model, fmt, samples, class_ids, batch_size)
     results = [None] * len(samples)
     with torch.inference_mode():
         for batch in length_batches([e["length"] for e in encoded], batch_size):
@@ -209,10 +317,11 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
                     ll = score_vision(model, fmt.processor, texts, images, class_texts, class_ids)
                 else:
                     ll = score_text(model, prompts, class_ids, fmt.tokenizer.pad_token_id)
+                ll = rule_scores(ll, n_tokens, rule, free[batch] if free is not None else None)
                 raws = [None] * len(batch)
             else:
                 raws = generate(model, fmt.tokenizer, prompts, max_new_tokens, fmt.processor if vision else None,
-                                texts, images)
+                                texts, images, decoding)
             done = []
             for k, i in enumerate(batch):
                 s = samples[i]

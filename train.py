@@ -261,8 +261,10 @@ def run_dir(args) -> Path:
 SECRET_MARKERS = ("token", "key", "secret", "password")
 
 
-def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
-    """Everything eval.py needs to score a checkpoint without being told the training options again."""
+def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenizer=None) -> dict:
+    """Everything eval.py needs to score a checkpoint without being told the training options again.
+    longest_answer_tokens (the longest training answer, end-of-turn included) sets eval.py's and generate.py's
+    default generation budget (predict.generation_budget)."""
     cfg = {k: v for k, v in vars(args).items() if not any(m in k.lower() for m in SECRET_MARKERS) or k in
            ("set_pad_token", "add_special_tokens")}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
@@ -272,6 +274,9 @@ def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
             cfg[k] = str(Path(cfg[k]).resolve())
     if args.classes:
         cfg["classes_file"] = str(Path(args.classes).resolve())
+    answers = [a for a in (getattr(s, "answer", None) for s in train) if a]  # DPO / GRPO samples may have none
+    if answers and tokenizer is not None:
+        cfg["longest_answer_tokens"] = 1 + max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"]))
     return cfg
 
 
@@ -432,7 +437,7 @@ def main(argv=None):
               + (f", {fmt.dropped} conversations longer than it dropped" if fmt.dropped else ""), file=sys.stderr)
     out = run_dir(args)
     rank0 = launch.is_main_process()
-    cfg = run_config(args, classes, tokens, vision, len(train_ds), len(val) if val else 0)
+    cfg = run_config(args, classes, tokens, vision, len(train_ds), len(val) if val else 0, train, tokenizer)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(cfg, indent=2))
