@@ -71,9 +71,11 @@ def _pad(seqs, value, left):
 def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_id: int):
     """(B, C) log-likelihoods of each class continuation after each prompt, prompt computed once.
 
-    The prompt batch (left padded) runs with use_cache=True; the cache is repeated for the C classes and the class
-    tokens (right padded) run as one batch of B*C rows with explicit position ids. The first class token is scored
-    from the prompt's last logits.
+    The prompt batch (left padded) runs with use_cache=True and keeps the logits of its last position only (the
+    (B, L, vocab) logits of a 1024-token batch of 8 took 1.6 GB with SmolLM2's 49k vocabulary). Then each class's
+    tokens run after the same cache, one class at a time, and the cache is cropped back to the prompt: C times
+    less memory than repeating the cache for every class (6 GB for 16 classes at that size). The first class token
+    is scored from the prompt's last logits.
     """
     import torch
 
@@ -81,25 +83,21 @@ def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_
     ids, mask = _pad(prompts, pad_id, left=True)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    B, C = len(prompts), len(class_ids)
-    cls, cls_mask = _pad(class_ids, pad_id, left=False)
-    cls, cls_mask = cls.to(dev), cls_mask.to(dev)
-    first = torch.log_softmax(out.logits[:, -1].float(), -1)[:, cls[:, 0]]  # (B, C)
-    total = first
-    if cls.shape[1] > 1:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(C)
-        inp = cls[:, :-1].repeat(B, 1)                                       # (B*C, Lc-1)
-        cont_mask = cls_mask[:, :-1].repeat(B, 1)
-        att = torch.cat([mask.repeat_interleave(C, 0), cont_mask], 1)
-        start = mask.sum(-1).repeat_interleave(C)[:, None]
-        cpos = start + torch.arange(inp.shape[1], device=dev)[None]
-        logits = model(input_ids=inp, attention_mask=att, position_ids=cpos, past_key_values=cache,
-                       use_cache=True).logits.float()
-        target = cls[:, 1:].repeat(B, 1)
-        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * cls_mask[:, 1:].repeat(B, 1)
-        total = total + lp.sum(-1).view(B, C)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    B = len(prompts)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)
+    total = torch.stack([first[:, cid[0]] for cid in class_ids], 1)  # (B, C)
+    cache, start = out.past_key_values, mask.sum(-1)[:, None]
+    for c, cid in enumerate(class_ids):
+        if len(cid) < 2:
+            continue
+        inp = torch.tensor(cid[:-1], device=dev)[None].expand(B, -1)
+        att = torch.cat([mask, torch.ones_like(inp)], 1)
+        logits = model(input_ids=inp, attention_mask=att, position_ids=start + torch.arange(len(cid) - 1, device=dev),
+                       past_key_values=cache, use_cache=True).logits.float()
+        target = torch.tensor(cid[1:], device=dev)[None, :, None].expand(B, -1, 1)
+        total[:, c] += torch.log_softmax(logits, -1).gather(-1, target)[..., 0].sum(-1)
+        cache.crop(-(len(cid) - 1))  # back to the prompt for the next class
     return total.cpu()
 
 

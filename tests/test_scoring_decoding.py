@@ -110,3 +110,26 @@ def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
                 "--num-beams", "0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --num-beams must be at least 1, got 0"
     assert not (tmp_path / "bad").exists()
+
+
+def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
+    """Unset --gradient-checkpointing turns on (CPU) when -b x the longest sample x layers x hidden x
+    ACTIVATION_BYTES exceeds CHECKPOINT_ABOVE; an explicit flag always wins."""
+    from argparse import Namespace
+
+    import datasets
+    from transformers import LlamaConfig
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M's shape
+    per_token = 30 * 576 * train.ACTIVATION_BYTES
+    fits = train.CHECKPOINT_ABOVE // (8 * per_token)          # the longest sample that stays under at -b 8
+    short = datasets.Dataset.from_dict({"length": [10, fits]})
+    long = datasets.Dataset.from_dict({"length": [10, fits + 1]})
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), short, config) is False
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), long, config) is True
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=False, batch_size=8), long, config) is False
+    assert 200 < fits < 800  # SmolLM2 at -b 8: the quickstart (fortunes, at most ~130 tokens) keeps full speed,
+    # the 800- and 1024-token batches of bench/train_bench.py and issue 17 checkpoint
