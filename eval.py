@@ -7,8 +7,10 @@
         --classes data/fortunes/classes.txt                                      # zero-shot baseline
 
 Data, prompts, classes, format and max length come from the run's saved configuration (run.json) unless given.
-Closed-set tasks default to --predict score (the likelihood of each class; see predict.py), free-text tasks are
-generated and scored with chrF, BLEU and exact match.
+Closed-set tasks default to --predict score (the likelihood of each class; see predict.py), calibrated against
+content-free inputs (--score-rule calibrated) and averaged over every question of the prompts file (--score-prompts
+all). Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
+budget defaults to 1.5 x the run's longest training answer + 16 tokens) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
 confusion_matrix.csv and .png for classification; prints a short table.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 
 def build_parser():
-    from predict import DEFAULT_SCORE_RULE, SCORE_RULES, add_decoding_options
+    from predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, add_decoding_options
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -34,7 +36,7 @@ def build_parser():
     a("-d", "--data", help="RVL-CDIP OCR folder: scores its test_* files")
     a("--suffix", help="RVL-CDIP file suffix (default: the run's, else _aws)")
     a("--classes", help="class names file (default: the run's classes)")
-    a("-p", "--prompts", help="prompts.json (default: the run's); eval always uses the first prompt")
+    a("-p", "--prompts", help="prompts.json (default: the run's); eval uses the first system prompt; see --score-prompts")
     a("--allow-outside-paths", action="store_true",
       help="let image / sample file paths in the data point outside its folder (off: a safety check)")
     a("--prefill", help="text the reply starts with (appended to the prompt)")
@@ -44,6 +46,9 @@ def build_parser():
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
     a("--score-rule", choices=SCORE_RULES, default=DEFAULT_SCORE_RULE,
       help=f"--predict score: how classes are compared (default {DEFAULT_SCORE_RULE}; see predict.py)")
+    a("--score-prompts", choices=PROMPT_SETS, default=EVAL_PROMPT_SET,
+      help=f"--predict score: the prompts file's first question, or all of them with the class probabilities "
+           f"averaged (default {EVAL_PROMPT_SET}; one pass per question)")
     a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
       "tokens; zero-shot 32 for classes, 256 for free text)")
     add_decoding_options(p)
@@ -186,7 +191,7 @@ def main(argv=None):
                 results = classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             else:
                 results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch,
-                                  bar.update, args.score_rule, decoding_of(args))
+                                  bar.update, args.score_rule, decoding_of(args), args.score_prompts)
     except DataError as e:
         fail(str(e))
     seconds = time.time() - start
@@ -216,6 +221,7 @@ def main(argv=None):
     else:
         metrics = text_metrics(refs, [p or "" for p in preds])
     metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
+                   score_prompts=args.score_prompts if mode == "score" else None,
                    max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args), seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
                    resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None, max_len=cfg["max_len"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

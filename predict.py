@@ -27,6 +27,11 @@ from dataset import normalize
 SCORE_RULES = ("sum", "mean", "calibrated", "calibrated-mean")
 DEFAULT_SCORE_RULE = "calibrated"
 CONTENT_FREE = ("N/A", "[MASK]", "")
+# --score-prompts: "first" question of the prompts file, or "all" of them with the class log-probabilities averaged
+# (prompt ensembling: K passes for K questions). eval.py defaults to "all" (the best zero-shot figures, README);
+# predict() itself, and so train.py's validation, to "first": one pass, run after run.
+PROMPT_SETS = ("first", "all")
+DEFAULT_PROMPT_SET, EVAL_PROMPT_SET = "first", "all"
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 
 
@@ -282,13 +287,15 @@ def text_metrics(refs: list[str], preds: list[str]) -> dict:
 
 
 def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_new_tokens=64, on_batch=None,
-            progress=None, rule=DEFAULT_SCORE_RULE, decoding=None):
+            progress=None, rule=DEFAULT_SCORE_RULE, decoding=None, prompt_set=DEFAULT_PROMPT_SET):
     """One result dict per sample: id, prediction, reference, raw output, confidence.
 
     `on_batch(results)` is called as each batch completes (eval.py appends to predictions.tsv there, so a crash
     keeps what was done). Classification when `classes` is given, free text otherwise (always generated). `rule`
     is the SCORE_RULES rule of --predict score; image prompts are not calibrated (the uncalibrated rule is used).
-    `decoding` overrides DECODING's generation options.
+    `decoding` overrides DECODING's generation options. `prompt_set` "all" averages the class log-probabilities over
+    every question of the prompts file (samples that bring their own question get it every time), "first" uses the
+    first (text prompts only).
     """
     import torch
 
@@ -297,13 +304,10 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
     if classes and mode == "score":
         class_texts = [fmt.answer_text(c) for c in classes]
         class_ids = [fmt.answer_ids(c) for c in classes]
-        n_tokens = [len(c) for c in class_ids]
         if vision:
             rule = rule.removeprefix("calibrated").lstrip("-") or "sum"
-        free = None
-        if rule.startswith("calibrated") and samples:
-            with torch.inference_mode():
-                free = content_free_ll(model, fmt, samples, class_ids, batch_size)
+        else:
+            scorer = TextScorer(model, fmt, samples, encoded, class_ids, rule, prompt_set, batch_size)
     results = [None] * len(samples)
     with torch.inference_mode():
         for batch in length_batches([e["length"] for e in encoded], batch_size):
@@ -312,10 +316,10 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
             images = [samples[i].image for i in batch]
             if classes and mode == "score":
                 if vision:
-                    ll = score_vision(model, fmt.processor, texts, images, class_texts, class_ids)
+                    ll = rule_scores(score_vision(model, fmt.processor, texts, images, class_texts, class_ids),
+                                     [len(c) for c in class_ids], rule)
                 else:
-                    ll = score_text(model, prompts, class_ids, fmt.tokenizer.pad_token_id)
-                ll = rule_scores(ll, n_tokens, rule, free[batch] if free is not None else None)
+                    ll = scorer(batch)
                 raws = [None] * len(batch)
             else:
                 raws = generate(model, fmt.tokenizer, prompts, max_new_tokens, fmt.processor if vision else None,
@@ -336,6 +340,40 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
                 done.append(results[i])
             batch_done(done, on_batch, progress)
     return results
+
+
+class TextScorer:
+    """(B, C) class scores of a batch of text samples under a rule, averaged over a prompt set (see predict)."""
+
+    def __init__(self, model, fmt, samples, encoded, class_ids, rule, prompt_set, batch_size):
+        from dataclasses import replace
+
+        import torch
+
+        questions = (fmt.prompts or {}).get("question") or []
+        fmts = [fmt] + ([replace(fmt, prompts={**fmt.prompts, "question": [q]}) for q in questions[1:]]
+                        if prompt_set == "all" and any(s.needs_prompt for s in samples) else [])
+        self.model, self.fmts, self.class_ids, self.rule = model, fmts, class_ids, rule
+        self.n_tokens = [len(c) for c in class_ids]
+        self.encoded = [encoded] + [[f.encode(s, with_answer=False) for s in samples] for f in fmts[1:]]
+        self.free = [None] * len(fmts)
+        if rule.startswith("calibrated") and samples:
+            with torch.inference_mode():
+                self.free = [content_free_ll(model, f, samples, class_ids, batch_size) for f in fmts]
+
+    def __call__(self, batch):
+        import torch
+
+        pad = self.fmts[0].tokenizer.pad_token_id
+        if len(self.fmts) == 1:  # the rule's own scores: eval's confidences stay what the rule gives
+            ll = score_text(self.model, [self.encoded[0][i]["input_ids"] for i in batch], self.class_ids, pad)
+            return rule_scores(ll, self.n_tokens, self.rule, None if self.free[0] is None else self.free[0][batch])
+        logp = []
+        for enc, free in zip(self.encoded, self.free):
+            ll = score_text(self.model, [enc[i]["input_ids"] for i in batch], self.class_ids, pad)
+            scores = rule_scores(ll, self.n_tokens, self.rule, None if free is None else free[batch])
+            logp.append(torch.log_softmax(scores, -1))
+        return torch.stack(logp).mean(0)
 
 
 def batch_done(rows, on_batch=None, progress=None):

@@ -24,12 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = {  # name: (fixed budget or None for the run's, predict.DECODING overrides)
-    "greedy, budget 256 (before)": (256, {}),
+    "greedy at budget 256 (before)": (256, {}),
     "greedy": (None, {}),
     "repetition-penalty 1.2": (None, {"repetition_penalty": 1.2}),
     "no-repeat-ngram-size 4": (None, {"no_repeat_ngram_size": 4}),
     "num-beams 4": (None, {"num_beams": 4}),
-    "num-beams 4, no-repeat-ngram-size 4": (None, {"num_beams": 4, "no_repeat_ngram_size": 4}),
 }
 
 
@@ -53,10 +52,13 @@ def main():
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     p.add_argument("--limit", type=int, help="the first N test pairs (default: all 39)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="training and generation batch (default 8)")
-    p.add_argument("--settings", help=f"comma-separated subset of: {'; '.join(SETTINGS)} (default: all)")
+    p.add_argument("--settings", help=f"a ';'-separated subset of: {'; '.join(SETTINGS)} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1; 0: torch's default)")
     args = p.parse_args()
-    names = [n.strip() for n in args.settings.split(",")] if args.settings else list(SETTINGS)
+    names = [n.strip() for n in args.settings.split(";")] if args.settings else list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="decoding-") as tmp:
         run = Path(args.checkpoint) if args.checkpoint else fine_tune(args, Path(tmp))
         decode_all(args, run, names)

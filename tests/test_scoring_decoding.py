@@ -59,6 +59,19 @@ def test_calibrated_predict_matches_direct_computation(tiny_llm, tokenizer):
     conf = torch.softmax(direct, -1).max(-1).values
     assert [r["confidence"] for r in results] == pytest.approx(conf.tolist(), abs=1e-4)
 
+    # --score-prompts all: the class log-probabilities averaged over the prompts file's questions
+    two = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Which colour?", "Name it."]})
+    second = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Name it."]})
+    with torch.inference_mode():
+        ensemble = predict(model, two, samples, classes, "score", batch_size=3, rule="mean", prompt_set="all")
+        per_q = [torch.log_softmax(score_text(model, [f.prompt_ids(s) for s in samples], class_ids,
+                                              tokenizer.pad_token_id) / torch.tensor([len(c) for c in class_ids]), -1)
+                 for f in (two, second)]
+    mean = torch.stack(per_q).mean(0)
+    assert [r["prediction"] for r in ensemble] == [classes[i] for i in mean.argmax(-1).tolist()]
+    assert [r["confidence"] for r in ensemble] == pytest.approx(torch.softmax(mean, -1).max(-1).values.tolist(),
+                                                               abs=1e-4)
+
 
 def test_decoding_options_reach_generate(tiny_llm, tokenizer):
     """A random tiny model repeats itself under greedy decoding; --no-repeat-ngram-size 1 forbids any repeated
