@@ -25,7 +25,7 @@ from dataset import normalize
 #                    pass per distinct prompt (system + question), not per sample.
 #   calibrated-mean  the same on the per-token scores
 SCORE_RULES = ("sum", "mean", "calibrated", "calibrated-mean")
-DEFAULT_SCORE_RULE = "calibrated"
+DEFAULT_SCORE_RULE = "calibrated-mean"  # best with prompt ensembling on both tasks of bench/zero_shot.py
 CONTENT_FREE = ("N/A", "[MASK]", "")
 # --score-prompts: "first" question of the prompts file, or "all" of them with the class log-probabilities averaged
 # (prompt ensembling: K passes for K questions). eval.py defaults to "all" (the best zero-shot figures, README);
