@@ -7,9 +7,9 @@
         --classes data/fortunes/classes.txt                                      # zero-shot baseline
 
 Data, prompts, classes, format and max length come from the run's saved configuration (run.json) unless given.
-Closed-set tasks default to --predict score (the likelihood of each class; see predict.py), calibrated against
-content-free inputs (--score-rule calibrated) and averaged over every question of the prompts file (--score-prompts
-all). Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
+Closed-set tasks default to --predict score (the likelihood of each class; see predict.py): per token, calibrated
+against content-free inputs (--score-rule calibrated-mean) and averaged over every question of the prompts file
+(--score-prompts all). Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
 budget defaults to 1.5 x the run's longest training answer + 16 tokens) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
