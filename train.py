@@ -586,9 +586,10 @@ def main(argv=None):
 
 
 # Activation bytes a LoRA step keeps per token, layer and hidden unit in fp32 (inputs of every linear layer, their
-# LoRA dropout copies, attention and MLP intermediates): 12.1 GiB measured for SmolLM2 (30 layers x 576) at -b 8 x
-# 1024 tokens is ~90. Above CHECKPOINT_ABOVE the default turns gradient checkpointing on.
-ACTIVATION_BYTES, CHECKPOINT_ABOVE = 90, 3 * 2**30
+# LoRA dropout copies, attention and MLP intermediates): the 12.1 GiB peak bench/train_bench.py measured for
+# SmolLM2 (30 layers x 576) at -b 8 on samples of up to 800 tokens, before issue 17, is ~100. Activations only: the
+# answer tokens' logits come on top. Above CHECKPOINT_ABOVE the default turns gradient checkpointing on.
+ACTIVATION_BYTES, CHECKPOINT_ABOVE = 100, 3 * 2**30
 
 
 def checkpointing_default(args, train_ds, config) -> bool:
