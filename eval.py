@@ -7,8 +7,10 @@
         --classes data/fortunes/classes.txt                                      # zero-shot baseline
 
 Data, prompts, classes, format and max length come from the run's saved configuration (run.json) unless given.
-Closed-set tasks default to --predict score (the likelihood of each class; see predict.py), free-text tasks are
-generated and scored with chrF, BLEU and exact match.
+Closed-set tasks default to --predict score (the likelihood of each class; see predict.py): per token, calibrated
+against content-free inputs (--score-rule calibrated-mean) and averaged over every question of the prompts file
+(--score-prompts all). Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
+budget defaults to 1.5 x the run's longest training answer + 16 tokens) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
 confusion_matrix.csv and .png for classification; prints a short table.
@@ -26,6 +28,8 @@ from options import fail, range_error
 
 
 def build_parser():
+    from predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, add_decoding_options
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
@@ -37,7 +41,7 @@ def build_parser():
     a("-d", "--data", help="RVL-CDIP OCR folder: scores its test_* files")
     a("--suffix", help="RVL-CDIP file suffix (default: the run's, else _aws)")
     a("--classes", help="class names file (default: the run's classes)")
-    a("-p", "--prompts", help="prompts.json (default: the run's); eval always uses the first prompt")
+    a("-p", "--prompts", help="prompts.json (default: the run's); eval uses the first system prompt; see --score-prompts")
     a("--allow-outside-paths", action="store_true",
       help="let image / sample file paths in the data point outside its folder (off: a safety check)")
     a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
@@ -45,7 +49,14 @@ def build_parser():
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
     a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
-    a("--max-new-tokens", type=int, help="generation budget (default 32 for classes, 256 for free text)")
+    a("--score-rule", choices=SCORE_RULES, default=DEFAULT_SCORE_RULE,
+      help=f"--predict score: how classes are compared (default {DEFAULT_SCORE_RULE}; see predict.py)")
+    a("--score-prompts", choices=PROMPT_SETS, default=EVAL_PROMPT_SET,
+      help=f"--predict score: the prompts file's first question, or all of them with the class probabilities "
+           f"averaged (default {EVAL_PROMPT_SET}; one pass per question)")
+    a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
+      "tokens; zero-shot 32 for classes, 256 for free text)")
+    add_decoding_options(p)
     a("-o", "--output", default="results", help="output root (default results/)")
     a("--limit", type=int, help="score the first N samples only")
     a("--resume", action="store_true", help="keep the predictions an interrupted eval wrote to the same output "
@@ -146,7 +157,7 @@ def load_test(args, cfg):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once through tee / a log file
     args = build_parser().parse_args(argv)
-    bad = range_error(args)  # before anything is loaded
+    bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
     from dataset import DataError, Formatter
@@ -161,7 +172,9 @@ def main(argv=None):
         fail(str(e))
     head = cfg.get("head") == "classifier"
     mode = "head" if head else (args.predict or "score") if classes else "generate"
-    max_new = args.max_new_tokens or (32 if classes else 256)
+    from predict import decoding_of, generation_budget
+
+    max_new = args.max_new_tokens or generation_budget(cfg, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_setup()
@@ -210,7 +223,7 @@ def main(argv=None):
                 results = classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             else:
                 results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch,
-                                  bar.update)
+                                  bar.update, args.score_rule, decoding_of(args), args.score_prompts)
     except DataError as e:
         fail(str(e))
     seconds = time.time() - start
@@ -239,9 +252,12 @@ def main(argv=None):
         metrics = classification_metrics(refs, preds, classes)
     else:
         metrics = text_metrics(refs, [p or "" for p in preds])
-    metrics.update(predict=mode, seconds=seconds, samples_per_second=len(todo) / max(seconds, 1e-9),
-                   resumed_with=len(done), model=cfg["model"], checkpoint=str(weights) if weights else None,
-                   max_len=cfg["max_len"], prefill=cfg.get("prefill"), response_template=cfg.get("response_template"))
+    metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
+                   score_prompts=args.score_prompts if mode == "score" else None,
+                   max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args), seconds=seconds,
+                   samples_per_second=len(todo) / max(seconds, 1e-9), resumed_with=len(done), model=cfg["model"],
+                   checkpoint=str(weights) if weights else None, max_len=cfg["max_len"], prefill=cfg.get("prefill"),
+                   response_template=cfg.get("response_template"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if classes and "confusion_matrix" in metrics:
         write_confusion(metrics["confusion_matrix"], out)

@@ -30,6 +30,8 @@ from options import fail, range_error
 
 
 def build_parser():
+    from predict import add_decoding_options
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-c", "--checkpoint", required=True, help="log/NAME (its best/), log/NAME/best|latest|checkpoint-N, or a "
@@ -41,16 +43,21 @@ def build_parser():
     a("--image", help="an image for --prompt / --text / the first chat turn (vision-language runs)")
     a("--allow-outside-paths", action="store_true",
       help="--data: let image / sample file paths point outside its folder (off: a safety check)")
-    a("--max-new-tokens", type=int, default=256, help="generation budget (default 256)")
+    a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
+      "tokens; 256 for a run without that record)")
     a("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
+    add_decoding_options(p)
     a("-b", "--batch-size", type=int, default=8, help="samples per batch for greedy --data (default 8)")
     a("-o", "--output", help="write JSONL here (default: stdout)")
     a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     return p
 
 
-def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None) -> str:
-    """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed."""
+def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None, decoding=None) -> str:
+    """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed;
+    `decoding` overrides predict.DECODING's options (beams, repetition penalty, n-gram blocking)."""
+    from predict import DECODING
+
     import torch
 
     from dataset import DataError, pick_prompt
@@ -75,7 +82,7 @@ def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, stream
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, streamer=streamer, **how)
+                             eos_token_id=tok.eos_token_id, streamer=streamer, **how, **{**DECODING, **(decoding or {})})
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -98,16 +105,19 @@ def answer_all(model, fmt, samples, args, emit):
 
     from tqdm import tqdm
 
+    from predict import decoding_of
+
     with tqdm(total=len(samples), unit="sample", file=sys.stderr, disable=len(samples) < 2 or None) as bar:
         if args.temperature > 0:
             for s in samples:
-                rows([{"id": s.id, "raw": generate_one(model, fmt, s, args.max_new_tokens, args.temperature)}])
+                rows([{"id": s.id, "raw": generate_one(model, fmt, s, args.max_new_tokens, args.temperature,
+                                                       decoding=decoding_of(args))}])
                 bar.update(1)
         else:
             from predict import predict
 
             predict(model, fmt, samples, None, "generate", args.batch_size, args.max_new_tokens, on_batch=rows,
-                    progress=bar.update)
+                    progress=bar.update, decoding=decoding_of(args))
 
 
 def chat(model, fmt, args, image=None, read=None):
@@ -135,7 +145,8 @@ def chat(model, fmt, args, image=None, read=None):
             try:
                 print("model> ", end="", flush=True)
                 streamer = TextStreamer(fmt.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                answer = generate_one(model, fmt, sample, args.max_new_tokens, args.temperature, streamer)
+                answer = generate_one(model, fmt, sample, args.max_new_tokens, args.temperature, streamer,
+                                      decoding_of(args))
                 break
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
                 print()
@@ -155,7 +166,7 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
-    bad = range_error(args)  # before anything is loaded
+    bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
     from dataset import DataError, Formatter, Sample, load_prompts, load_samples
@@ -189,6 +200,9 @@ def main(argv=None):
         model, tokenizer, processor = load_for_inference(cfg, str(weights))
     except (DataError, ModelError) as e:
         fail(str(e))
+    from predict import generation_budget
+
+    args.max_new_tokens = args.max_new_tokens or generation_budget(cfg, None)
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts,
                     prefill=args.prefill if args.prefill is not None else cfg.get("prefill"))
     if samples is None:

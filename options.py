@@ -32,8 +32,7 @@ def flag(dest: str) -> str:
 # (dest, lowest, highest, lowest allowed itself?): None = unbounded on that side. Sizes and counts are >= 1.
 AT_LEAST_ONE = ("batch_size", "train_samples", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
                 "max_completion_len", "total_batch_size", "max_batch_size_per_device", "eval_steps", "save_steps",
-                "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams",
-                "no_repeat_ngram_size")
+                "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams")
 RANGES = {
     "lr": (0.0, None, False),
     "epochs": (0.0, None, False),
@@ -43,6 +42,7 @@ RANGES = {
     "temperature": (0.0, None, True),
     "beta": (0.0, None, True),
     "repetition_penalty": (0.0, None, False),
+    "no_repeat_ngram_size": (0, None, True),  # 0: off
     "seed": (0, None, True),
 }
 

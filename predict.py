@@ -2,7 +2,8 @@
 
     --predict score     closed-set tasks: the log-likelihood of every class name (end-of-turn included) as the
                         reply, conditioned on the prompt; the prompt runs once and its KV cache is shared by all
-                        classes. Never invalid; the softmax over classes is the confidence.
+                        classes. Never invalid; the softmax over classes is the confidence. --score-rule picks
+                        how the class log-likelihoods are compared (SCORE_RULES below).
     --predict generate  batched greedy generation (left padding, KV cache); the answer is taken from
                         <answer>...</answer> when present, normalised, and matched to a class (else invalid).
 
@@ -15,6 +16,22 @@ import re
 
 from dataset import normalize
 
+# How --predict score compares classes (bench/zero_shot.py measures each; figures in the README):
+#   sum              the summed log-probability of the class tokens: favours classes of few tokens
+#   mean             per token (length-normalised): the sum divided by the class's token count
+#   calibrated       contextual calibration (Zhao et al. 2021, "Calibrate before use"): the sum minus the log of
+#                    the class probabilities the model gives when the document is replaced by content-free texts
+#                    (CONTENT_FREE, averaged), so a class the prompt alone favours loses that head start. One extra
+#                    pass per distinct prompt (system + question), not per sample.
+#   calibrated-mean  the same on the per-token scores
+SCORE_RULES = ("sum", "mean", "calibrated", "calibrated-mean")
+DEFAULT_SCORE_RULE = "calibrated-mean"  # best with prompt ensembling on both tasks of bench/zero_shot.py
+CONTENT_FREE = ("N/A", "[MASK]", "")
+# --score-prompts: "first" question of the prompts file, or "all" of them with the class log-probabilities averaged
+# (prompt ensembling: K passes for K questions). eval.py defaults to "all" (the best zero-shot figures, README);
+# predict() itself, and so train.py's validation, to "first": one pass, run after run.
+PROMPT_SETS = ("first", "all")
+DEFAULT_PROMPT_SET, EVAL_PROMPT_SET = "first", "all"
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 
 
@@ -59,9 +76,11 @@ def _pad(seqs, value, left):
 def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_id: int):
     """(B, C) log-likelihoods of each class continuation after each prompt, prompt computed once.
 
-    The prompt batch (left padded) runs with use_cache=True; the cache is repeated for the C classes and the class
-    tokens (right padded) run as one batch of B*C rows with explicit position ids. The first class token is scored
-    from the prompt's last logits.
+    The prompt batch (left padded) runs with use_cache=True and keeps the logits of its last position only (the
+    (B, L, vocab) logits of a 1024-token batch of 8 took 1.6 GB with SmolLM2's 49k vocabulary). Then each class's
+    tokens run after the same cache, one class at a time, and the cache is cropped back to the prompt: C times
+    less memory than repeating the cache for every class (6 GB for 16 classes at that size). The first class token
+    is scored from the prompt's last logits.
     """
     import torch
 
@@ -69,26 +88,65 @@ def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_
     ids, mask = _pad(prompts, pad_id, left=True)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    B, C = len(prompts), len(class_ids)
-    cls, cls_mask = _pad(class_ids, pad_id, left=False)
-    cls, cls_mask = cls.to(dev), cls_mask.to(dev)
-    first = torch.log_softmax(out.logits[:, -1].float(), -1)[:, cls[:, 0]]  # (B, C)
-    total = first
-    if cls.shape[1] > 1:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(C)
-        inp = cls[:, :-1].repeat(B, 1)                                       # (B*C, Lc-1)
-        cont_mask = cls_mask[:, :-1].repeat(B, 1)
-        att = torch.cat([mask.repeat_interleave(C, 0), cont_mask], 1)
-        start = mask.sum(-1).repeat_interleave(C)[:, None]
-        cpos = start + torch.arange(inp.shape[1], device=dev)[None]
-        logits = model(input_ids=inp, attention_mask=att, position_ids=cpos, past_key_values=cache,
-                       use_cache=True).logits.float()
-        target = cls[:, 1:].repeat(B, 1)
-        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0] * cls_mask[:, 1:].repeat(B, 1)
-        total = total + lp.sum(-1).view(B, C)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    B = len(prompts)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)
+    total = torch.stack([first[:, cid[0]] for cid in class_ids], 1)  # (B, C)
+    cache, start = out.past_key_values, mask.sum(-1)[:, None]
+    for c, cid in enumerate(class_ids):
+        if len(cid) < 2:
+            continue
+        inp = torch.tensor(cid[:-1], device=dev)[None].expand(B, -1)
+        att = torch.cat([mask, torch.ones_like(inp)], 1)
+        logits = model(input_ids=inp, attention_mask=att, position_ids=start + torch.arange(len(cid) - 1, device=dev),
+                       past_key_values=cache, use_cache=True).logits.float()
+        target = torch.tensor(cid[1:], device=dev)[None, :, None].expand(B, -1, 1)
+        total[:, c] += torch.log_softmax(logits, -1).gather(-1, target)[..., 0].sum(-1)
+        cache.crop(-(len(cid) - 1))  # back to the prompt for the next class
     return total.cpu()
+
+
+def content_free(sample, text: str):
+    """The sample with its content replaced by `text`: the document when it has one, else the last user turn.
+    System prompt and question stay, so the calibration sees the same prompt as the sample."""
+    from dataclasses import replace
+
+    turns = sample.turns[:-1] if sample.turns[-1][0] == "assistant" else list(sample.turns)  # no reference
+    if sample.document is not None:
+        return replace(sample, turns=turns, document=text, image=None)
+    last = max(i for i, (role, _) in enumerate(turns) if role == "user")
+    return replace(sample, turns=turns[:last] + [("user", text)] + turns[last + 1:], image=None)
+
+
+def content_free_ll(model, fmt, samples, class_ids, batch_size=8, make=content_free):
+    """(N, K, C) summed class log-likelihoods after each sample's prompt with its content replaced by each of the
+    K CONTENT_FREE texts. Samples that share a prompt share the pass: one batch per distinct prompt."""
+    import torch
+
+    keys, unique = [], {}
+    for s in samples:
+        ids = tuple(tuple(fmt.encode(make(s, t), with_answer=False)["input_ids"]) for t in CONTENT_FREE)
+        keys.append(unique.setdefault(ids, len(unique)))
+    rows = [list(r) for prompt in unique for r in prompt]
+    ll = torch.cat([score_text(model, rows[i:i + batch_size], class_ids, fmt.tokenizer.pad_token_id)
+                    for i in range(0, len(rows), batch_size)])
+    per_prompt = ll.view(len(unique), len(CONTENT_FREE), len(class_ids))
+    return per_prompt[torch.tensor(keys)]
+
+
+def rule_scores(ll, n_tokens, rule: str, free_ll=None):
+    """(B, C) class scores under a SCORE_RULES rule, from summed log-likelihoods ll (B, C), the class token counts
+    n_tokens (C,) and, for the calibrated rules, content_free_ll's rows for the same samples (B, K, C)."""
+    import torch
+
+    n = torch.as_tensor(n_tokens, dtype=ll.dtype)
+    per_token = rule.endswith("mean")
+    scores = ll / n if per_token else ll
+    if rule.startswith("calibrated"):
+        free = free_ll / n if per_token else free_ll
+        prior = torch.softmax(free, -1).mean(1)  # the class probabilities without content, averaged over K
+        scores = scores - prior.log()
+    return scores
 
 
 def score_vision(model, processor, prompt_texts, images, class_texts, class_ids):
@@ -116,9 +174,41 @@ def score_vision(model, processor, prompt_texts, images, class_texts, class_ids)
     return torch.tensor(rows)
 
 
+# Decoding defaults of eval.py and generate.py (bench/decoding.py measures each setting; figures in the README):
+# transformers' generate() does the work, these are its own keyword arguments.
+DECODING = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+BUDGET_MARGIN = (1.5, 16)  # generation budget: 1.5 x the run's longest training answer + 16 tokens
+
+
+def add_decoding_options(parser):
+    """--num-beams, --repetition-penalty, --no-repeat-ngram-size (eval.py and generate.py)."""
+    a = parser.add_argument
+    a("--num-beams", type=int, default=DECODING["num_beams"],
+      help=f"beam search with N beams (default {DECODING['num_beams']}: greedy)")
+    a("--repetition-penalty", type=float, default=DECODING["repetition_penalty"],
+      help=f"divide the scores of tokens already in the prompt or output by this (default "
+           f"{DECODING['repetition_penalty']:g}: off)")
+    a("--no-repeat-ngram-size", type=int, default=DECODING["no_repeat_ngram_size"],
+      help=f"never repeat an n-gram of this size in the output (default {DECODING['no_repeat_ngram_size']}: off)")
+
+
+def decoding_of(args) -> dict:
+    return {k: getattr(args, k) for k in DECODING}
+
+
+def generation_budget(cfg: dict, classes) -> int:
+    """Default max new tokens: a margin over the run's longest training answer (run.json's longest_answer_tokens),
+    so a looping output stops near the longest answer the model learnt; 32 (classes) or 256 without a run."""
+    longest = cfg.get("longest_answer_tokens")
+    if longest:
+        return math.ceil(BUDGET_MARGIN[0] * longest) + BUDGET_MARGIN[1]
+    return 32 if classes else 256
+
+
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, processor=None,
-             prompt_texts=None, images=None):
-    """Greedy completions (decoded, special tokens dropped) for a batch of prompts."""
+             prompt_texts=None, images=None, decoding=None):
+    """Greedy (or beam search) completions, decoded with special tokens dropped, for a batch of prompts;
+    `decoding` holds DECODING's transformers generate() options."""
     import torch
 
     dev = next(model.parameters()).device
@@ -131,7 +221,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
         ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
         enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **{**DECODING, **(decoding or {})})
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
@@ -185,11 +276,15 @@ def text_metrics(refs: list[str], preds: list[str]) -> dict:
 
 
 def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_new_tokens=64, on_batch=None,
-            progress=None):
+            progress=None, rule=DEFAULT_SCORE_RULE, decoding=None, prompt_set=DEFAULT_PROMPT_SET):
     """One result dict per sample: id, prediction, reference, raw output, confidence.
 
     `on_batch(results)` is called as each batch completes (eval.py appends to predictions.tsv there, so a crash
-    keeps what was done). Classification when `classes` is given, free text otherwise (always generated).
+    keeps what was done). Classification when `classes` is given, free text otherwise (always generated). `rule`
+    is the SCORE_RULES rule of --predict score; image prompts are not calibrated (the uncalibrated rule is used).
+    `decoding` overrides DECODING's generation options. `prompt_set` "all" averages the class log-probabilities over
+    every question of the prompts file (samples that bring their own question get it every time), "first" uses the
+    first (text prompts only).
     """
     import torch
 
@@ -198,6 +293,10 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
     if classes and mode == "score":
         class_texts = [fmt.answer_text(c) for c in classes]
         class_ids = [fmt.answer_ids(c) for c in classes]
+        if vision:
+            rule = rule.removeprefix("calibrated").lstrip("-") or "sum"
+        else:
+            scorer = TextScorer(model, fmt, samples, encoded, class_ids, rule, prompt_set, batch_size)
     results = [None] * len(samples)
     with torch.inference_mode():
         for batch in length_batches([e["length"] for e in encoded], batch_size):
@@ -206,13 +305,14 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
             images = [samples[i].image for i in batch]
             if classes and mode == "score":
                 if vision:
-                    ll = score_vision(model, fmt.processor, texts, images, class_texts, class_ids)
+                    ll = rule_scores(score_vision(model, fmt.processor, texts, images, class_texts, class_ids),
+                                     [len(c) for c in class_ids], rule)
                 else:
-                    ll = score_text(model, prompts, class_ids, fmt.tokenizer.pad_token_id)
+                    ll = scorer(batch)
                 raws = [None] * len(batch)
             else:
                 raws = generate(model, fmt.tokenizer, prompts, max_new_tokens, fmt.processor if vision else None,
-                                texts, images)
+                                texts, images, decoding)
             done = []
             for k, i in enumerate(batch):
                 s = samples[i]
@@ -229,6 +329,40 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
                 done.append(results[i])
             batch_done(done, on_batch, progress)
     return results
+
+
+class TextScorer:
+    """(B, C) class scores of a batch of text samples under a rule, averaged over a prompt set (see predict)."""
+
+    def __init__(self, model, fmt, samples, encoded, class_ids, rule, prompt_set, batch_size):
+        from dataclasses import replace
+
+        import torch
+
+        questions = (fmt.prompts or {}).get("question") or []
+        fmts = [fmt] + ([replace(fmt, prompts={**fmt.prompts, "question": [q]}) for q in questions[1:]]
+                        if prompt_set == "all" and any(s.needs_prompt for s in samples) else [])
+        self.model, self.fmts, self.class_ids, self.rule = model, fmts, class_ids, rule
+        self.n_tokens = [len(c) for c in class_ids]
+        self.encoded = [encoded] + [[f.encode(s, with_answer=False) for s in samples] for f in fmts[1:]]
+        self.free = [None] * len(fmts)
+        if rule.startswith("calibrated") and samples:
+            with torch.inference_mode():
+                self.free = [content_free_ll(model, f, samples, class_ids, batch_size) for f in fmts]
+
+    def __call__(self, batch):
+        import torch
+
+        pad = self.fmts[0].tokenizer.pad_token_id
+        if len(self.fmts) == 1:  # the rule's own scores: eval's confidences stay what the rule gives
+            ll = score_text(self.model, [self.encoded[0][i]["input_ids"] for i in batch], self.class_ids, pad)
+            return rule_scores(ll, self.n_tokens, self.rule, None if self.free[0] is None else self.free[0][batch])
+        logp = []
+        for enc, free in zip(self.encoded, self.free):
+            ll = score_text(self.model, [enc[i]["input_ids"] for i in batch], self.class_ids, pad)
+            scores = rule_scores(ll, self.n_tokens, self.rule, None if free is None else free[batch])
+            logp.append(torch.log_softmax(scores, -1))
+        return torch.stack(logp).mean(0)
 
 
 def batch_done(rows, on_batch=None, progress=None):

@@ -36,14 +36,19 @@ def run_dir(args) -> Path:
     return out
 
 
-def run_config(args, classes, tokens, vision, n_train, n_val) -> dict:
-    """Everything eval.py needs to score a checkpoint without being told the training options again."""
+def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenizer=None) -> dict:
+    """Everything eval.py needs to score a checkpoint without being told the training options again.
+    longest_answer_tokens (the longest training answer, end-of-turn included) sets eval.py's and generate.py's
+    default generation budget (predict.generation_budget)."""
     cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
     from modeling import precision
 
     cfg["precision"] = precision(args.mixed_precision)  # resolved (auto -> no / bf16 / fp16): export.py merges in it
+    answers = [a for a in (getattr(s, "answer", None) for s in train) if a]  # DPO / GRPO samples may have none
+    if answers and tokenizer is not None:
+        cfg["longest_answer_tokens"] = 1 + max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"]))
     import sources  # Hub ids stay ids; local paths become absolute
 
     for k in ("train_data", "validation_data", "data", "prompts"):

@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "off on CPU")
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="trade compute for memory (default off: turn on for long sequences or big models)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="trade compute for memory (default: on without a GPU when the longest batch's activations "
+                   "would take over 3 GiB, else off; see checkpointing_default)")
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
@@ -250,13 +251,15 @@ def prepare(args):
             fail(f"{'--eval-steps' if args.eval_steps else '--val-samples'} needs validation data "
                  "(--validation-data, or validation_* files in the -d folder); there is none")
         s.val = s.val[: args.val_samples] if args.val_samples else s.val
-        s.vision = is_vision_model(load_config(args.model, args.trust_remote_code))
+        config = load_config(args.model, args.trust_remote_code)
+        s.vision = is_vision_model(config)
         s.tokenizer, s.processor = load_processing(args.model, s.vision, args.trust_remote_code)
         s.tokens = setup_tokens(s.tokenizer, s.processor, args.response_template,
                                 None if args.set_pad_token == "auto" else args.set_pad_token, args.add_special_tokens)
         s.fmt, s.val_fmt = (Formatter(s.tokenizer, s.processor, args.response_template, args.max_len, s.prompts,
                                       args.seed) for _ in range(2))
         mode.encode(s)
+        args.gradient_checkpointing = training.checkpointing_default(args, s.train_ds, config)
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError, ValueError) as e:
         fail(str(e))
@@ -269,7 +272,7 @@ def prepare(args):
 def create_run(args, s) -> tuple[Path, dict]:
     """log/NAME with run.json (rank 0 writes it), and the start-up report."""
     out = runs.run_dir(args)
-    cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val))
+    cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer)
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(cfg, indent=2))

@@ -132,6 +132,9 @@ def main():
                    "on a shared 2-core machine 2 threads ran 4x slower, waiting on each other; 0: torch's default)")
     p.add_argument("--sequential", action="store_true",
                    help="run the arms one after the other (default: at once, taking training steps in turns)")
+    p.add_argument("--ours-no-checkpointing", action="store_true",
+                   help="a third arm: train.py with --no-gradient-checkpointing (its default before issue 17), to "
+                   "see what the default's checkpointing saves and costs (implies --sequential)")
     p.add_argument("--workdir", help="keep data, logs and stats (per-batch shapes and seconds) here (default: temp)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="accelerator peak for MFU (default 989: H100 SXM bf16 dense)")
@@ -146,11 +149,15 @@ def main():
         write_data(model, tmp / "train.jsonl", args.samples, args.seed)
         common = ["-m", model, "--train-data", str(tmp / "train.jsonl"), "--max-steps", str(steps),
                   "-b", str(args.batch_size), "--max-len", str(args.max_len), "--lr", str(args.lr)]
-        arms = run_arms({
+        argvs = {
             "ours": ["train.py", *common, "--name", "ours", "--log-dir", str(tmp / "log")],
             "plain": ["bench/plain_trl_sft.py", *common, "--output-dir", str(tmp / "plain"),
-                      *[a for s in args.plain_set for a in ("--set", s)]]}, tmp, not args.sequential,
-            0 if torch.cuda.is_available() else args.threads)
+                      *[a for s in args.plain_set for a in ("--set", s)]]}
+        if args.ours_no_checkpointing:
+            args.sequential = True  # lockstep takes turns between two arms
+            argvs["ours, no checkpointing"] = ["train.py", *common, "--name", "nogc", "--log-dir", str(tmp / "log"),
+                                               "--no-gradient-checkpointing"]
+        arms = run_arms(argvs, tmp, not args.sequential, 0 if torch.cuda.is_available() else args.threads)
 
     gpu = torch.cuda.is_available()
     rows = {}
@@ -162,8 +169,9 @@ def main():
             "peak GiB": s["cuda_peak_gib"] if gpu else s["max_rss_gib"]}
         if gpu:
             rows[name]["MFU"] = 4 * s["linear_params"] * rows[name]["real tok/s"] / (args.peak_tflops * 1e12)
-    rows["ours/plain"] = {k: rows["ours"][k] / rows["plain"][k] if rows["plain"][k] else float("nan")
-                          for k in rows["ours"]}
+    for name in [n for n in arms if n != "plain"]:
+        rows[f"{name}/plain"] = {k: rows[name][k] / rows["plain"][k] if rows["plain"][k] else float("nan")
+                                 for k in rows["ours"]}
     cols = list(rows["ours"])
     fmt = {"wall s": "{:.1f}", "train-step s": "{:.1f}", "real tokens": "{:.0f}", "padding": "{:.3f}",
            "real tok/s": "{:.0f}", "peak GiB": "{:.2f}", "MFU": "{:.4f}"}
@@ -172,7 +180,7 @@ def main():
           f"{'one after the other' if args.sequential else 'at once, training steps in turns'}")
     print("| arm | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name, r in rows.items():
-        cells = [("{:.2f}" if name == "ours/plain" else fmt[c]).format(r[c]) for c in cols]
+        cells = [("{:.2f}" if name.endswith("/plain") else fmt[c]).format(r[c]) for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
     own = [line for line in arms["ours"]["output"].splitlines() if line.startswith("throughput:")]
     print(f"train.py's own report: {own[-1] if own else '(none)'}"

@@ -1,0 +1,148 @@
+"""Issue 17: scoring rules of --predict score (calibration included), decoding options and the generation budget
+that train.py records in run.json, checked against direct computations and through the CLIs."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli, write_jsonl
+from dataset import Formatter, Sample
+from predict import (CONTENT_FREE, content_free, content_free_ll, generate, predict, rule_scores, score_text)
+
+
+def test_rule_scores_exact_values():
+    ll = torch.tensor([[-2.0, -3.0]])          # class 0: 1 token, class 1: 4 tokens
+    n = [1, 4]
+    assert rule_scores(ll, n, "sum").tolist() == [[-2.0, -3.0]]
+    assert rule_scores(ll, n, "mean").tolist() == [[-2.0, -0.75]]
+    # the content-free prompt gives class 0 probability 0.8: calibration takes that head start away
+    free = torch.log(torch.tensor([[[0.8, 0.2], [0.8, 0.2], [0.8, 0.2]]]))
+    got = rule_scores(ll, n, "calibrated", free)
+    assert got[0].tolist() == pytest.approx([-2.0 - math.log(0.8), -3.0 - math.log(0.2)])
+    assert got.argmax(-1).item() == 1                                 # sum alone picks class 0
+    # the prior is the mean of the K content-free distributions, not of their logs
+    mixed = torch.log(torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.7, 0.3]]]))
+    assert rule_scores(ll, n, "calibrated", mixed)[0, 0].item() == pytest.approx(-2.0 - math.log(0.7))
+    # calibrated-mean: the per-token content-free scores log(0.8)/1 and log(0.2)/4, softmaxed, are the prior
+    prior = [math.exp(a) / (math.exp(a) + math.exp(b)) for a, b in [(math.log(0.8), math.log(0.2) / 4)]][0]
+    assert rule_scores(ll, n, "calibrated-mean", free)[0].tolist() == pytest.approx(
+        [-2.0 - math.log(prior), -0.75 - math.log(1 - prior)])
+
+
+def test_calibrated_predict_matches_direct_computation(tiny_llm, tokenizer):
+    """predict(rule="calibrated") picks argmax(ll(sample) - log mean_k softmax(ll(content-free k))), the prompt
+    (system + question) kept and only the document replaced; samples sharing a prompt share the content-free rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    tokenizer.pad_token = "<|endoftext|>"
+    fmt = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Which colour?"]})
+    classes = ["red", "blue", "computers"]
+    samples = [Sample(id=str(i), file="t", turns=[("user", ""), ("assistant", c)], document=d, needs_prompt=True)
+               for i, (d, c) in enumerate([("a small house", "red"), ("the river is long", "blue"), ("x", "red"),
+                                           ("old stone and big law", "computers")])]
+    class_ids = [fmt.answer_ids(c) for c in classes]
+    free_sample = content_free(samples[0], "N/A")
+    assert free_sample.document == "N/A" and free_sample.answer is None
+    assert "Which colour?" in fmt.encode(free_sample, with_answer=False)["text"]
+    with torch.inference_mode():
+        ll = score_text(model, [fmt.prompt_ids(s) for s in samples], class_ids, tokenizer.pad_token_id)
+        free_rows = score_text(model, [fmt.prompt_ids(content_free(samples[0], t)) for t in CONTENT_FREE],
+                               class_ids, tokenizer.pad_token_id)
+        free = content_free_ll(model, fmt, samples, class_ids)
+        results = predict(model, fmt, samples, classes, "score", batch_size=3, rule="calibrated")
+    assert free.shape == (4, len(CONTENT_FREE), 3)
+    assert torch.allclose(free[0], free_rows, atol=1e-4) and torch.equal(free[0], free[3])
+    direct = ll - torch.softmax(free_rows, -1).mean(0).log()
+    assert [r["prediction"] for r in results] == [classes[i] for i in direct.argmax(-1).tolist()]
+    conf = torch.softmax(direct, -1).max(-1).values
+    assert [r["confidence"] for r in results] == pytest.approx(conf.tolist(), abs=1e-4)
+
+    # --score-prompts all: the class log-probabilities averaged over the prompts file's questions
+    two = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Which colour?", "Name it."]})
+    second = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Name it."]})
+    with torch.inference_mode():
+        ensemble = predict(model, two, samples, classes, "score", batch_size=3, rule="mean", prompt_set="all")
+        per_q = [torch.log_softmax(score_text(model, [f.prompt_ids(s) for s in samples], class_ids,
+                                              tokenizer.pad_token_id) / torch.tensor([len(c) for c in class_ids]), -1)
+                 for f in (two, second)]
+    mean = torch.stack(per_q).mean(0)
+    assert [r["prediction"] for r in ensemble] == [classes[i] for i in mean.argmax(-1).tolist()]
+    assert [r["confidence"] for r in ensemble] == pytest.approx(torch.softmax(mean, -1).max(-1).values.tolist(),
+                                                               abs=1e-4)
+
+
+def test_decoding_options_reach_generate(tiny_llm, tokenizer):
+    """A random tiny model repeats itself under greedy decoding; --no-repeat-ngram-size 1 forbids any repeated
+    token, and a repetition penalty changes the output (the options are passed to transformers' generate)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    tokenizer.pad_token = "<|endoftext|>"
+    fmt = Formatter(tokenizer)
+    prompts = [fmt.prompt_ids(Sample(id=str(i), file="", turns=[("user", q)]))
+               for i, q in enumerate(["red blue red", "computers and food"])]
+    with torch.inference_mode():
+        greedy = generate(model, tokenizer, prompts, 24)
+        blocked = generate(model, tokenizer, prompts, 24, decoding={"no_repeat_ngram_size": 1})
+        beams = generate(model, tokenizer, prompts, 24, decoding={"num_beams": 3})
+        for text, blocked_text, p in zip(greedy, blocked, prompts):
+            ids = torch.tensor([p])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                 no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+            assert len(set(out)) == len(out)  # no token twice
+            assert blocked_text == tokenizer.decode(out, skip_special_tokens=True)
+            greedy_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                        do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+            assert len(set(greedy_ids)) < len(greedy_ids) and text != blocked_text  # the premise: greedy loops
+    assert len(beams) == 2 and beams != greedy
+
+
+def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
+    """train.py records the longest training answer; eval.py's default budget is 1.5x it + 16 and its decoding
+    options land in metrics.json; a bad option is one error line, exit 2, nothing written."""
+    answers = ["a short one", "a much longer answer with many more words in it than the others"]
+    rows = [{"id": f"s{i}", "question": f"say something {i}", "answer": answers[i % 2]} for i in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", data, "--max-steps", "1", "-b", "4", "--max-len", "64",
+                "--name", "run", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "log/run/run.json").read_text())
+    longest = 1 + len(tokenizer(answers[1], add_special_tokens=False)["input_ids"])
+    assert cfg["longest_answer_tokens"] == longest
+    r = run_cli("eval.py", "-c", tmp_path / "log/run", "--test-data", data, "--limit", "2", "-o", tmp_path / "res",
+                "--num-beams", "2", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "res/64-max-len/run/metrics.json").read_text())
+    assert m["max_new_tokens"] == math.ceil(1.5 * longest) + 16 and m["samples"] == 2
+    assert (m["num_beams"], m["repetition_penalty"], m["no_repeat_ngram_size"]) == (2, 1.3, 3)
+    r = run_cli("eval.py", "-c", tmp_path / "log/run", "--test-data", data, "-o", tmp_path / "bad",
+                "--num-beams", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --num-beams must be at least 1, got 0"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
+    """Unset --gradient-checkpointing turns on (CPU) when -b x the longest sample x layers x hidden x
+    ACTIVATION_BYTES exceeds CHECKPOINT_ABOVE; an explicit flag always wins."""
+    from argparse import Namespace
+
+    import datasets
+    from transformers import LlamaConfig
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M's shape
+    per_token = 30 * 576 * train.ACTIVATION_BYTES
+    fits = train.CHECKPOINT_ABOVE // (8 * per_token)          # the longest sample that stays under at -b 8
+    short = datasets.Dataset.from_dict({"length": [10, fits]})
+    long = datasets.Dataset.from_dict({"length": [10, fits + 1]})
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), short, config) is False
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), long, config) is True
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=False, batch_size=8), long, config) is False
+    assert 200 < fits < 800  # SmolLM2 at -b 8: the quickstart (fortunes, at most ~130 tokens) keeps full speed,
+    # the 800- and 1024-token batches of bench/train_bench.py and issue 17 checkpoint
