@@ -162,14 +162,14 @@ def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=
     """Softmax over the head's logits; same result rows as predict.predict."""
     import torch
 
-    from predict import _pad, batch_done, length_batches
+    from predict import pad_batch, batch_done, length_batches
 
     dev = next(model.parameters()).device
     encoded = [fmt.prompt_ids(s) for s in samples]
     results = [None] * len(samples)
     with torch.inference_mode():
         for batch in length_batches([len(e) for e in encoded], batch_size):
-            ids, mask = _pad([encoded[i] for i in batch], fmt.tokenizer.pad_token_id, left=False)
+            ids, mask = pad_batch([encoded[i] for i in batch], fmt.tokenizer.pad_token_id, left=False)
             probs = torch.softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1)
             done = []
             for k, i in enumerate(batch):

@@ -126,16 +126,6 @@ def inference_tokens(tokenizer, processor, cfg: dict):
         processor.tokenizer = tokenizer
 
 
-def stop_on_end_of_turn(model, tokenizer):
-    """generation_config: stop on the end-of-turn token (first), keep the model's other stop ids, pad as trained."""
-    gc = model.generation_config
-    old = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
-    eot = tokenizer.eos_token_id
-    gc.eos_token_id = [eot] + [i for i in old if i is not None and i != eot]
-    gc.pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
 # ------------------------------------------------------------------------------------------------ merge
 def run_dtype(cfg: dict) -> str:
     """The dtype the run trained in (merge's default): its resolved precision (run.json "precision"; train.py
@@ -154,7 +144,7 @@ def merge(run, out, dtype: str | None = None, base: str | None = None) -> Path:
     """Base + adapter -> OUT, a standalone model in `dtype` (default: the run's) with the inference tokenizer."""
     import torch
 
-    from modeling import load_for_inference
+    from modeling import load_for_inference, sync_special_tokens
 
     cfg, weights = find_run(run)
     if base:
@@ -170,7 +160,7 @@ def merge(run, out, dtype: str | None = None, base: str | None = None) -> Path:
             model = model.merge_and_unload()
         model = model.to("cpu", getattr(torch, dtype))  # merged in fp32 where the adapter is fp32: cast back
         inference_tokens(tokenizer, processor, cfg)
-        stop_on_end_of_turn(model, tokenizer)
+        sync_special_tokens(model, tokenizer)  # generation stops on the end-of-turn token, pads as trained
         model.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         (processor or tokenizer).save_pretrained(tmp)
         (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="merge", dtype=dtype))

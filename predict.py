@@ -60,17 +60,15 @@ def length_batches(lengths: list[int], batch_size: int):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(seqs, value, left):
+def pad_batch(seqs, value, left):
+    """(ids, attention mask) of token-id lists padded to one width, on the left (generation, scoring) or right."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        out[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return out, mask
+    side = "left" if left else "right"
+    ids = pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], True, value, side)
+    mask = pad_sequence([torch.ones(len(x), dtype=torch.long) for x in seqs], True, 0, side)
+    return ids, mask
 
 
 def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_id: int):
@@ -85,7 +83,7 @@ def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_
     import torch
 
     dev = next(model.parameters()).device
-    ids, mask = _pad(prompts, pad_id, left=True)
+    ids, mask = pad_batch(prompts, pad_id, left=True)
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -218,20 +216,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
         enc = processor(text=prompt_texts, images=[Image.open(i).convert("RGB") for i in images],
                         return_tensors="pt", padding=True, padding_side="left").to(dev)
     else:
-        ids, mask = _pad(prompts, tokenizer.pad_token_id, left=True)
+        ids, mask = pad_batch(prompts, tokenizer.pad_token_id, left=True)
         enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                          top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          **{**DECODING, **(decoding or {})})
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-
-
-def softmax(row):
-    m = max(row)
-    e = [math.exp(x - m) for x in row]
-    s = sum(e)
-    return [x / s for x in e]
 
 
 def classification_metrics(refs: list[str], preds: list[str | None], classes: list[str]) -> dict:
@@ -317,7 +308,7 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
             for k, i in enumerate(batch):
                 s = samples[i]
                 if classes and mode == "score":
-                    probs = softmax(ll[k].tolist())
+                    probs = torch.softmax(ll[k].float(), -1).tolist()
                     best = max(range(len(classes)), key=lambda c: probs[c])
                     pred, conf, raw = classes[best], probs[best], classes[best]
                 elif classes:

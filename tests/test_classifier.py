@@ -51,11 +51,11 @@ def seq_cls(tiny_llm, tokenizer):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_head_reads_the_last_real_token(seq_cls, side):
-    from predict import _pad
+    from predict import pad_batch
 
     model, tok = seq_cls
     seqs = [tok(t)["input_ids"] for t in ["red house", "the big old stone river is long", "blue"]]
-    ids, mask = _pad(seqs, tok.pad_token_id, left=side == "left")
+    ids, mask = pad_batch(seqs, tok.pad_token_id, left=side == "left")
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask).logits
         single = torch.cat([model(input_ids=torch.tensor([s])).logits for s in seqs])
