@@ -364,10 +364,6 @@ def test_bad_input_is_one_clear_line(case, tmp_path, tiny_llm):
     assert r.stdout == ""
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 25
-
-
 # ------------------------------------------------------------------------------------------------ handled, not errors
 def test_a_bom_is_accepted_in_every_file(tmp_path):
     bom = b"\xef\xbb\xbf"

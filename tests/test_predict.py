@@ -1,4 +1,5 @@
 """predict.py: score mode against a direct computation, metrics on a hand-made set, answer extraction."""
+import copy
 import pytest
 import torch
 
@@ -48,6 +49,7 @@ def test_score_mode_matches_direct_likelihood(tiny_llm, tokenizer):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"
     fmt = Formatter(tokenizer)
     classes = ["red", "blue", "computers"]

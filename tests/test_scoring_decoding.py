@@ -1,5 +1,6 @@
 """Issue 17: scoring rules of --predict score (calibration included), decoding options and the generation budget
 that train.py records in run.json, checked against direct computations and through the CLIs."""
+import copy
 import json
 import math
 
@@ -36,6 +37,7 @@ def test_calibrated_predict_matches_direct_computation(tiny_llm, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"
     fmt = Formatter(tokenizer, max_len=128, prompts={"system": ["Sort it."], "question": ["Which colour?"]})
     classes = ["red", "blue", "computers"]
@@ -79,6 +81,7 @@ def test_decoding_options_reach_generate(tiny_llm, tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llm).eval()
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"
     fmt = Formatter(tokenizer)
     prompts = [fmt.prompt_ids(Sample(id=str(i), file="", turns=[("user", q)]))
