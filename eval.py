@@ -160,98 +160,33 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from dataset import DataError, Formatter
-    from modeling import ModelError, is_vision_model, load_config
-
-    cfg, weights, name = resolve(args)
-    try:
-        samples, classes, prompts = load_test(args, cfg)
-        if cfg.get("vision") is None:
-            cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
-    except (DataError, ModelError) as e:
-        fail(str(e))
-    head = cfg.get("head") == "classifier"
-    mode = "head" if head else (args.predict or "score") if classes else "generate"
     from predict import decoding_of, generation_budget
 
+    cfg, weights, name = resolve(args)
+    samples, classes, prompts = prepare_test(args, cfg)
+    mode = "head" if cfg.get("head") == "classifier" else (args.predict or "score") if classes else "generate"
     max_new = args.max_new_tokens or generation_budget(cfg, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_setup()
-    everything = samples
-    done = load_done(out, everything) if args.resume else {}
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every rank has read the old parts before any rank starts a new one
-    todo = [s for s in everything if s.id not in done]
-    samples = todo[rank::world]  # under torchrun each rank scores a shard; rank 0 merges below
-
-    from modeling import load_for_inference
-
-    try:
-        model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
-                                                         inference_dtype(args.mixed_precision))
-    except ModelError as e:
-        fail(str(e))
-    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
-                    prefill=cfg.get("prefill"))
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"eval: {len(everything)} samples{f' over {world} processes' if world > 1 else ''}, {'classes: ' + ', '.join(classes) if classes else 'free text'}, "
-          f"predict={mode}, model={cfg['model']}{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
-
-    from tqdm import tqdm
-
-    from predict import classification_metrics, predict, text_metrics
-
-    # predictions.tsv grows batch by batch (a crash keeps what was done); under torchrun each rank writes its own
-    # part, and rank 0 replaces them with one file in the input order at the end
-    tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
-    write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
-    if done:
-        say(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
-
-    def write_batch(rows):
-        write_predictions(tsv, rows, "a")
-
+    done, todo = resume_state(args, out, samples, world)
+    model, fmt = load_model(args, cfg, weights, prompts)
+    if rank == 0:
+        print(f"eval: {len(samples)} samples{f' over {world} processes' if world > 1 else ''}, "
+              f"{'classes: ' + ', '.join(classes) if classes else 'free text'}, predict={mode}, model={cfg['model']}"
+              f"{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
+        if done:
+            print(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
     start = time.time()
-    try:
-        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
-            if head:  # a classifier-head run: the head's softmax, no generation
-                import classifier
-
-                results = classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
-            else:
-                results = predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch,
-                                  bar.update, args.score_rule, decoding_of(args), args.score_prompts)
-    except DataError as e:
-        fail(str(e))
+    results = score_shard(args, model, fmt, todo[rank::world], classes, mode, max_new, out, rank, world, done)
     seconds = time.time() - start
-    if world > 1:
-        import torch.distributed as dist
-
-        parts = [None] * world
-        dist.all_gather_object(parts, results)
-        dist.destroy_process_group()
-        if rank != 0:
-            return
-        results = [parts[i % world][i // world] for i in range(len(todo))]  # undo todo[rank::world]
-    if done:  # kept and new predictions back in the order of the test set
-        new = {r["id"]: r for r in results}
-        results = [done.get(s.id) or new[s.id] for s in everything]
-    # written batch by batch (length order) as it went; now one file in test-set order, rank parts merged
-    write_predictions(out / "predictions.tsv", results, "w")
+    results = merge_shards(results, rank, world, todo, done, samples)
+    if results is None:  # not rank 0: rank 0 writes
+        return
+    write_predictions(out / "predictions.tsv", results, "w")  # one file in test-set order, rank parts merged
     for r in out.glob("predictions.rank*.tsv"):
         r.unlink()
-    samples = everything
-    refs = [r["reference"] for r in results]
-    preds = [r["prediction"] for r in results]
-    if any(r is None for r in refs):
-        metrics = {"samples": len(results), "note": "test data has no answers: predictions only"}
-    elif classes:
-        metrics = classification_metrics(refs, preds, classes)
-    else:
-        metrics = text_metrics(refs, [p or "" for p in preds])
+    metrics = score_metrics(results, classes)
     metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
                    score_prompts=args.score_prompts if mode == "score" else None,
                    max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args), seconds=seconds,
@@ -263,6 +198,99 @@ def main(argv=None):
         write_confusion(metrics["confusion_matrix"], out)
     print_table(metrics, classes)
     print(f"wrote {out}/")
+
+
+def prepare_test(args, cfg):
+    """The test samples, classes and prompts, validated before any model loads."""
+    from dataset import DataError
+    from modeling import ModelError, is_vision_model, load_config
+
+    try:
+        samples, classes, prompts = load_test(args, cfg)
+        if cfg.get("vision") is None:
+            cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
+    except (DataError, ModelError) as e:
+        fail(str(e))
+    return samples, classes, prompts
+
+
+def resume_state(args, out: Path, samples, world: int):
+    """(predictions kept from an interrupted eval, samples still to score): --resume."""
+    done = load_done(out, samples) if args.resume else {}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has read the old parts before any rank starts a new one
+    return done, [s for s in samples if s.id not in done]
+
+
+def load_model(args, cfg, weights, prompts):
+    from dataset import Formatter
+    from modeling import ModelError, load_for_inference
+
+    try:
+        model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
+                                                         inference_dtype(args.mixed_precision))
+    except ModelError as e:
+        fail(str(e))
+    return model, Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
+                            prefill=cfg.get("prefill"))
+
+
+def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, rank: int, world: int, done):
+    """This process's predictions. predictions.tsv grows batch by batch (a crash keeps what was done); under
+    torchrun each rank writes its own part, which rank 0 replaces with one file at the end."""
+    from tqdm import tqdm
+
+    from dataset import DataError
+    from predict import decoding_of, predict
+
+    tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
+    write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
+
+    def write_batch(rows):
+        write_predictions(tsv, rows, "a")
+
+    try:
+        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
+            if mode == "head":  # a classifier-head run: the head's softmax, no generation
+                import classifier
+
+                return classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
+            return predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update,
+                           args.score_rule, decoding_of(args), args.score_prompts)
+    except DataError as e:
+        fail(str(e))
+
+
+def merge_shards(results, rank: int, world: int, todo, done, samples):
+    """Every prediction in test-set order on rank 0 (None on the other ranks): the ranks' shards gathered, and the
+    predictions kept by --resume put back in place."""
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world
+        dist.all_gather_object(parts, results)
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
+        results = [parts[i % world][i // world] for i in range(len(todo))]  # undo todo[rank::world]
+    if done:
+        new = {r["id"]: r for r in results}
+        results = [done.get(s.id) or new[s.id] for s in samples]
+    return results
+
+
+def score_metrics(results, classes) -> dict:
+    from predict import classification_metrics, text_metrics
+
+    refs = [r["reference"] for r in results]
+    preds = [r["prediction"] for r in results]
+    if any(r is None for r in refs):
+        return {"samples": len(results), "note": "test data has no answers: predictions only"}
+    if classes:
+        return classification_metrics(refs, preds, classes)
+    return text_metrics(refs, [p or "" for p in preds])
 
 
 def inference_dtype(choice):

@@ -140,13 +140,16 @@ def chat(model, fmt, args, image=None, read=None):
             return
         if plain:
             history = []  # trained single-turn: every line stands alone
+        from predict import decoding_of
+
+        decoding = decoding_of(args)
         while True:
             sample = Sample(id="chat", file="chat", turns=history + [("user", text)], image=image, needs_prompt=True)
             try:
                 print("model> ", end="", flush=True)
                 streamer = TextStreamer(fmt.tokenizer, skip_prompt=True, skip_special_tokens=True)
                 answer = generate_one(model, fmt, sample, args.max_new_tokens, args.temperature, streamer,
-                                      decoding_of(args))
+                                      decoding)
                 break
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
                 print()

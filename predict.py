@@ -207,8 +207,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
              prompt_texts=None, images=None, decoding=None):
     """Greedy (or beam search) completions, decoded with special tokens dropped, for a batch of prompts;
     `decoding` holds DECODING's transformers generate() options."""
-    import torch
-
     dev = next(model.parameters()).device
     if processor is not None and images is not None and any(images):
         from PIL import Image
