@@ -215,9 +215,9 @@ def default_trainable(args):
 
             if torch.cuda.is_available():
                 args.trainable = "qlora"
-            else:
-                print("note: -d trains QLoRA by default on an NVIDIA GPU; there is none here, so LoRA (16/32-bit base)",
-                      file=sys.stderr)
+            else:  # said once the data is known to be good (create_run): bad input stays one line
+                args.notes = ["note: -d trains QLoRA by default on an NVIDIA GPU; there is none here, so LoRA "
+                              "(16/32-bit base)"]
 
 
 def plan_batch_size(args):
@@ -271,6 +271,8 @@ def prepare(args):
 
 def create_run(args, s) -> tuple[Path, dict]:
     """log/NAME with run.json (rank 0 writes it), and the start-up report."""
+    for note in args.__dict__.pop("notes", []):
+        print(note, file=sys.stderr)
     out = runs.run_dir(args)
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer)
     if launch.is_main_process():
