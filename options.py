@@ -33,7 +33,7 @@ def flag(dest: str) -> str:
 AT_LEAST_ONE = ("batch_size", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
                 "max_completion_len", "total_batch_size", "max_batch_size_per_device", "eval_steps", "save_steps",
                 "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams",
-                "no_repeat_ngram_size")
+                "no_repeat_ngram_size", "early_stopping")
 RANGES = {
     "lr": (0.0, None, False),
     "epochs": (0.0, None, False),
@@ -44,6 +44,7 @@ RANGES = {
     "beta": (0.0, None, True),
     "repetition_penalty": (0.0, None, False),
     "seed": (0, None, True),
+    "early_stopping_delta": (0.0, None, True),
 }
 
 
@@ -100,6 +101,9 @@ def _mode_options(args):
          "generative SFT (how closed-set validation is measured)"),
         ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
          "SFT with a generative head (the tokenisation cache)"),
+        ("metric", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
+        ("early_stopping", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
+        ("early_stopping_delta", getattr(args, "early_stopping", None) is not None, "--early-stopping"),
     ]
 
 
