@@ -21,9 +21,11 @@ A YAML config (flags on the command line override it): uv run train.py --config 
 Killed, preempted or Ctrl-C'd: the same command with --resume continues from the newest complete checkpoint
 (Ctrl-C / SIGTERM save one first). A NaN loss stops the run and names the last good checkpoint.
 
-Writes log/NAME/: run.json (the resolved configuration eval.py reuses), checkpoint-N/ (resumable with --resume),
-best/ (adapter with the best validation metric: accuracy for closed-set tasks, else loss) and latest/ (the last
-weights), each with the tokenizer/processor, and train_log.jsonl.
+Writes log/NAME/: run.json (the resolved configuration eval.py reuses, with the plan: parameters, steps, estimated
+peak memory), checkpoint-N/ (resumable with --resume), best/ (adapter with the best validation --metric: accuracy
+for closed-set tasks, chrF for free text, else loss) and latest/ (the last weights), each with the
+tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each validation). The console
+shows one line per step; monitor.py.
 """
 from __future__ import annotations
 
