@@ -119,6 +119,7 @@ def count_parameters(args, s):
                 model = AutoModelForSequenceClassification.from_config(cfg)
             else:
                 model = model_class(s.vision).from_config(cfg)
+            model.tie_weights()  # from_config on the meta device leaves a tied head untied (counted twice)
             params = sum(p.numel() for p in model.parameters())
             quantised = sum(m.weight.numel() for n, m in model.named_modules()
                             if isinstance(m, torch.nn.Linear) and "head" not in n and "score" not in n)
