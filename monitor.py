@@ -119,18 +119,19 @@ def count_parameters(args, s):
                 model = AutoModelForSequenceClassification.from_config(cfg)
             else:
                 model = model_class(s.vision).from_config(cfg)
-            model.tie_weights()  # from_config on the meta device leaves a tied head untied (counted twice)
-            params = sum(p.numel() for p in model.parameters())
-            quantised = sum(m.weight.numel() for n, m in model.named_modules()
-                            if isinstance(m, torch.nn.Linear) and "head" not in n and "score" not in n)
-            if args.trainable == "full":
-                trainable = params
-            else:
-                from peft import get_peft_model
+        # init_empty_weights leaves a tied output head untied (counted twice); tying inside it makes a new copy
+        model.tie_weights()
+        params = sum(p.numel() for p in model.parameters())
+        quantised = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "head" not in n and "score" not in n)
+        trainable = params
+        if args.trainable != "full":
+            from peft import get_peft_model
 
+            with init_empty_weights():
                 task = "SEQ_CLS" if args.head == "classifier" else "CAUSAL_LM"
                 peft = get_peft_model(model, lora_config(args, task_type=task))
-                trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+            trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run that would train
         print(f"note: no plan of parameters and memory ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
               file=sys.stderr)
