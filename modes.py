@@ -5,7 +5,8 @@
     mode.encode(s)                     token ids (s.train_ds, s.val_ds) and the mode's own checks
     mode.load_model(s)                 the model ready for its trainer (PEFT-wrapped unless --trainable full)
     mode.make_trainer(s, model, common, out)   TRL's / transformers' trainer with our additions (training.py)
-    mode.metric(s)                     the validation metric best/ is chosen by
+    mode.metrics(s)                    the validation metrics it measures, its default first (--metric picks one)
+    mode.metric(s)                     the validation metric best/ and --early-stopping go by ("eval_" + name)
 
 Adding a mode is one class here; clashes between options are checked once, before any of this (options.py).
 """
@@ -96,10 +97,19 @@ class SFT:
             processing_class=s.processor or s.tokenizer, data_collator=None if flat else collator)
         if s.classes and s.val:
             trainer.validation = training.closed_set_validation(model, s.val_fmt, s.val, s.classes, s.args)
+        elif s.val:
+            trainer.validation = training.free_text_validation(model, s.val_fmt, s.val, s.args)
         return trainer
 
+    def metrics(self, s: Setup) -> list[str]:
+        return ["accuracy", "macro_f1", "loss"] if s.classes else ["chrf", "exact_match", "loss"]
+
     def metric(self, s: Setup) -> str:
-        return "eval_accuracy" if s.classes and s.val else "eval_loss"
+        """--metric if this mode measures it, else the mode's default; a ValueError names the ones it has."""
+        have, want = self.metrics(s), getattr(s.args, "metric", None)
+        if want and want not in have:
+            raise ValueError(f"--metric {want}: {self.name} validation on this data measures {', '.join(have)}")
+        return "eval_" + (want or have[0])
 
 
 class Classifier(SFT):
@@ -165,8 +175,8 @@ class GRPO(SFT):
             model=model, reward_funcs=rl.logged_rewards(funcs, out / "completions.jsonl"),
             args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
 
-    def metric(self, s: Setup) -> str:
-        return "eval_loss"
+    def metrics(self, s: Setup) -> list[str]:
+        return ["loss"]  # nothing validates (options.py): the reward in the log is its measure
 
 
 class DPO(SFT):
@@ -198,8 +208,8 @@ class DPO(SFT):
             model=model, args=rl.dpo_config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
             processing_class=s.tokenizer)
 
-    def metric(self, s: Setup) -> str:
-        return "eval_loss"
+    def metrics(self, s: Setup) -> list[str]:
+        return ["loss"]
 
 
 def for_args(args):

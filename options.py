@@ -32,7 +32,8 @@ def flag(dest: str) -> str:
 # (dest, lowest, highest, lowest allowed itself?): None = unbounded on that side. Sizes and counts are >= 1.
 AT_LEAST_ONE = ("batch_size", "train_samples", "grad_accum", "max_len", "lora_rank", "lora_alpha", "num_generations",
                 "max_completion_len", "total_batch_size", "max_batch_size_per_device", "eval_steps", "save_steps",
-                "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams")
+                "val_samples", "num_preprocess_workers", "max_new_tokens", "limit", "num_beams",
+                "early_stopping")
 RANGES = {
     "lr": (0.0, None, False),
     "epochs": (0.0, None, False),
@@ -44,6 +45,7 @@ RANGES = {
     "repetition_penalty": (0.0, None, False),
     "no_repeat_ngram_size": (0, None, True),  # 0: off
     "seed": (0, None, True),
+    "early_stopping_delta": (0.0, None, True),
 }
 
 
@@ -103,6 +105,9 @@ def _mode_options(args):
          "generative SFT (how closed-set validation is measured)"),
         ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
          "SFT with a generative head (the tokenisation cache)"),
+        ("metric", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
+        ("early_stopping", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
+        ("early_stopping_delta", getattr(args, "early_stopping", None) is not None, "--early-stopping"),
     ]
 
 

@@ -21,9 +21,11 @@ A YAML config (flags on the command line override it): uv run train.py --config 
 Killed, preempted or Ctrl-C'd: the same command with --resume continues from the newest complete checkpoint
 (Ctrl-C / SIGTERM save one first). A NaN loss stops the run and names the last good checkpoint.
 
-Writes log/NAME/: run.json (the resolved configuration eval.py reuses), checkpoint-N/ (resumable with --resume),
-best/ (adapter with the best validation metric: accuracy for closed-set tasks, else loss) and latest/ (the last
-weights), each with the tokenizer/processor, and train_log.jsonl.
+Writes log/NAME/: run.json (the resolved configuration eval.py reuses, with the plan: parameters, steps, estimated
+peak memory), checkpoint-N/ (resumable with --resume), best/ (adapter with the best validation --metric: accuracy
+for closed-set tasks, chrF for free text, else loss) and latest/ (the last weights), each with the
+tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each validation). The console
+shows one line per step; monitor.py.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import launch  # our modules import only the standard library at module level: --help stays instant
 import modes
+import monitor
 import options
 import runs
 import training
@@ -129,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: with each validation)")
     g.add_argument("--predict", default="score", choices=["score", "generate"],
                    help="how validation accuracy is measured on closed-set tasks (default score)")
-    g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all)")
+    g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all; free-text "
+                   "tasks generate for chrF / exact match on up to 32)")
+    g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "loss"],
+                   help="validation metric that chooses best/ and drives --early-stopping (default: accuracy for "
+                   "closed-set tasks, chrf for free text, loss for DPO)")
+    g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N validations without an improvement "
+                   "of --metric (best/ keeps the best weights)")
+    g.add_argument("--early-stopping-delta", type=float, default=0.0, metavar="D",
+                   help="with --early-stopping: the smallest change that counts as an improvement (default 0)")
     g = p.add_argument_group("grpo / dpo (see rl.py)")
     g.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt (default 8; -b "
                    "must be a multiple)")
@@ -247,9 +258,10 @@ def prepare(args):
     s = modes.Setup(args)
     try:
         mode.load_data(s)
-        if not s.val and (args.eval_steps or args.val_samples):
-            fail(f"{'--eval-steps' if args.eval_steps else '--val-samples'} needs validation data "
-                 "(--validation-data, or validation_* files in the -d folder); there is none")
+        wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
+        if not s.val and wanted and args.trainer != "grpo":
+            fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
+                 "folder); there is none")
         s.val = s.val[: args.val_samples] if args.val_samples else s.val
         config = load_config(args.model, args.trust_remote_code)
         s.vision = is_vision_model(config)
@@ -260,6 +272,7 @@ def prepare(args):
                                       args.seed) for _ in range(2))
         mode.encode(s)
         args.gradient_checkpointing = training.checkpointing_default(args, s.train_ds, config)
+        s.extras["metric"] = mode.metric(s)
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError, ValueError) as e:
         fail(str(e))
@@ -275,6 +288,7 @@ def create_run(args, s) -> tuple[Path, dict]:
         print(note, file=sys.stderr)
     out = runs.run_dir(args)
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer)
+    cfg["plan"] = monitor.make_plan(args, s)
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(cfg, indent=2))
@@ -282,6 +296,7 @@ def create_run(args, s) -> tuple[Path, dict]:
           f"{'classes: ' + ', '.join(s.classes) if s.classes else 'free-text answers'}")
     print(f"tokens: eos={s.tokens['eos_token']!r} pad={s.tokens['pad_token']!r}; format: {cfg['format']}"
           f"{'; classifier head' if args.head == 'classifier' else ''}")
+    print(monitor.plan_lines(cfg["plan"], args))
     return out, cfg
 
 
@@ -298,22 +313,27 @@ def build_model(args, mode, s):
     n_total = sum(p.numel() for p in model.parameters())
     lr = f"lr {args.lr:g}" + (f", head lr {args.head_lr:g}" if args.head == "classifier" else "")
     print(f"model: {args.model} ({'vision-language' if s.vision else 'text'}), {args.trainable}, "
-          f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, {lr}, precision "
-          f"{precision(args.mixed_precision)}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
+          f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, {lr}, "
+          f"{PRECISION_WORDS[precision(args.mixed_precision)]}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
     print(training.batch_line(args))
     return model
 
 
+PRECISION_WORDS = {"no": "float32 (no mixed precision)", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}
+
+
 def build_trainer(args, mode, s, model, out: Path, cfg: dict):
-    """The mode's trainer with best/ and latest/ saves, the JSONL log and the stop guard attached."""
+    """The mode's trainer with best/ and latest/ saves, the JSONL log, the console line, curves.png and the stop
+    guard attached."""
     import guards
 
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
-    metric = mode.metric(s)
+    metric = s.extras["metric"]
     save = training.make_saver(trainer, s.processor or s.tokenizer, cfg)
     history: list = []
     for cb in training.make_callbacks(out, save, metric, history):
         trainer.add_callback(cb)
+    monitor.attach(trainer, args, out, history, cfg["plan"], metric)
     guard = guards.StopGuard()
     trainer.add_callback(guard)
     if args.auto_batch_size:
@@ -340,7 +360,7 @@ def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
     return time.time() - start
 
 
-def finish(args, trainer, guard, save, metric, history, out: Path, seconds: float):
+def finish(args, trainer, guard, save, metric, history, out: Path, seconds: float, plan: dict):
     """A NaN stop sets the diverged checkpoint aside; else the final latest/ (and best/ if validation never
     chose one), the summary, and exit 130 after a Ctrl-C / SIGTERM stop."""
     import guards
@@ -353,7 +373,8 @@ def finish(args, trainer, guard, save, metric, history, out: Path, seconds: floa
     save(out / "latest", {"step": trainer.state.global_step})  # every rank (collective under FSDP / ZeRO-3)
     if not (out / "best").exists():
         save(out / "best", {"step": trainer.state.global_step})
-    training.summarize(history, trainer, seconds, metric, out)
+    training.summarize(history, trainer, seconds, metric, out, plan,
+                       monitor.summary_lines(history, trainer, args, metric))
     if guard.requested:
         print(f"{guard.requested}: stopped at step {guard.stopped_at} with a checkpoint saved; continue with the "
               f"same command and --resume")
@@ -370,13 +391,14 @@ def main(argv=None):
              f"must write to the same run folder")
     if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
+    monitor.quiet_libraries(args)
     device_fallbacks(args)
     mode, s = prepare(args)
     out, cfg = create_run(args, s)
     model = build_model(args, mode, s)
     trainer, guard, save, metric, history = build_trainer(args, mode, s, model, out, cfg)
     seconds = run_training(args, trainer, guard, out, s.val_ds is not None)
-    finish(args, trainer, guard, save, metric, history, out, seconds)
+    finish(args, trainer, guard, save, metric, history, out, seconds, cfg["plan"])
 
 
 def device_fallbacks(args):

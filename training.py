@@ -1,8 +1,9 @@
-"""What train.py adds to TRL's and transformers' trainers: real-token throughput, our samplers, closed-set
-validation, the classifier head's own learning rate, best/ and latest/ saves, --auto-batch-size, the summary.
+"""What train.py adds to TRL's and transformers' trainers: real-token throughput, our samplers, closed-set and
+free-text validation, the classifier head's own learning rate, best/ and latest/ saves, --auto-batch-size, the summary.
 
     trainer = make_trainer_class(SFTTrainer)(...)    # any of TRL's trainers, or transformers' Trainer
     trainer.validation = closed_set_validation(...)  # accuracy / macro-F1 merged into each evaluation's metrics
+    trainer.validation = free_text_validation(...)   # free text: chrF / exact match of greedy generations
     for cb in make_callbacks(args, out, saver, metric, history): trainer.add_callback(cb)
 """
 from __future__ import annotations
@@ -87,6 +88,30 @@ def closed_set_validation(model, fmt, val, classes, args):
         return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
 
     return validation
+
+
+def free_text_validation(model, fmt, val, args):
+    """chrF and exact match of greedy generations on free-text validation samples: the task's own measure, which the
+    loss only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), with a
+    budget of new tokens a little over the longest reference answer, so a model that never stops costs little."""
+    from predict import predict, text_metrics
+
+    samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
+    budget = max(len(fmt.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 8
+
+    def validation():
+        was_training = model.training
+        model.eval()
+        res = predict(model, fmt, samples, None, "generate", args.batch_size, max_new_tokens=budget)
+        m = text_metrics([r["reference"] for r in res], [r["prediction"] for r in res])
+        if was_training:
+            model.train()
+        return {"eval_chrf": m["chrf"], "eval_exact_match": m["exact_match"]}
+
+    return validation
+
+
+FREE_TEXT_SAMPLES = 32
 
 
 def training_arguments(args, out: Path, validates: bool) -> dict:
@@ -181,7 +206,7 @@ def make_callbacks(out: Path, save, metric: str, history: list):
             value = (metrics or {}).get(metric)
             if value is None:
                 return
-            better = self.best is None or (value > self.best if metric.endswith("accuracy") else value < self.best)
+            better = self.best is None or (value < self.best if metric.endswith("loss") else value > self.best)
             if better:  # every rank: the metrics are the same on all of them, and save() is collective under FSDP
                 self.best = value
                 save(out / "best", {"step": state.global_step, metric: value})
@@ -217,7 +242,7 @@ def auto_batch_size(args, trainer, fail):
     print(batch_line(args) + " (--auto-batch-size)")
 
 
-def summarize(history, trainer, seconds, metric, out):
+def summarize(history, trainer, seconds, metric, out, plan=None, extra=()):
     import torch
 
     losses = [h["loss"] for h in history if "loss" in h]
@@ -240,7 +265,10 @@ def summarize(history, trainer, seconds, metric, out):
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gib()
     lines.append(f"throughput: {trainer.real_tokens / max(trainer.train_seconds, 1e-9):.0f} real tokens/s in training "
                  f"steps; {seconds:.0f} s in all with validation; peak memory {peak:.2f} GiB "
-                 f"({'GPU' if torch.cuda.is_available() else 'process RSS'})")
+                 f"({'GPU' if torch.cuda.is_available() else 'process RSS'}"
+                 + (f"; the plan estimated {plan['memory_gib']['peak']:.2f}" if (plan or {}).get("memory_gib") else "")
+                 + ")")
+    lines.extend(extra)
     lines.append(f"saved: {out}/best, {out}/latest")
     print("\n".join(lines))
 

@@ -1,0 +1,470 @@
+"""Watching a run: the plan before the model loads, one readable console line per logging interval, curves.png,
+GRPO reward health, and quiet for library noise that does not concern the run.
+
+    monitor.quiet_libraries(args)          first thing: drops library warnings about code this run does not use
+    plan = monitor.make_plan(args, s)      parameters (from the config, on the meta device: no weights loaded),
+                                           trainable parameters, tokens per epoch, optimiser steps, peak memory
+    print(monitor.plan_lines(plan))        the same dict goes into run.json ("plan")
+    monitor.attach(trainer, args, out, history, plan, metric)
+                                           the console line (in place of transformers' printed dicts), curves.png,
+                                           --early-stopping, GRPO reward health
+    monitor.summary_lines(history, ...)    early stop, reward signal: appended to training.summarize's report
+
+The peak-memory estimate (bytes; on CPU it includes the process as it stands before the model loads):
+    weights      parameters x bytes of their dtype (4-bit QLoRA: ~0.56 byte for the quantised linear layers)
+    optimiser    16 bytes per trainable parameter (fp32 weight or master copy, gradient, AdamW's two moments)
+    activations  per worst-case batch (-b x the longest sample, capped by --max-len) x layers x hidden size x
+                 ACT_BYTES, plus the logits over the vocabulary (float32, with their softmax and gradient)
+bench/memory_estimate.py compares it with measured peaks; docs/training.md states the error.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+# Bytes kept per token, per layer, per hidden unit for the backward pass (attention and MLP inputs, norms,
+# activations): fitted on SmolLM2-135M by bench/memory_estimate.py (LoRA and full, fp32 on CPU).
+ACT_BYTES = 34
+LOGIT_COPIES = 4  # float32 logits, their log-softmax, and the gradient of both
+WARN_EVERY = 10   # reward health: a problem that lasts is repeated every N logging steps
+# What validation reports, on the console and in curves.png (the trainers log more: entropy, token counts, timings;
+# those stay in train_log.jsonl)
+SHOWN = ("loss", "accuracy", "macro_f1", "chrf", "exact_match", "rewards/accuracies", "rewards/margins")
+
+
+# ------------------------------------------------------------------------------------------------ library noise
+class _Drop(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_libraries(args):
+    """bitsandbytes' CPU backend looks for an optional 4-bit kernel package (`kernels`) whenever it is imported,
+    which PEFT does on every run, and logs a warning when it is missing. It concerns 4-bit (QLoRA) runs only: they
+    get one note instead; other runs never use that code and hear nothing of it."""
+    drop = _Drop("Failed to load CPU gemm_4bit_forward")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(drop)
+    if not sys.stderr.isatty():  # loading / saving bars redrawn as lines in a log file, dozens per run
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.trainable == "qlora":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("note: 4-bit QLoRA on CPU uses bitsandbytes' portable kernels (the `kernels` package would add a "
+                  "faster one)", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def make_plan(args, s) -> dict:
+    """The run's size before any weight is loaded: what it will cost, so a wrong batch or --max-len shows now."""
+    import launch
+
+    params, trainable, quantised, arch = count_parameters(args, s)
+    lengths = _lengths(s)
+    world = launch.world_size()
+    per_step = args.batch_size * args.grad_accum * world
+    if args.trainer == "grpo":  # -b counts completions: each prompt is drawn num_generations times
+        per_step = max(1, per_step // args.num_generations)
+    steps_per_epoch = max(1, math.ceil(len(s.train_ds) / per_step))
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
+    longest = min(max(lengths), args.max_len) if lengths else args.max_len
+    if args.trainer == "grpo":
+        longest += args.max_completion_len
+    plan = {"parameters": params, "trainable_parameters": trainable, "train_samples": len(s.train_ds),
+            "tokens_per_epoch": sum(lengths) if lengths else None, "samples_per_step": per_step,
+            "steps": steps, "longest_sample_tokens": longest}
+    if arch:
+        plan.update(estimate_memory(args, params, trainable, quantised, arch, longest))
+    return plan
+
+
+def _lengths(s) -> list[int]:
+    ds = s.train_ds
+    if "length" in ds.column_names:
+        return list(ds["length"])
+    if "input_ids" in ds.column_names:
+        return [len(x) for x in ds["input_ids"]]
+    if "prompt" in ds.column_names:  # GRPO / DPO: text columns, tokenised by TRL later
+        cols = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
+        return [sum(len(s.tokenizer(r[c], add_special_tokens=False)["input_ids"]) for c in cols) for r in ds]
+    return []
+
+
+def count_parameters(args, s):
+    """(parameters, trainable, quantised-linear parameters, (layers, hidden, vocab)) of the model as train.py will
+    build it, on the meta device (accelerate's init_empty_weights: no memory, no weights read). LoRA counts come
+    from PEFT itself on that empty model, with the run's LoraConfig. (0, 0, 0, None) if the class will not build
+    empty (custom code): the plan then leaves memory out."""
+    import torch
+    from accelerate import init_empty_weights
+
+    from modeling import load_config, lora_config, model_class
+
+    cfg = load_config(args.model, args.trust_remote_code)
+    try:
+        with init_empty_weights():
+            if args.head == "classifier":
+                from transformers import AutoModelForSequenceClassification
+
+                cfg.num_labels = len(s.classes or [0, 0])
+                model = AutoModelForSequenceClassification.from_config(cfg)
+            else:
+                model = model_class(s.vision).from_config(cfg)
+        # init_empty_weights leaves a tied output head untied (counted twice); tying inside it makes a new copy
+        model.tie_weights()
+        params = sum(p.numel() for p in model.parameters())
+        quantised = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "head" not in n and "score" not in n)
+        trainable = params
+        if args.trainable != "full":
+            from peft import get_peft_model
+
+            with init_empty_weights():
+                task = "SEQ_CLS" if args.head == "classifier" else "CAUSAL_LM"
+                peft = get_peft_model(model, lora_config(args, task_type=task))
+            trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run that would train
+        print(f"note: no plan of parameters and memory ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+              file=sys.stderr)
+        return 0, 0, 0, None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    arch = (text.num_hidden_layers, text.hidden_size, len(s.tokenizer) if args.head != "classifier" else
+            len(s.classes or [0, 0]))
+    return params, trainable, quantised, arch
+
+
+def estimate_memory(args, params, trainable, quantised, arch, longest) -> dict:
+    """Peak bytes of one training step, by the module docstring's formula, on this device."""
+    import torch
+
+    from modeling import precision, training_dtype
+
+    layers, hidden, vocab = arch
+    prec = precision(args.mixed_precision)
+    width = torch.finfo(training_dtype(args, prec)).bits // 8
+    bits = {"qlora": 4.5, "qlora8": 8.5}.get(args.trainable)  # the block scales add ~0.5 bit per weight
+    weights = params * width if bits is None else quantised * bits / 8 + (params - quantised) * width
+    if args.trainable == "full":
+        optimiser = trainable * (16 - width)  # the weights themselves are counted above
+    else:
+        optimiser = trainable * 16
+    rows = args.batch_size * (2 if args.trainer == "dpo" else 1)  # DPO: chosen and rejected
+    act_width = 2 if prec in ("bf16", "fp16") else 4
+    activations = rows * longest * layers * hidden * ACT_BYTES * act_width / 4
+    if args.gradient_checkpointing:
+        activations = activations / layers * 2 + rows * longest * layers * hidden * act_width
+    logits = rows * longest * vocab * 4 * LOGIT_COPIES
+    cuda = torch.cuda.is_available()
+    base = 0 if cuda else _rss_bytes()  # CUDA counts tensors only; CPU measures the whole process
+    total = base + weights + optimiser + activations + logits
+    return {"memory_device": "cuda" if cuda else "cpu",
+            "memory_gib": {k: round(v / 2**30, 3) for k, v in
+                           (("process_before_model", base), ("weights", weights), ("optimiser", optimiser),
+                            ("activations", activations), ("logits", logits), ("peak", total))}}
+
+
+def _rss_bytes() -> int:
+    """The resident memory now (Linux /proc), else the peak so far (resource: macOS and the BSDs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def plan_lines(plan: dict, args) -> str:
+    lines = []
+    if plan.get("parameters"):
+        lines.append(f"plan: {plan['parameters'] / 1e6:.1f}M parameters, {plan['trainable_parameters'] / 1e6:.2f}M "
+                     f"trainable ({args.trainable})")
+    tokens = f"{plan['tokens_per_epoch']:,} tokens per epoch, " if plan.get("tokens_per_epoch") else ""
+    lines.append(f"plan: {plan['train_samples']} samples, {tokens}{plan['samples_per_step']} samples per step, "
+                 f"{plan['steps']} optimiser steps; longest batch row {plan['longest_sample_tokens']} tokens")
+    mem = plan.get("memory_gib")
+    if mem:
+        where = "GPU memory allocated" if plan["memory_device"] == "cuda" else "process RSS"
+        lines.append(f"plan: peak memory about {mem['peak']:.2f} GiB ({where}: weights {mem['weights']:.2f}, "
+                     f"optimiser {mem['optimiser']:.2f}, activations {mem['activations']:.2f}, logits "
+                     f"{mem['logits']:.2f}" + (f", process {mem['process_before_model']:.2f}" if
+                                              plan["memory_device"] == "cpu" else "") + ")")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the console
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS (or M:SS under an hour)."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _number(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def console_line(logs: dict, step: int, total: int, tokens_per_s: float | None, elapsed: float,
+                 eta: float | None) -> str | None:
+    """One line for a logged dict: training (loss / reward) or validation (eval_*); None for the others (the
+    final train_runtime dict: the summary says it better)."""
+    if any(k.startswith("eval_") for k in logs):
+        shown = {k.removeprefix("eval_"): v for k, v in logs.items() if k.removeprefix("eval_") in SHOWN}
+        return f"step {step}/{total}  validation: " + "  ".join(f"{k} {_number(v)}" for k, v in shown.items())
+    if "loss" not in logs and "reward" not in logs:
+        return None
+    parts = [f"step {step}/{total}"]
+    for key, label in (("loss", "loss"), ("reward", "reward"), ("kl", "kl"), ("learning_rate", "lr")):
+        if key in logs:
+            parts.append(f"{label} {logs[key]:.3g}" if key == "learning_rate" else f"{label} {_number(logs[key])}")
+    if tokens_per_s is not None:
+        parts.append(f"{tokens_per_s:.0f} tok/s")
+    parts.append(f"elapsed {clock(elapsed)}")
+    if eta is not None:
+        parts.append(f"ETA {clock(eta)}")
+    return "  ".join(parts)
+
+
+def attach(trainer, args, out: Path, history: list, plan: dict, metric: str):
+    """Our console line in place of the dict transformers prints each step (PrinterCallback without a terminal,
+    ProgressCallback's tqdm.write with one: the bar itself stays), curves.png, --early-stopping, reward health."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_bar_class()())
+    trainer.add_callback(_console_class()(trainer, plan["steps"]))
+    trainer.add_callback(_curves_class()(out / "curves.png", history, args.trainer == "grpo"))
+    if args.trainer == "grpo":
+        trainer.add_callback(_health_class()(args))
+    if args.early_stopping:
+        from transformers import EarlyStoppingCallback
+
+        # transformers' own callback: it reads metric_for_best_model / greater_is_better from the arguments (set
+        # here, and by nothing else: best/ is saved by training.make_callbacks, load_best_model_at_end stays off)
+        trainer.args.metric_for_best_model = metric
+        trainer.args.greater_is_better = not metric.endswith("loss")
+        trainer.add_callback(_early_class(EarlyStoppingCallback)(args.early_stopping, args.early_stopping_delta))
+    print(f"curves: {out / 'curves.png'} (rewritten at each {'checkpoint' if args.trainer == 'grpo' else 'validation'})")
+
+
+def _bar_class():
+    from transformers import ProgressCallback
+
+    class Bar(ProgressCallback):
+        """The live tqdm bar, without the dict it writes under itself on every log."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return Bar
+
+
+def _console_class():
+    from transformers import TrainerCallback
+
+    class Console(TrainerCallback):
+        """step/total, loss, lr, real tokens/s since the last line, elapsed, ETA (from the steps so far)."""
+
+        def __init__(self, trainer, planned_steps):
+            self.trainer, self.planned = trainer, planned_steps
+            self.start = self.mark = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start, self.first = time.time(), state.global_step
+            self.mark = (self.trainer.real_tokens, self.trainer.train_seconds)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now, step = time.time(), state.global_step
+            elapsed = now - self.start if self.start else 0.0
+            done = step - getattr(self, "first", 0)
+            eta = elapsed / done * (state.max_steps - step) if self.start and done >= 2 else None
+            tps = None
+            if self.mark is not None and ("loss" in logs or "reward" in logs):
+                tokens, secs = self.trainer.real_tokens, self.trainer.train_seconds
+                if secs > self.mark[1] and tokens > self.mark[0]:
+                    tps = (tokens - self.mark[0]) / (secs - self.mark[1])
+                self.mark = (tokens, secs)
+            line = console_line(logs, step, state.max_steps or self.planned, tps, elapsed, eta)
+            if line:
+                from tqdm.auto import tqdm
+
+                tqdm.write(line, file=sys.stdout)  # above a live bar, or a plain line in a log file
+
+    return Console
+
+
+# ------------------------------------------------------------------------------------------------ curves.png
+def smooth(values: list[float]) -> list[float]:
+    """A centred moving average over a tenth of the run (at least 3 points): unlike an exponential average it does
+    not lag behind the raw curve, so the two agree on where the loss turned."""
+    half = max(1, len(values) // 20)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half): i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def write_curves(path: Path, history: list, grpo: bool = False):
+    """One picture: training loss (raw and smoothed), learning rate, each validation metric against the step; for
+    GRPO each reward's mean and the KL. Written to a temporary file then renamed: a viewer never sees half."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    val_keys = [f"eval_{k}" for k in SHOWN if any(f"eval_{k}" in h for h in history)]
+    panels = [("training loss", ["loss"]), ("learning rate", ["learning_rate"])]
+    if grpo:
+        panels += [("reward (mean per function)", sorted({k for h in history for k in h
+                                                          if k.startswith("rewards/") and k.endswith("/mean")})),
+                   ("KL to the reference", ["kl"])]
+    panels += [(f"validation {k.removeprefix('eval_')}", [k]) for k in val_keys]  # one each: scales differ
+    panels = [(t, keys) for t, keys in panels if any(series(k)[0] for k in keys)]
+    if not panels:
+        return
+    cols = 2
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(10, 3.2 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            x, y = series(key)
+            if key == "loss" and len(y) > 5:
+                ax.plot(x, y, alpha=0.3, label="raw")
+                ax.plot(x, smooth(y), label="smoothed")
+            else:
+                ax.plot(x, y, marker="o" if len(y) < 20 else None, label=key.removeprefix("eval_").removeprefix(
+                    "rewards/").removesuffix("/mean"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or keys == ["loss"]:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _curves_class():
+    from transformers import TrainerCallback
+
+    class Curves(TrainerCallback):
+        def __init__(self, path, history, grpo):
+            self.path, self.history, self.grpo = path, history, grpo
+
+        def draw(self, state):
+            if state.is_world_process_zero:
+                write_curves(self.path, self.history, self.grpo)
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.draw(state)
+
+        def on_save(self, args, state, control, **kw):
+            self.draw(state)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.draw(state)
+
+    return Curves
+
+
+# ------------------------------------------------------------------------------------------------ early stopping
+def _early_class(base):
+    class EarlyStop(base):
+        """transformers' EarlyStoppingCallback, minus its warning about load_best_model_at_end: best/ is ours."""
+        stopped_at = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            pass
+
+        def on_evaluate(self, args, state, control, metrics, **kw):
+            if state.global_step == 0:
+                return  # the baseline before the first step is a reference, not an evaluation to improve on
+            super().on_evaluate(args, state, control, metrics, **kw)
+            if control.should_training_stop and self.stopped_at is None:
+                self.stopped_at = state.global_step
+
+    return EarlyStop
+
+
+# ------------------------------------------------------------------------------------------------ reward health
+def reward_problems(logs: dict, max_completion_len: int) -> list[tuple[str, str]]:
+    """(kind, message) for each sign in one GRPO log dict that the step taught the policy nothing or little."""
+    found = []
+    if logs.get("frac_reward_zero_std") == 1.0:
+        found.append(("zero_std", "every group of completions got the same reward: no learning signal this step "
+                      "(easier prompts, more --num-generations, or a reward with partial credit)"))
+    for key, value in logs.items():
+        if key.startswith("rewards/") and key.endswith("/std") and value == 0.0:
+            name = key.removeprefix("rewards/").removesuffix("/std")
+            mean = logs.get(f"rewards/{name}/mean")
+            found.append((f"constant:{name}", f"reward {name} returned one value ({_number(mean)}) for every "
+                          "completion: it cannot tell them apart"))
+    clipped = logs.get("completions/clipped_ratio")
+    if clipped is not None and clipped > 0.5:
+        found.append(("clipped", f"{clipped:.0%} of completions hit --max-completion-len {max_completion_len}: "
+                      "raise it or reward shorter replies"))
+    return found
+
+
+def _health_class():
+    from transformers import TrainerCallback
+
+    class RewardHealth(TrainerCallback):
+        """Warns once when a problem appears, then every WARN_EVERY logged steps while it lasts."""
+
+        def __init__(self, args):
+            self.max_len, self.seen = args.max_completion_len, {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs or "reward" not in logs:
+                return
+            now = dict(reward_problems(logs, self.max_len))
+            for kind in list(self.seen):
+                if kind not in now:
+                    del self.seen[kind]  # over: a return is warned at once again
+            for kind, message in now.items():
+                count = self.seen.get(kind, 0)
+                if count % WARN_EVERY == 0:
+                    again = f" (for {count} steps now)" if count else ""
+                    print(f"warning: step {state.global_step}: {message}{again}", file=sys.stderr)
+                self.seen[kind] = count + 1
+
+    return RewardHealth
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summary_lines(history: list, trainer, args, metric: str) -> list[str]:
+    lines = []
+    fracs = [h["frac_reward_zero_std"] for h in history if "frac_reward_zero_std" in h]
+    if fracs:
+        lines.append(f"GRPO signal: {1 - sum(fracs) / len(fracs):.0%} of groups had reward variance (learning "
+                     f"signal) over {len(fracs)} steps")
+    early = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "stopped_at")), None)
+    if early is not None and early.stopped_at is not None:
+        lines.append(f"early stopping: no improvement of {metric.removeprefix('eval_')} by more than {args.early_stopping_delta:g} "
+                     f"in {args.early_stopping} evaluations; stopped at step {early.stopped_at} of "
+                     f"{trainer.state.max_steps} (best/ keeps the best)")
+    return lines

@@ -1,0 +1,133 @@
+"""Runs you can watch: free-text validation metrics, --metric, --early-stopping, curves.png, the plan in run.json,
+the console line, GRPO reward health (train.py run as a user runs it, on the tiny model)."""
+import json
+import random
+import re
+
+import pytest
+
+from conftest import ROOT, run_cli, write_jsonl
+
+WORDS = "the a small big old new house tree river stone cloud paper window garden road light".split()
+
+
+def copy_task(path, n, seed):
+    """Free text: the answer is the document's first two words (not a closed set: the pairs rarely repeat)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 5)
+        rows.append({"id": f"{seed}-{i}", "text": " ".join(words), "question": "Repeat the first two words.",
+                     "answer": " ".join(words[:2])})
+    return write_jsonl(path, rows)
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def free_text_run(tiny_llm, tmp_path_factory):
+    """Full fine-tuning on free text, validated every 2 steps, with a minimum delta no change can pass: the first
+    validation in training sets the best, the next one cannot improve on it, so --early-stopping 1 stops at step 4
+    of 36."""
+    tmp = tmp_path_factory.mktemp("free")
+    train, val = copy_task(tmp / "train.jsonl", 24, 0), copy_task(tmp / "val.jsonl", 6, 1)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--trainable", "full",
+                "--lr", "3e-3", "--epochs", "12", "-b", "8", "--eval-steps", "2", "--early-stopping", "1",
+                "--early-stopping-delta", "1000", "--val-samples", "4", "--name", "free", "--log-dir", tmp / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "log" / "free", r
+
+
+def test_free_text_validation_metric_and_early_stopping(free_text_run):
+    run, r = free_text_run
+    log = records(run / "train_log.jsonl")
+    evals = [x for x in log if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4]  # the baseline, then two validations: the second stops
+    assert all(0 <= x["eval_chrf"] <= 100 and 0 <= x["eval_exact_match"] <= 1 for x in evals)
+    assert max(x["step"] for x in log) == 4
+    assert "early stopping: no improvement of chrf by more than 1000 in 1 evaluations; stopped at step 4 of 36" \
+        in r.stdout
+    best = json.loads((run / "best" / "run.json").read_text())["checkpoint"]
+    top = max(evals, key=lambda x: x["eval_chrf"])  # chrF chose best/, by default (the baseline counts)
+    assert (best["step"], best["eval_chrf"]) == (top["step"], top["eval_chrf"])
+    assert "validation chrf:" in r.stdout
+
+
+def test_console_is_one_line_per_step(free_text_run):
+    _, r = free_text_run
+    assert "{'loss'" not in r.stdout and "'eval_loss'" not in r.stdout  # no raw dicts
+    lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
+    train = [l for l in lines if " loss " in l and "validation" not in l]
+    assert len(train) == 4 and train[0].startswith("step 1/36  loss ")
+    assert all("tok/s" in l and "elapsed" in l and " lr " in l for l in train)
+    assert "ETA" in train[-1]  # from the second step on
+    assert re.search(r"step 2/36  validation: loss [\d.]+  chrf [\d.]+  exact_match [\d.]+", r.stdout), lines
+    assert "precision no" not in r.stdout and "float32 (no mixed precision)" in r.stdout
+    assert "gemm_4bit_forward" not in r.stderr and "Writing model shards" not in r.stderr
+
+
+def test_plan_in_run_json_matches_the_model(free_text_run):
+    run, r = free_text_run
+    plan = json.loads((run / "run.json").read_text())["plan"]
+    # the plan counts parameters on the meta device before loading; the model line counts the loaded model
+    loaded = re.search(r"full, ([\d.]+)M of ([\d.]+)M parameters trainable", r.stdout)
+    assert f"{plan['trainable_parameters'] / 1e6:.2f}" == loaded.group(1)
+    assert f"{plan['parameters'] / 1e6:.1f}" == loaded.group(2)
+    assert plan["steps"] == 36 and plan["samples_per_step"] == 8 and plan["train_samples"] == 24
+    assert plan["tokens_per_epoch"] > 24 * 10
+    assert plan["memory_gib"]["peak"] > plan["memory_gib"]["process_before_model"] > 0
+    assert "plan: peak memory about" in r.stdout and "the plan estimated" in r.stdout
+
+
+def test_curves_png_is_written(free_text_run):
+    run, r = free_text_run
+    png = (run / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert f"curves: {run / 'curves.png'}" in r.stdout
+
+
+def test_lora_plan_counts_what_peft_trains(tiny_llm, tmp_path):
+    train = copy_task(tmp_path / "train.jsonl", 8, 0)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "-r", "4", "--max-steps", "1", "-b", "4",
+                "--name", "lora", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads((tmp_path / "log" / "lora" / "run.json").read_text())["plan"]
+    loaded = re.search(r"lora, ([\d.]+)M of", r.stdout).group(1)
+    assert f"{plan['trainable_parameters'] / 1e6:.2f}" == loaded and plan["steps"] == 1
+    assert "gemm_4bit_forward" not in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metric", "accuracy"], "--metric accuracy: sft validation on this data measures chrf, exact_match, loss"),
+    (["--no-val", "--early-stopping", "2"], "--early-stopping needs validation data"),
+    (["--early-stopping-delta", "0.1"], "--early-stopping-delta only applies to --early-stopping"),
+    (["--early-stopping", "0"], "--early-stopping must be at least 1"),
+])
+def test_bad_monitoring_options_are_one_line(tiny_llm, tmp_path, extra, message):
+    data = copy_task(tmp_path / "d.jsonl", 4, 0)
+    val = [] if "--no-val" in extra else ["--validation-data", data]
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", data, *val, *[e for e in extra if e != "--no-val"],
+                "--name", "bad", "--log-dir", tmp_path / "log")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "log" / "bad").exists()
+
+
+def test_grpo_reward_health_warns_and_the_summary_counts_signal(tiny_llm, tmp_path):
+    """A random model never names the fortune's class: `correct` is 0 for every completion, no group has variance,
+    and with 4 new tokens every completion is cut off. Each problem is warned at its first step, then every 10."""
+    rows = [json.loads(l) for l in (ROOT / "data/fortunes/train.jsonl").read_text().splitlines()][:8]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    r = run_cli("train.py", "--trainer", "grpo", "-m", tiny_llm, "--train-data", train, "-p", ROOT / "prompts.json",
+                "--num-generations", "4", "-b", "4", "--max-completion-len", "4", "--max-steps", "11",
+                "--rewards", "correct", "--name", "grpo", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning: step")]
+    for text in ("no learning signal", "reward correct returned one value (0) for every completion",
+                 "100% of completions hit --max-completion-len 4"):
+        hits = [l for l in warnings if text in l]
+        assert [l.split(":")[1] for l in hits] == [" step 1", " step 11"], warnings
+    assert "GRPO signal: 0% of groups had reward variance (learning signal) over 11 steps" in r.stdout
+    assert re.search(r"step 3/11  loss \S+  reward 0 ", r.stdout)
+    assert (tmp_path / "log" / "grpo" / "curves.png").stat().st_size > 10_000
