@@ -104,7 +104,8 @@ def gguf_prompt_ids(out: Path, cfg: dict, prompts: dict, samples) -> list[list[i
 
 def check(out, data: str | None = None, n: int = 16, max_new: int = 32, say=print) -> dict:
     """Compares the export in OUT with base + adapter of the run it came from; writes OUT/parity.json."""
-    from modeling import find_run, load_for_inference
+    from modeling import load_for_inference
+    from runs import find_run
     from dataset import Formatter
 
     out = Path(out)

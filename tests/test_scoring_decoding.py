@@ -136,7 +136,7 @@ def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
     import datasets
     from transformers import LlamaConfig
 
-    import train
+    import training as train  # the library module, not the entry script
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = LlamaConfig(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M's shape
