@@ -50,11 +50,11 @@ def build_parser():
     a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
     a("--score-rule", choices=SCORE_RULES,
-      help=f"--predict score: how classes are compared (default: sum for a fine-tuned run, {DEFAULT_SCORE_RULE} "
+      help=f"--predict score: how classes are compared (default: sum for a fine-tuned run or its export, {DEFAULT_SCORE_RULE} "
            "zero-shot; see predict.py)")
     a("--score-prompts", choices=PROMPT_SETS,
       help=f"--predict score: the prompts file's first question, or all of them with the class probabilities "
-           f"averaged (default: first for a fine-tuned run, {EVAL_PROMPT_SET} zero-shot; one pass per question)")
+           f"averaged (default: first for a fine-tuned run or its export, {EVAL_PROMPT_SET} zero-shot; one pass per question)")
     a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
       "tokens; zero-shot 32 for classes, 256 for free text)")
     add_decoding_options(p)
@@ -161,13 +161,15 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, decoding_of, generation_budget
+    from predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE, decoding_of,
+                         generation_budget)
 
     cfg, weights, name = resolve(args)
-    # measured on the quickstart's checkpoint: sum + first 0.84 at 1.6 samples/s, calibrated-mean + all 0.80 at 0.3;
-    # zero-shot the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes)
-    args.score_rule = args.score_rule or ("sum" if weights else DEFAULT_SCORE_RULE)
-    args.score_prompts = args.score_prompts or ("first" if weights else EVAL_PROMPT_SET)
+    # zero-shot the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or
+    # export.py's merge/GGUF of one, is scored as its validation was (predict.TUNED_*)
+    tuned = weights or cfg.get("export")
+    args.score_rule = args.score_rule or (TUNED_SCORE_RULE if tuned else DEFAULT_SCORE_RULE)
+    args.score_prompts = args.score_prompts or (TUNED_PROMPT_SET if tuned else EVAL_PROMPT_SET)
     samples, classes, prompts = prepare_test(args, cfg)
     mode = "head" if cfg.get("head") == "classifier" else (args.predict or "score") if classes else "generate"
     max_new = args.max_new_tokens or generation_budget(cfg, classes)

