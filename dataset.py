@@ -10,7 +10,7 @@ Layouts (`--train-data`, `--validation-data`, `--test-data`):
                        the filename prefix, the class index the last number before --suffix (default _aws),
                        the document text the "ocr" field, class names from --classes (default: RVL-CDIP's 16)
     Hub ids, parquet / CSV / Arrow tables, save_to_disk folders, JSON in other formats (alpaca, OpenAI with
-    images), --columns and several sources: sources.py, which load_samples / load_preferences hand them to.
+    images), --columns and several sources: finetune/sources.py, which load_samples / load_preferences hand them to.
 
 A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
@@ -361,7 +361,7 @@ def load_samples(path, prompts=None, require_answer=True, require_question=True,
     """Every sample of a TSV / folder / JSON / JSONL path, validated; prompts fill in missing questions.
     The plain format (--response-template) needs no question: pass require_question=False. Files and images
     the data names must lie inside its folder (data_root) unless allow_outside."""
-    import sources  # Hub ids, tables, save_to_disk folders, JSON in other formats, several sources: sources.py
+    from finetune import sources  # Hub ids, tables, save_to_disk folders, JSON in other formats, several sources
 
     if sources.handles(path):
         return sources.load_samples(path, prompts, require_answer, require_question, allow_outside)
@@ -438,7 +438,7 @@ def to_classes(samples: list[Sample], classes: list[str], whose="the classes") -
     index = {normalize(c): c for c in classes}
     if not isinstance(samples, list) and all(s.answer is None or index.get(normalize(s.answer)) == s.answer
                                              for s in samples):
-        return samples  # a lazy table (sources.py) already written with class names: keep it lazy, memory bounded
+        return samples  # a lazy table (finetune/sources.py) already written with class names: keep it lazy, memory bounded
     out = []
     for s in samples:
         if s.answer is not None:
@@ -557,6 +557,8 @@ class Formatter:
         if not with_answer and turns[-1][0] == "assistant":
             turns = turns[:-1]
         document = sample.document
+        # Cutting `excess` tokens off the document nearly always fits at once; a few more rounds cover decode/encode
+        # not round-tripping at the cut (merges across the new end), and the 2 extra tokens below leave room for it.
         for _ in range(4):
             segs = self.segments(sample, turns, document)
             ids, labels = [], []
@@ -659,7 +661,7 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:
-    import sources
+    from finetune import sources
 
     if sources.handles(path):
         return sources.load_preferences(path, prompts, allow_outside)

@@ -7,9 +7,10 @@
         --classes data/fortunes/classes.txt                                      # zero-shot baseline
 
 Data, prompts, classes, format and max length come from the run's saved configuration (run.json) unless given.
-Closed-set tasks default to --predict score (the likelihood of each class; see predict.py). Zero-shot, it is per
+Closed-set tasks default to --predict score (the likelihood of each class; see finetune/predict.py). Zero-shot, it is per
 token, calibrated against content-free inputs (--score-rule calibrated-mean) and averaged over every question of the
-prompts file (--score-prompts all); a fine-tuned run is scored as it was trained: summed, first question. Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
+prompts file (--score-prompts all); a fine-tuned run (or its export) is scored as its validation was: summed, first
+question. Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
 budget defaults to 1.5 x the run's longest training answer + 16 tokens) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
@@ -24,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from options import fail, range_error
+from finetune.options import fail, range_error
 
 
 def build_parser():
-    from predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, add_decoding_options
+    from finetune.predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, add_decoding_options
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -50,11 +51,12 @@ def build_parser():
     a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
     a("--score-rule", choices=SCORE_RULES,
-      help=f"--predict score: how classes are compared (default: sum for a fine-tuned run or its export, {DEFAULT_SCORE_RULE} "
-           "zero-shot; see predict.py)")
+      help=f"--predict score: how classes are compared (default: sum for a fine-tuned run or its export, "
+           f"{DEFAULT_SCORE_RULE} zero-shot; see finetune/predict.py)")
     a("--score-prompts", choices=PROMPT_SETS,
       help=f"--predict score: the prompts file's first question, or all of them with the class probabilities "
-           f"averaged (default: first for a fine-tuned run or its export, {EVAL_PROMPT_SET} zero-shot; one pass per question)")
+           f"averaged (default: first for a fine-tuned run or its export, {EVAL_PROMPT_SET} zero-shot; one pass per "
+           "question)")
     a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
       "tokens; zero-shot 32 for classes, 256 for free text)")
     add_decoding_options(p)
@@ -84,8 +86,8 @@ def resolve(args):
     out of habit are checked against the run: the same value changes nothing, a different pad token or response
     template overrides the run's (one note each), and a contradiction is an error."""
     if args.checkpoint:
-        from modeling import ModelError
-        from runs import find_run, run_name
+        from finetune.modeling import ModelError
+        from finetune.runs import find_run, run_name
 
         try:
             cfg, weights = find_run(args.checkpoint)
@@ -131,7 +133,7 @@ def load_test(args, cfg):
     classes = load_classes(args.classes) if args.classes else cfg.get("classes")
     data = args.data or (None if args.test_data else cfg.get("data"))
     need_q = not cfg.get("response_template") and cfg.get("head") != "classifier"  # formats that ask nothing
-    import sources
+    from finetune import sources
 
     sources.configure(columns=args.columns or cfg.get("columns"))
     if args.split:
@@ -161,7 +163,7 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE, decoding_of,
+    from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE, decoding_of,
                          generation_budget)
 
     cfg, weights, name = resolve(args)
@@ -210,7 +212,7 @@ def main(argv=None):
 def prepare_test(args, cfg):
     """The test samples, classes and prompts, validated before any model loads."""
     from dataset import DataError
-    from modeling import ModelError, is_vision_model, load_config
+    from finetune.modeling import ModelError, is_vision_model, load_config
 
     try:
         samples, classes, prompts = load_test(args, cfg)
@@ -233,7 +235,7 @@ def resume_state(args, out: Path, samples, world: int):
 
 def load_model(args, cfg, weights, prompts):
     from dataset import Formatter
-    from modeling import ModelError, load_for_inference
+    from finetune.modeling import ModelError, load_for_inference
 
     try:
         model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
@@ -250,7 +252,7 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
     from tqdm import tqdm
 
     from dataset import DataError
-    from predict import decoding_of, predict
+    from finetune.predict import decoding_of, predict
 
     tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
     write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
@@ -261,7 +263,7 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
     try:
         with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
             if mode == "head":  # a classifier-head run: the head's softmax, no generation
-                import classifier
+                from finetune import classifier
 
                 return classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             return predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update,
@@ -289,7 +291,7 @@ def merge_shards(results, rank: int, world: int, todo, done, samples):
 
 
 def score_metrics(results, classes) -> dict:
-    from predict import classification_metrics, text_metrics
+    from finetune.predict import classification_metrics, text_metrics
 
     refs = [r["reference"] for r in results]
     preds = [r["prediction"] for r in results]

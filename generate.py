@@ -26,11 +26,11 @@ import json
 import sys
 from pathlib import Path
 
-from options import fail, range_error
+from finetune.options import fail, range_error
 
 
 def build_parser():
-    from predict import add_decoding_options
+    from finetune.predict import add_decoding_options
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -56,7 +56,7 @@ def build_parser():
 def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None, decoding=None) -> str:
     """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed;
     `decoding` overrides predict.DECODING's options (beams, repetition penalty, n-gram blocking)."""
-    from predict import DECODING
+    from finetune.predict import DECODING
 
     import torch
 
@@ -105,7 +105,7 @@ def answer_all(model, fmt, samples, args, emit):
 
     from tqdm import tqdm
 
-    from predict import decoding_of
+    from finetune.predict import decoding_of
 
     with tqdm(total=len(samples), unit="sample", file=sys.stderr, disable=len(samples) < 2 or None) as bar:
         if args.temperature > 0:
@@ -114,7 +114,7 @@ def answer_all(model, fmt, samples, args, emit):
                                                        decoding=decoding_of(args))}])
                 bar.update(1)
         else:
-            from predict import predict
+            from finetune.predict import predict
 
             predict(model, fmt, samples, None, "generate", args.batch_size, args.max_new_tokens, on_batch=rows,
                     progress=bar.update, decoding=decoding_of(args))
@@ -140,7 +140,7 @@ def chat(model, fmt, args, image=None, read=None):
             return
         if plain:
             history = []  # trained single-turn: every line stands alone
-        from predict import decoding_of
+        from finetune.predict import decoding_of
 
         decoding = decoding_of(args)
         while True:
@@ -173,8 +173,8 @@ def main(argv=None):
     if bad:
         fail(bad)
     from dataset import DataError, Formatter, Sample, load_prompts, load_samples
-    from modeling import ModelError, load_for_inference
-    from runs import find_run
+    from finetune.modeling import ModelError, load_for_inference
+    from finetune.runs import find_run
 
     try:  # everything is checked before the model is loaded
         cfg, weights = find_run(args.checkpoint)
@@ -203,7 +203,7 @@ def main(argv=None):
         model, tokenizer, processor = load_for_inference(cfg, str(weights))
     except (DataError, ModelError) as e:
         fail(str(e))
-    from predict import generation_budget
+    from finetune.predict import generation_budget
 
     args.max_new_tokens = args.max_new_tokens or generation_budget(cfg, None)
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts,

@@ -9,9 +9,8 @@ datasets), every dataset column as a per-sample list (`answer=[...]`, `prefill=[
 (prompts, completion_ids, trainer_state, log_extra, log_metric, ...), which all go into `**kw`. It sums the
 rewards with `reward_weights` and logs each function under its `__name__`: `rewards/structure/mean`,
 `rewards/think_format/mean`, `rewards/correct/mean`. The prompt's prefill (text the reply starts with that the
-model did not generate) comes as a `prefill` column or bound by train.py: `functools.partial(structure,
-prefill="<reasoning>")` keeps the logged name, since TRL unwraps partials. `correct` returns None where `answer`
-is None, which TRL leaves out of that sample's reward.
+model did not generate) comes as the `prefill` column that finetune/rl.py's grpo_dataset writes from --prefill.
+`correct` returns None where `answer` is None, which TRL leaves out of that sample's reward.
 
 train.py turns its flags into TRL arguments with `load_rewards`:
     --rewards structure,correct        names from REWARDS, comma-separated
@@ -35,7 +34,7 @@ import sys
 from pathlib import Path
 
 from dataset import normalize
-from predict import ANSWER_TAG, extract_answer
+from finetune.predict import ANSWER_TAG, extract_answer
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -25,7 +25,7 @@ Writes log/NAME/: run.json (the resolved configuration eval.py reuses, with the 
 peak memory), checkpoint-N/ (resumable with --resume), best/ (adapter with the best validation --metric: accuracy
 for closed-set tasks, chrF for free text, else loss) and latest/ (the last weights), each with the
 tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each validation). The console
-shows one line per step; monitor.py.
+shows one line per step; finetune/monitor.py.
 """
 from __future__ import annotations
 
@@ -36,15 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-import launch  # our modules import only the standard library at module level: --help stays instant
-import modes
-import monitor
-import options
-import runs
-import training
-from options import fail
+from finetune import launch  # our modules import only the standard library at module level: --help stays instant
+from finetune import modes, monitor, options, runs, training
+from finetune.options import fail
 
-MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see rl.py)
+MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of --metric (best/ keeps the best weights)")
     g.add_argument("--early-stopping-delta", type=float, default=0.0, metavar="D",
                    help="with --early-stopping: the smallest change that counts as an improvement (default 0)")
-    g = p.add_argument_group("grpo / dpo (see rl.py)")
+    g = p.add_argument_group("grpo / dpo (see finetune/rl.py)")
     g.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt (default 8; -b "
                    "must be a multiple)")
     g.add_argument("--max-completion-len", type=int, default=256, help="GRPO: max generated tokens (default 256)")
@@ -252,7 +248,8 @@ def prepare(args):
     """Data, classes, tokenizer, prompt format and token ids: everything checked before the run folder exists or a
     model loads (bad input ends here with one line and exit status 2)."""
     from dataset import DataError, Formatter
-    from modeling import ModelError, is_vision_model, load_config, load_processing, setup_tokens, unsloth_wanted
+    from finetune.modeling import (ModelError, is_vision_model, load_config, load_processing, setup_tokens,
+                                   unsloth_wanted)
 
     mode = modes.for_args(args)
     s = modes.Setup(args)
@@ -302,7 +299,7 @@ def create_run(args, s) -> tuple[Path, dict]:
 
 def build_model(args, mode, s):
     import torch
-    from modeling import ModelError, precision
+    from finetune.modeling import ModelError, precision
 
     torch.manual_seed(args.seed)
     try:
@@ -325,7 +322,7 @@ PRECISION_WORDS = {"no": "float32 (no mixed precision)", "bf16": "bf16 mixed pre
 def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     """The mode's trainer with best/ and latest/ saves, the JSONL log, the console line, curves.png and the stop
     guard attached."""
-    import guards
+    from finetune import guards
 
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
     metric = s.extras["metric"]
@@ -343,7 +340,7 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
 
 def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
     """The baseline validation, then training; CUDA out-of-memory ends with advice. Returns the seconds taken."""
-    import guards
+    from finetune import guards
     import torch
 
     start = time.time()
@@ -363,7 +360,7 @@ def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
 def finish(args, trainer, guard, save, metric, history, out: Path, seconds: float, plan: dict):
     """A NaN stop sets the diverged checkpoint aside; else the final latest/ (and best/ if validation never
     chose one), the summary, and exit 130 after a Ctrl-C / SIGTERM stop."""
-    import guards
+    from finetune import guards
 
     if guard.bad_loss:
         step, value = guard.bad_loss

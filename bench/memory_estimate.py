@@ -27,7 +27,7 @@ def as_safetensors(spec: str, folder: Path) -> str:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from modeling import load_base, load_processing, resolve_model
+    from finetune.modeling import load_base, load_processing, resolve_model
 
     if not resolve_model(spec)[1]:
         return spec

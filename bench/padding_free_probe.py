@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def encode(model, data, max_len, seed):
     from dataset import Formatter, load_prompts, load_samples
-    from modeling import load_processing, setup_tokens
+    from finetune.modeling import load_processing, setup_tokens
 
     tokenizer = load_processing(model, vision=False)[0]
     setup_tokens(tokenizer, None, None, None)
@@ -73,8 +73,8 @@ def main():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    import batching
-    from modeling import load_base
+    from finetune import batching
+    from finetune.modeling import load_base
     from train_bench import build_tiny_llama, write_data
 
     if args.threads:

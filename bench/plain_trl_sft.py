@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules
-import trl_cpu  # noqa: E402
+from finetune import trl_cpu  # noqa: E402
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from modeling import load_base, load_processing  # loading only: hub ids, folders and GGUF files alike
+    from finetune.modeling import load_base, load_processing  # loading only: hub ids, folders and GGUF files alike
 
     rows = [json.loads(line) for line in open(args.train_data) if line.strip()]
     dataset = Dataset.from_list([{

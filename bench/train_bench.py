@@ -62,7 +62,7 @@ def build_tiny_llama(folder: Path) -> str:
 
 def write_data(model: str, path: Path, n: int, seed: int) -> None:
     """n samples whose documents are windows of 20..800 tokens (log-uniform) of one category's fortunes."""
-    from modeling import load_processing
+    from finetune.modeling import load_processing
 
     tokenizer = load_processing(model, vision=False)[0]
     rng = random.Random(seed)

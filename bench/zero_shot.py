@@ -67,7 +67,7 @@ def task_scores(model, fmt, samples, pool, classes, task, batch_size):
     """{variant: [(ll, free_ll), ...]} with one pair of (N, C) / (N, K, C) log-likelihoods per prompt."""
     import torch
 
-    from predict import content_free, content_free_ll, length_batches, score_text
+    from finetune.predict import content_free, content_free_ll, length_batches, score_text
 
     class_ids = [fmt.answer_ids(c) for c in classes]
     passes = itertools.count(1)
@@ -95,7 +95,7 @@ def task_scores(model, fmt, samples, pool, classes, task, batch_size):
 def accuracy(runs, n_tokens, rule, refs, classes):
     import torch
 
-    from predict import rule_scores
+    from finetune.predict import rule_scores
 
     logp = torch.stack([torch.log_softmax(rule_scores(ll, n_tokens, rule, free), -1) for ll, free in runs]).mean(0)
     return sum(classes[i] == r for i, r in zip(logp.argmax(-1).tolist(), refs)) / len(refs)
@@ -114,8 +114,8 @@ def main():
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     from dataset import Formatter, load_classes, load_prompts, load_samples
-    from modeling import load_for_inference
-    from predict import SCORE_RULES
+    from finetune.modeling import load_for_inference
+    from finetune.predict import SCORE_RULES
 
     model, tokenizer, _ = load_for_inference({"model": args.model, "vision": False}, None)
     table, sizes, start = {}, {}, time.perf_counter()

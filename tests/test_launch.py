@@ -1,7 +1,7 @@
 """The batch plan behind --total-batch-size / --auto-batch-size, and the --split-model guard (table-driven)."""
 import pytest
 
-import launch
+from finetune import launch
 
 
 @pytest.mark.parametrize("total, max_per_device, world, groups, expected", [

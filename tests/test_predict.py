@@ -1,10 +1,10 @@
-"""predict.py: score mode against a direct computation, metrics on a hand-made set, answer extraction."""
+"""finetune/predict.py: score mode against a direct computation, metrics on a hand-made set, answer extraction."""
 import copy
 import pytest
 import torch
 
 from dataset import Formatter, Sample
-from predict import classification_metrics, extract_answer, match_class, score_text, text_metrics
+from finetune.predict import classification_metrics, extract_answer, match_class, score_text, text_metrics
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -82,7 +82,7 @@ def test_preference_pairs_are_validated(tmp_path, tiny_llm):
 
 @pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
 def test_torch_logprob_matches_a_direct_log_softmax(softcap, scale, temperature):
-    from trl_cpu import TorchChunkedLogProb
+    from finetune.trl_cpu import TorchChunkedLogProb
 
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_cli, write_jsonl
 from dataset import Formatter, Sample
-from predict import (CONTENT_FREE, content_free, content_free_ll, generate, predict, rule_scores, score_text)
+from finetune.predict import (CONTENT_FREE, content_free, content_free_ll, generate, predict, rule_scores, score_text)
 
 
 def test_rule_scores_exact_values():
@@ -136,7 +136,7 @@ def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
     import datasets
     from transformers import LlamaConfig
 
-    import training as train  # the library module, not the entry script
+    from finetune import training as train  # the library module, not the entry script
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = LlamaConfig(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M's shape

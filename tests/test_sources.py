@@ -1,4 +1,4 @@
-"""sources.py: every source and format gives the samples dataset.py would, bad input is one line naming file, row
+"""finetune/sources.py: every source and format gives the samples dataset.py would, bad input is one line naming file, row
 and column, and --mix / --validation-split / --train-samples draw what they say. In-process and fast; the CLIs end
 to end are in test_sources_e2e.py."""
 import argparse
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import sources
+from finetune import sources
 from conftest import write_jsonl
 from dataset import DataError, Formatter, load_preferences, load_samples
 from hub_cache import cache_hub_dataset
@@ -297,7 +297,7 @@ def test_mix_ratios_and_train_samples(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ tokenising tables
 def test_a_table_is_tokenised_through_map_and_cached_on_its_fingerprint(tmp_path, tokenizer, monkeypatch, capsys):
-    import batching
+    from finetune import batching
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     fmt = Formatter(tokenizer, max_len=64)
@@ -385,7 +385,7 @@ def test_bad_input_in_a_new_source_is_one_clear_line(case, tmp_path, tiny_llm):
 
 
 def test_a_table_tokenised_in_worker_processes_gives_the_same_rows(tmp_path, tokenizer, monkeypatch):
-    import batching
+    from finetune import batching
 
     monkeypatch.setenv("FINETUNE_CACHE", "off")
     fmt = Formatter(tokenizer, max_len=64)

@@ -308,7 +308,7 @@ def cache_key(fmt, samples, train: bool) -> str:
     chat = getattr(fmt.processor, "chat_template", None) if fmt.processor is not None else None
     parts = {
         "version": CACHE_VERSION,
-        "samples": getattr(samples, "fingerprint", None) or _samples_digest(samples),  # tables: sources.py
+        "samples": getattr(samples, "fingerprint", None) or _samples_digest(samples),  # tables: finetune/sources.py
         "tokenizer": tokenizer_fingerprint(fmt.tokenizer),
         "processor": [type(fmt.processor).__name__, chat] if fmt.processor is not None else None,
         "format": [_fields(fmt), bool(train)],  # response template, max_len, prompts, seed, prefill, ...

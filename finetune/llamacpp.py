@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urljoin
 
-from modeling import ModelError
+from finetune.modeling import ModelError
 
 LLAMA_CPP_PYTHON = ("0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 PYPI = os.environ.get("FINETUNE_PYPI_JSON", "https://pypi.org/pypi")  # PyPI's JSON API (or a mirror of it)
@@ -41,7 +41,7 @@ WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # under vendor/ll
 
 def converter_dir() -> Path:
     """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/, fetched on first use."""
-    from batching import cache_root
+    from finetune.batching import cache_root
 
     version, sha = LLAMA_CPP_PYTHON
     if os.environ.get("FINETUNE_LLAMACPP_DIR"):

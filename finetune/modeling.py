@@ -411,7 +411,7 @@ def load_for_training(args, vision, tokenizer):
 def _check_init_vocabulary(init, tokenizer):
     """An SFT adapter trained with --add-special-tokens needs the same tokens in this run (its rows, our ids)."""
     try:
-        from runs import find_run
+        from finetune.runs import find_run
 
         cfg, _ = find_run(init)
     except ModelError:
@@ -440,7 +440,7 @@ def _load_unsloth(args, vision, prec):
     """unsloth's fast path (NVIDIA only). Its loaders patch transformers on import, so import it here, late."""
     import torch
 
-    import launch
+    from finetune import launch
 
     device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     import unsloth  # noqa: F401  (must come before transformers models are built)

@@ -15,15 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from modeling import ModelError
-from options import SECRET_OPTIONS, fail
+from finetune.modeling import ModelError
+from finetune.options import SECRET_OPTIONS, fail
 
 
 def run_dir(args) -> Path:
     """log/NAME for this run, checked: a new name, or --resume of an existing run."""
     from datetime import datetime
 
-    import launch
+    from finetune import launch
 
     if not args.name:  # one process here: train.py asks a distributed launch for --name
         args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -43,13 +43,13 @@ def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenize
     cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
-    from modeling import precision
+    from finetune.modeling import precision
 
     cfg["precision"] = precision(args.mixed_precision)  # resolved (auto -> no / bf16 / fp16): export.py merges in it
     answers = [a for a in (getattr(s, "answer", None) for s in train) if a]  # DPO / GRPO samples may have none
     if answers and tokenizer is not None:
         cfg["longest_answer_tokens"] = 1 + max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"]))
-    import sources  # Hub ids stay ids; local paths become absolute
+    from finetune import sources  # Hub ids stay ids; local paths become absolute
 
     for k in ("train_data", "validation_data", "data", "prompts"):
         if cfg.get(k):

@@ -49,7 +49,7 @@ def logged_rewards(funcs, path: Path, keep: int = 4):
     what was generated and how it was scored, for the user (and the tests) to check."""
     import functools
 
-    import launch
+    from finetune import launch
 
     def wrap(fn):
         @functools.wraps(fn)

@@ -66,7 +66,7 @@ def quiet_libraries(args):
 # ------------------------------------------------------------------------------------------------ the plan
 def make_plan(args, s) -> dict:
     """The run's size before any weight is loaded: what it will cost, so a wrong batch or --max-len shows now."""
-    import launch
+    from finetune import launch
 
     params, trainable, quantised, arch = count_parameters(args, s)
     lengths = _lengths(s)
@@ -107,7 +107,7 @@ def count_parameters(args, s):
     import torch
     from accelerate import init_empty_weights
 
-    from modeling import load_config, lora_config, model_class
+    from finetune.modeling import load_config, lora_config, model_class
 
     cfg = load_config(args.model, args.trust_remote_code)
     try:
@@ -146,7 +146,7 @@ def estimate_memory(args, params, trainable, quantised, arch, longest) -> dict:
     """Peak bytes of one training step, by the module docstring's formula, on this device."""
     import torch
 
-    from modeling import precision, training_dtype
+    from finetune.modeling import precision, training_dtype
 
     layers, hidden, vocab = arch
     prec = precision(args.mixed_precision)

@@ -4,7 +4,7 @@ Every TRL 1.x trainer (SFT, GRPO, DPO) computes per-token log-probabilities thro
 `trl.trainer.utils._ChunkedLogProbFunction`, a Triton kernel. Triton needs a GPU driver: on CPU it fails with
 "RuntimeError: 0 active drivers". TRL has no switch to turn the fused head off (TRL issue #7244 plans a torch
 fallback), so on machines without CUDA we replace that one symbol with the same computation in torch, chunked over
-tokens. Nothing changes on a GPU. `install()` is idempotent; tests/test_trl_cpu.py checks it against a direct
+tokens. Nothing changes on a GPU. `install()` is idempotent; tests/test_rl.py checks it against a direct
 log-softmax.
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ ROWS_PER_CHUNK = 1024  # tokens whose [rows, vocab] logits are materialised at o
 
 
 class TorchChunkedLogProb:
-    """Same call and outputs as trl.kernels.ChunkedLogProbFunction.apply; autograd does the backward."""
+    """Same call and outputs as trl.kernels.ChunkedLogProbFunction.apply; autograd does the backward. `chunk_size` is
+    the kernel's vocabulary tile width: taken for the same signature, unused, as each block of ROWS_PER_CHUNK tokens
+    gets one full-vocabulary log-softmax here."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -50,5 +52,5 @@ def install():
     import trl.trainer.utils as trl_utils
 
     if not hasattr(trl_utils, "_ChunkedLogProbFunction"):
-        raise RuntimeError("this TRL version has no _ChunkedLogProbFunction: update trl_cpu.py for it")
+        raise RuntimeError("this TRL version has no _ChunkedLogProbFunction: update finetune/trl_cpu.py for it")
     trl_utils._ChunkedLogProbFunction = TorchChunkedLogProb

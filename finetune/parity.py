@@ -23,7 +23,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from modeling import ModelError
+from finetune.modeling import ModelError
 
 
 def prompt_samples(cfg: dict, data: str | None, n: int):
@@ -75,7 +75,7 @@ def compare(reference, candidate, prompt_ids: list[list[int]], eos_id, pad_id, m
 
 def load_candidate(kind: str, out: Path, cfg: dict):
     """The export, reloaded as its consumer loads it (see the module docstring)."""
-    from modeling import load_base, load_for_inference, model_class
+    from finetune.modeling import load_base, load_for_inference, model_class
 
     if kind == "merge":
         return model_class(cfg.get("vision")).from_pretrained(out).eval()  # the dtype it was saved in
@@ -93,7 +93,7 @@ def load_candidate(kind: str, out: Path, cfg: dict):
 def gguf_prompt_ids(out: Path, cfg: dict, prompts: dict, samples) -> list[list[int]]:
     """The prompts as the GGUF's tokenizer (transformers' GGUF loader, with the run's token settings) encodes them."""
     from dataset import Formatter
-    from modeling import load_processing, setup_tokens
+    from finetune.modeling import load_processing, setup_tokens
 
     tokenizer, _ = load_processing(str(next(out.glob("*.gguf"))), False)
     setup_tokens(tokenizer, None, cfg.get("response_template"), cfg.get("set_pad_token"),
@@ -104,8 +104,8 @@ def gguf_prompt_ids(out: Path, cfg: dict, prompts: dict, samples) -> list[list[i
 
 def check(out, data: str | None = None, n: int = 16, max_new: int = 32, say=print) -> dict:
     """Compares the export in OUT with base + adapter of the run it came from; writes OUT/parity.json."""
-    from modeling import load_for_inference
-    from runs import find_run
+    from finetune.modeling import load_for_inference
+    from finetune.runs import find_run
     from dataset import Formatter
 
     out = Path(out)

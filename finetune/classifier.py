@@ -34,7 +34,7 @@ def encode(fmt, samples, classes: list[str], train=False):
 def load_for_training(args, classes, tokenizer, class_ids=None):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT. class_ids: the
     class names' tokens (class_token_ids) for the head's starting point (start_head)."""
-    from modeling import (QUANTIZE, finish_token_training, sync_special_tokens, fit_vocabulary, load_base,
+    from finetune.modeling import (QUANTIZE, finish_token_training, sync_special_tokens, fit_vocabulary, load_base,
                           new_tokens_for, precision, token_training, training_dtype)
 
     new_tokens = new_tokens_for(args)
@@ -53,7 +53,7 @@ def load_for_training(args, classes, tokenizer, class_ids=None):
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from modeling import lora_config
+    from finetune.modeling import lora_config
 
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
@@ -68,7 +68,7 @@ def load_for_training(args, classes, tokenizer, class_ids=None):
 
 def _load_unsloth(args, classes, tokenizer, class_ids=None):
     """unsloth's sequence-classification loader (FastModel with auto_model); None when it does not apply."""
-    import launch
+    from finetune import launch
 
     device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     try:
@@ -145,7 +145,7 @@ def compute_metrics(classes):
     """Accuracy and macro-F1 of the argmax prediction against the reference label (eval_pred.label_ids)."""
 
     def metrics(eval_pred):
-        from predict import classification_metrics
+        from finetune.predict import classification_metrics
 
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
@@ -160,7 +160,7 @@ def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=
     """Softmax over the head's logits; same result rows as predict.predict."""
     import torch
 
-    from predict import pad_batch, batch_done, length_batches
+    from finetune.predict import pad_batch, batch_done, length_batches
 
     dev = next(model.parameters()).device
     encoded = [fmt.prompt_ids(s) for s in samples]

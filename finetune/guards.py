@@ -13,7 +13,7 @@ import sys
 
 from transformers import TrainerCallback
 
-import launch
+from finetune import launch
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the run did not finish, but nothing was lost
 EXIT_FAILED = 1

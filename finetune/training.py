@@ -13,15 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import batching
-import launch
+from finetune import batching, launch
 
 
 def make_trainer_class(base):
     """`base` (TRL's SFT/GRPO/DPO trainer, or transformers' Trainer for the classifier head) plus closed-set
     validation accuracy and real-token throughput. Without a GPU, TRL's Triton loss kernel is swapped for a
-    torch one first (trl_cpu.py)."""
-    import trl_cpu
+    torch one first (finetune/trl_cpu.py)."""
+    from finetune import trl_cpu
 
     trl_cpu.install()
 
@@ -35,7 +34,7 @@ def make_trainer_class(base):
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
             if self.head_lr is not None and not getattr(self, "_head_split", False):
-                import classifier
+                from finetune import classifier
 
                 classifier.split_head_lr(optimizer, self.model, self.head_lr)
                 self._head_split = True
@@ -76,7 +75,7 @@ def make_trainer_class(base):
 
 def closed_set_validation(model, fmt, val, classes, args):
     """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
-    from predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict
+    from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict
 
     def validation():
         was_training = model.training
@@ -95,7 +94,7 @@ def free_text_validation(model, fmt, val, args):
     """chrF and exact match of greedy generations on free-text validation samples: the task's own measure, which the
     loss only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), with a
     budget of new tokens a little over the longest reference answer, so a model that never stops costs little."""
-    from predict import predict, text_metrics
+    from finetune.predict import predict, text_metrics
 
     samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
     budget = max(len(fmt.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 8
@@ -118,7 +117,7 @@ FREE_TEXT_SAMPLES = 32
 def training_arguments(args, out: Path, validates: bool) -> dict:
     """The TrainingArguments every mode shares (TRL's configs extend them)."""
     import torch
-    from modeling import precision
+    from finetune.modeling import precision
 
     prec = precision(args.mixed_precision)
     return dict(
@@ -130,10 +129,10 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
         eval_strategy=("steps" if args.eval_steps else "epoch") if validates else "no",
         eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
         save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
-        logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False,  # a NaN loss must show: guards.py
+        logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False,  # a NaN loss must show: finetune/guards.py
         report_to=[] if args.report_to == "none" else [args.report_to],
         run_name=args.name, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
-        # batches of near-equal length (batching.py: FinetuneTrainer's samplers read the "length" column)
+        # batches of near-equal length (finetune/batching.py: FinetuneTrainer's samplers read the "length" column)
         length_column_name="length",
         disable_tqdm=not sys.stderr.isatty(), use_cpu=not torch.cuda.is_available(),
     )
@@ -170,7 +169,7 @@ def make_saver(trainer, owner, cfg: dict):
     """save(dest, info): the weights and tokenizer/processor (`owner`) into dest atomically, with run.json and the
     checkpoint info. Called on every rank: under FSDP / DeepSpeed ZeRO-3 each rank holds a shard of the weights and
     gathering the full state dict is a collective (all ranks at once); rank 0 then writes."""
-    import runs
+    from finetune import runs
 
     def save(dest: Path, info: dict):
         state = None

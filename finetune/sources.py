@@ -143,7 +143,7 @@ def kind(spec: str) -> str:
 
 
 def handles(spec) -> bool:
-    """Does this spec need sources.py (several sources, a split, a table, a Hub id, a save_to_disk folder)?"""
+    """Does this spec need finetune/sources.py (several sources, a split, a table, a Hub id, a save_to_disk folder)?"""
     spec = str(spec)
     parts = [s for s in spec.split(",")] if "," in spec and not Path(spec).exists() else [spec]
     return len(parts) > 1 or kind(spec) != "records" or bool(split_spec(spec)[2])
@@ -355,7 +355,7 @@ def _image_file(value: dict, file, sid) -> tuple[str, bool]:
         if not path:
             raise _d().DataError(file, sid, "image", "an Image cell with neither bytes nor a path")
         return path, False
-    import batching
+    from finetune import batching
 
     root = batching.cache_root()
     if root is None:
@@ -563,7 +563,7 @@ class Samples(Sequence):
         and fmt.dropped grow as in batching.encode_rows."""
         import datasets
 
-        import batching
+        from finetune import batching
 
         folder = _scratch()
         pieces, used = [], 1

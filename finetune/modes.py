@@ -4,11 +4,11 @@
     mode.load_data(s)                  samples, validation samples and classes into the Setup `s`
     mode.encode(s)                     token ids (s.train_ds, s.val_ds) and the mode's own checks
     mode.load_model(s)                 the model ready for its trainer (PEFT-wrapped unless --trainable full)
-    mode.make_trainer(s, model, common, out)   TRL's / transformers' trainer with our additions (training.py)
+    mode.make_trainer(s, model, common, out)   TRL's / transformers' trainer with our additions (finetune/training.py)
     mode.metrics(s)                    the validation metrics it measures, its default first (--metric picks one)
     mode.metric(s)                     the validation metric best/ and --early-stopping go by ("eval_" + name)
 
-Adding a mode is one class here; clashes between options are checked once, before any of this (options.py).
+Adding a mode is one class here; clashes between options are checked once, before any of this (finetune/options.py).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class SFT:
 
     def load_data(self, s: Setup):
         """Validated samples and classes: everything checked before a model is loaded."""
-        import sources
+        from finetune import sources
         from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
                              load_samples, to_classes)
 
@@ -68,27 +68,26 @@ class SFT:
             s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
 
     def encode(self, s: Setup):
-        import batching
+        from finetune import batching
 
         workers = s.args.num_preprocess_workers or batching.default_workers()
         s.train_ds = batching.encode_cached(s.fmt, s.train, True, workers)
         s.val_ds = batching.encode_cached(s.val_fmt, s.val, False, workers) if s.val else None
 
     def load_model(self, s: Setup):
-        from modeling import load_for_training
+        from finetune.modeling import load_for_training
 
         return load_for_training(s.args, s.vision, s.tokenizer)
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        import batching
-        import training
+        from finetune import batching, training
         from trl import SFTConfig, SFTTrainer
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         collator = batching.VisionCollator(s.processor, s.tokenizer.pad_token_id) if s.vision else \
             DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id)
         keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if s.vision else [])
-        flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (batching.py)
+        flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (finetune/batching.py)
         trainer = training.make_trainer_class(SFTTrainer)(
             model=model, args=SFTConfig(**common, max_length=None, padding_free=flat,
                                         dataset_kwargs={"skip_prepare_dataset": True}),
@@ -113,12 +112,12 @@ class SFT:
 
 
 class Classifier(SFT):
-    """A sequence-classification head on the LLM (transformers' Trainer): classifier.py."""
+    """A sequence-classification head on the LLM (transformers' Trainer): finetune/classifier.py."""
     name = "classifier"
 
     def encode(self, s: Setup):
-        import classifier
-        from modeling import ModelError
+        from finetune import classifier
+        from finetune.modeling import ModelError
 
         if not s.classes or s.vision:
             raise ModelError("--classifier supports text models only" if s.vision else "--classifier needs a "
@@ -127,14 +126,13 @@ class Classifier(SFT):
         s.val_ds = classifier.encode(s.val_fmt, s.val, s.classes) if s.val else None
 
     def load_model(self, s: Setup):
-        import classifier
+        from finetune import classifier
 
         names = classifier.class_token_ids(s.fmt, s.classes)  # the head starts from what the names mean
         return classifier.load_for_training(s.args, s.classes, s.tokenizer, names)
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        import classifier
-        import training
+        from finetune import classifier, training
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
         trainer = training.make_trainer_class(Trainer)(
@@ -146,13 +144,13 @@ class Classifier(SFT):
 
 
 class GRPO(SFT):
-    """GRPO with verifiable rewards (TRL's GRPOTrainer): rl.py, rewards.py. It validates nothing (options.py
+    """GRPO with verifiable rewards (TRL's GRPOTrainer): finetune/rl.py, rewards.py. It validates nothing (finetune/options.py
     refuses --validation-data); its progress is the reward in the log."""
     name = "grpo"
 
     def encode(self, s: Setup):
-        import rl
-        from modeling import ModelError
+        from finetune import rl
+        from finetune.modeling import ModelError
         from rewards import load_rewards
 
         a = s.args
@@ -166,8 +164,7 @@ class GRPO(SFT):
             raise ModelError("--vllm needs an NVIDIA GPU and vllm installed (uv pip install vllm)")
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        import rl
-        import training
+        from finetune import rl, training
         from trl import GRPOTrainer
 
         funcs, weights = s.extras["rewards"]
@@ -176,15 +173,15 @@ class GRPO(SFT):
             args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
 
     def metrics(self, s: Setup) -> list[str]:
-        return ["loss"]  # nothing validates (options.py): the reward in the log is its measure
+        return ["loss"]  # nothing validates (finetune/options.py): the reward in the log is its measure
 
 
 class DPO(SFT):
-    """DPO on preference pairs (TRL's DPOTrainer): rl.py."""
+    """DPO on preference pairs (TRL's DPOTrainer): finetune/rl.py."""
     name = "dpo"
 
     def load_data(self, s: Setup):
-        import sources
+        from finetune import sources
         from dataset import load_preferences, load_prompts
 
         a = s.args
@@ -194,14 +191,13 @@ class DPO(SFT):
         s.val = load_preferences(a.validation_data, s.prompts, a.allow_outside_paths) if a.validation_data else []
 
     def encode(self, s: Setup):
-        import rl
+        from finetune import rl
 
         s.train_ds = rl.dpo_dataset(s.fmt, s.train)
         s.val_ds = rl.dpo_dataset(s.val_fmt, s.val) if s.val else None
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        import rl
-        import training
+        from finetune import rl, training
         from trl import DPOTrainer
 
         return training.make_trainer_class(DPOTrainer)(
