@@ -177,8 +177,9 @@ def main(argv=None):
     max_new = args.max_new_tokens or generation_budget(cfg, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = distributed_setup()
-    done, todo = resume_state(args, out, samples, world)
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    done, todo = resume_state(args, out, samples, state)
     model, fmt = load_model(args, cfg, weights, prompts)
     if rank == 0:
         print(f"eval: {len(samples)} samples{f' over {world} processes' if world > 1 else ''}, "
@@ -187,9 +188,10 @@ def main(argv=None):
         if done:
             print(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
     start = time.time()
-    results = score_shard(args, model, fmt, todo[rank::world], classes, mode, max_new, out, rank, world, done)
+    with state.split_between_processes(todo) as mine:  # contiguous shards: gathered in rank order = test order
+        results = score_shard(args, model, fmt, mine, classes, mode, max_new, out, rank, world, done)
     seconds = time.time() - start
-    results = merge_shards(results, rank, world, todo, done, samples)
+    results = merge_shards(results, state, done, samples)
     if results is None:  # not rank 0: rank 0 writes
         return
     write_predictions(out / "predictions.tsv", results, "w")  # one file in test-set order, rank parts merged
@@ -223,13 +225,10 @@ def prepare_test(args, cfg):
     return samples, classes, prompts
 
 
-def resume_state(args, out: Path, samples, world: int):
+def resume_state(args, out: Path, samples, state):
     """(predictions kept from an interrupted eval, samples still to score): --resume."""
     done = load_done(out, samples) if args.resume else {}
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every rank has read the old parts before any rank starts a new one
+    state.wait_for_everyone()  # every rank has read the old parts before any rank starts a new one
     return done, [s for s in samples if s.id not in done]
 
 
@@ -272,18 +271,16 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
         fail(str(e))
 
 
-def merge_shards(results, rank: int, world: int, todo, done, samples):
+def merge_shards(results, state, done, samples):
     """Every prediction in test-set order on rank 0 (None on the other ranks): the ranks' shards gathered, and the
     predictions kept by --resume put back in place."""
-    if world > 1:
-        import torch.distributed as dist
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
 
-        parts = [None] * world
-        dist.all_gather_object(parts, results)
-        dist.destroy_process_group()
-        if rank != 0:
+        results = gather_object(results)
+        state.destroy_process_group()
+        if not state.is_main_process:
             return None
-        results = [parts[i % world][i // world] for i in range(len(todo))]  # undo todo[rank::world]
     if done:
         new = {r["id"]: r for r in results}
         results = [done.get(s.id) or new[s.id] for s in samples]
@@ -311,20 +308,12 @@ def inference_dtype(choice):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[choice]
 
 
-def distributed_setup() -> tuple[int, int]:
-    """(rank, world size): torchrun / accelerate launch set WORLD_SIZE; one process otherwise."""
-    import os
+def process_state():
+    """accelerate's PartialState: one process, or the process group torchrun / accelerate launch started (NCCL with
+    each rank on its own GPU, gloo on CPU)."""
+    from accelerate import PartialState
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each rank on its own GPU
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+    return PartialState()
 
 
 def load_done(out: Path, samples) -> dict:
@@ -372,19 +361,20 @@ def write_confusion(cm, out: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    counts = cm["counts"]
-    size = max(4, 0.5 * len(cm["columns"]) + 2)
+    counts, names = np.array(cm["counts"]), cm["columns"]
+    if counts[:, -1].sum():  # invalid answers: a square matrix with an empty 'invalid' reference row
+        counts = np.vstack([counts, np.zeros((1, counts.shape[1]), dtype=counts.dtype)])
+    else:
+        counts, names = counts[:, :-1], cm["rows"]
+    size = max(4, 0.5 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=45, ha="right")
-    ax.set_yticks(range(len(cm["rows"])), cm["rows"])
+    ConfusionMatrixDisplay(counts, display_labels=names).plot(ax=ax, cmap="Blues", xticks_rotation=45,
+                                                              colorbar=False)
     ax.set_xlabel("prediction")
     ax.set_ylabel("reference")
-    top = max(max(r) for r in counts) or 1
-    for i, row in enumerate(counts):
-        for j, v in enumerate(row):
-            ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=120)
     plt.close(fig)

@@ -7,7 +7,7 @@
 Writes a parquet table of short closed-set rows ({"text", "answer", "question"}, 4 classes) into a temporary
 folder, then runs each arm in a fresh process (peak RSS is the process's own ru_maxrss), one after the other:
     ours     dataset.load_samples (read memory-mapped, every row validated), infer_classes, then
-             batching.encode_cached (chat template, loss mask, datasets.map into Arrow), as train.py does
+             tokenise.encode_cached (chat template, loss mask, datasets.map into Arrow), as train.py does
     plain    load_dataset("parquet") + map(apply_chat_template + tokenizer), batched: no validation, no loss mask
     list     what a Python list of Sample dataclasses costs: load_samples, then list(samples) (the old way)
 Both tokenising arms use the tiny tokenizer of tests/tiny_models.py with the same ChatML template, one process each
@@ -55,17 +55,17 @@ def peak_gib() -> float:
 def arm_ours(table, tok_dir, workers):
     from transformers import AutoTokenizer
 
-    from finetune import batching
-    from dataset import Formatter, infer_classes, load_samples
+    from dataset import Formatter
+    from finetune import tokenise, infer_classes, load_samples
 
     t0 = time.perf_counter()
     samples = load_samples(table)
     classes = infer_classes(samples)
     t1 = time.perf_counter()
     fmt = Formatter(AutoTokenizer.from_pretrained(tok_dir), max_len=256)
-    ds = batching.encode_cached(fmt, samples, train=True, workers=workers, log=lambda *a: None)
+    ds = tokenise.encode_cached(fmt, samples, train=True, workers=workers, log=lambda *a: None)
     t2 = time.perf_counter()
-    again = batching.encode_cached(fmt, load_samples(table), train=True, workers=workers, log=lambda *a: None)
+    again = tokenise.encode_cached(fmt, load_samples(table), train=True, workers=workers, log=lambda *a: None)
     t3 = time.perf_counter()
     assert len(again) == len(ds) == len(samples) and classes == CLASSES
     return {"seconds": t2 - t0, "load_validate_s": t1 - t0, "tokenise_s": t2 - t1, "cached_rerun_s": t3 - t2,

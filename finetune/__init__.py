@@ -8,7 +8,8 @@ built from, one job each:
     runs.py        the run folder log/NAME/: layout, atomic writes, finding and resuming a run
     modeling.py    loading models (hub ids, folders, GGUF), LoRA / QLoRA / full, unsloth when it applies
     classifier.py  the sequence-classification head
-    batching.py    length-bucketed batches and the tokenisation cache
+    batching.py    collators, length-bucketed batches, the padding-free choice
+    tokenise.py    tokenising through datasets.map, and its on-disk cache
     sources.py     Hub datasets, parquet / CSV / Arrow tables, column mapping, mixing, validation splits
     predict.py     scoring and generation, metrics (train.py's validation and eval.py share it)
     rl.py          GRPO and DPO through TRL

@@ -3,7 +3,7 @@
 The converter is llama.cpp's Python script with its `conversion` package and its `gguf-py`, taken at a pinned
 version from the llama-cpp-python source distribution on PyPI (LLAMA_CPP_PYTHON below, checked against its
 sha256). It is fetched once into the cache ($FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else
-~/.cache/finetune; see batching.cache_root), never vendored into this repository and never compiled: only the
+~/.cache/finetune; see tokenise.cache_root), never vendored into this repository and never compiled: only the
 Python scripts are extracted. FINETUNE_LLAMACPP_DIR=FOLDER uses the converter in FOLDER instead (a llama.cpp
 checkout, say), and fetches the pinned one into it when it has none. They need gguf, numpy, sentencepiece, torch and transformers, which the base install
 has; the converter puts its own gguf-py first on sys.path, so the converter and the gguf code it writes with come
@@ -41,7 +41,7 @@ WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # under vendor/ll
 
 def converter_dir() -> Path:
     """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/, fetched on first use."""
-    from finetune.batching import cache_root
+    from finetune.tokenise import cache_root
 
     version, sha = LLAMA_CPP_PYTHON
     if os.environ.get("FINETUNE_LLAMACPP_DIR"):

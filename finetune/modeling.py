@@ -23,7 +23,6 @@ way before the adapter goes on (fit_vocabulary).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import warnings
 from pathlib import Path

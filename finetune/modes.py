@@ -68,11 +68,11 @@ class SFT:
             s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
 
     def encode(self, s: Setup):
-        from finetune import batching
+        from finetune import tokenise
 
-        workers = s.args.num_preprocess_workers or batching.default_workers()
-        s.train_ds = batching.encode_cached(s.fmt, s.train, True, workers)
-        s.val_ds = batching.encode_cached(s.val_fmt, s.val, False, workers) if s.val else None
+        workers = s.args.num_preprocess_workers or tokenise.default_workers()
+        s.train_ds = tokenise.encode_cached(s.fmt, s.train, True, workers)
+        s.val_ds = tokenise.encode_cached(s.val_fmt, s.val, False, workers) if s.val else None
 
     def load_model(self, s: Setup):
         from finetune.modeling import load_for_training

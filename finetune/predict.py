@@ -227,33 +227,32 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
+INVALID = "\x00invalid"  # an answer matching no class, as a label of its own for scikit-learn
+
+
 def classification_metrics(refs: list[str], preds: list[str | None], classes: list[str]) -> dict:
     """Accuracy, macro/weighted P/R/F1, per class, invalid rate and confusion matrix (rows: reference).
 
     An invalid prediction (None) counts as wrong for every metric; the matrix has an extra 'invalid' column.
     """
-    from sklearn.metrics import precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     n = len(refs)
     labels = list(classes)
     y_true = list(refs)
-    y_pred = [p if p is not None else "\x00invalid" for p in preds]
-    acc = sum(t == p for t, p in zip(y_true, y_pred)) / n if n else 0.0
-    out = {"samples": n, "accuracy": acc, "invalid": sum(p is None for p in preds),
-           "invalid_rate": sum(p is None for p in preds) / n if n else 0.0}
+    y_pred = [p if p is not None else INVALID for p in preds]
+    out = {"samples": n, "accuracy": float(accuracy_score(y_true, y_pred)) if n else 0.0,
+           "invalid": sum(p is None for p in preds), "invalid_rate": sum(p is None for p in preds) / n if n else 0.0}
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
         out[avg] = {"precision": float(p), "recall": float(r), "f1": float(f)}
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
     out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                         for i, c in enumerate(labels)}
-    cols = labels + ["invalid"]
-    matrix = [[0] * len(cols) for _ in labels]
-    index = {c: i for i, c in enumerate(labels)}
-    for t, p in zip(refs, preds):
-        if t in index:
-            matrix[index[t]][index[p] if p is not None else len(labels)] += 1
-    out["confusion_matrix"] = {"rows": labels, "columns": cols, "counts": matrix}
+    # rows: the classes (a reference is always one); columns: the classes and the invalid answers
+    matrix = confusion_matrix(y_true, y_pred, labels=labels + [INVALID])[: len(labels)].tolist() if n else \
+        [[0] * (len(labels) + 1) for _ in labels]
+    out["confusion_matrix"] = {"rows": labels, "columns": labels + ["invalid"], "counts": matrix}
     return out
 
 

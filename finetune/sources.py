@@ -37,7 +37,7 @@ formats (so a mapped CSV mixes with an alpaca JSON); so is a table with no colum
 
 Rows are validated by dataset.parse_sample / parse_preference, so every rule of dataset.py holds; an error names
 the file, `row N` (data rows counted from 1, the header not counted) and the column. A table is read memory-mapped
-(Arrow) and parsed on demand (`Samples`): validation streams over it once, and batching.encode_cached tokenises it
+(Arrow) and parsed on demand (`Samples`): validation streams over it once, and tokenise.encode_cached tokenises it
 with `datasets.map` into Arrow files, keyed on the dataset's fingerprint, so memory stays bounded (README,
 Benchmarks: bench/data_bench.py).
 
@@ -52,7 +52,6 @@ import hashlib
 import json
 import random
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -355,9 +354,9 @@ def _image_file(value: dict, file, sid) -> tuple[str, bool]:
         if not path:
             raise _d().DataError(file, sid, "image", "an Image cell with neither bytes nor a path")
         return path, False
-    from finetune import batching
+    from finetune import tokenise
 
-    root = batching.cache_root()
+    root = tokenise.cache_root()
     if root is None:
         import tempfile
 
@@ -551,101 +550,26 @@ class Samples(Sequence):
 
     @property
     def fingerprint(self) -> str | None:
-        """For batching.cache_key when every part is a table (else None: the samples are hashed one by one)."""
+        """For tokenise.cache_key when every part is a table (else None: the samples are hashed one by one)."""
         if not all(isinstance(b, Table) for _, b, _ in self.parts):
             return None
         return _hash([[b.fingerprint, None if i is None else hashlib.sha256(str(i).encode()).hexdigest()]
                       for _, b, i in self.parts])
 
     def encode(self, fmt, train: bool, workers: int = 1):
-        """(datasets.Dataset of encoded rows, worker processes): tables through datasets.map into Arrow files
-        (bounded memory, `workers` processes for large ones), lists through batching.encode_rows; fmt.truncated
-        and fmt.dropped grow as in batching.encode_rows."""
+        """(datasets.Dataset of encoded rows, worker processes): every part through finetune/tokenise.py's
+        datasets.map, tables read row by row from their Arrow files (bounded memory)."""
         import datasets
 
-        from finetune import batching
+        from finetune import tokenise
 
-        folder = _scratch()
         pieces, used = [], 1
         for p, (_, base, idx) in enumerate(self.parts):
-            if isinstance(base, Table):
-                ds, n = _encode_table(base, idx, fmt, train, workers, folder / f"part{p}.arrow")
-                fmt.dropped += self._size(base, idx) - len(ds)
-                used = max(used, n)
-            else:  # counted by encode_rows itself
-                rows, n = batching.encode_rows(fmt, base if idx is None else [base[i] for i in idx], train, workers)
-                used = max(used, n)
-                ds = datasets.Dataset.from_list([{**r, "truncated": False} for r in rows],
-                                                features=_encoded_features())
+            source = base if isinstance(base, Table) else tokenise.SampleList(base)
+            ds, n = tokenise.encode_source(source, idx, fmt, train, workers, f"part{p}")
             pieces.append(ds)
-        ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
-        fmt.truncated += sum(1 for t in ds["truncated"] if t)
-        return ds.remove_columns("truncated"), used
-
-
-def _scratch() -> Path:
-    """A folder for map's Arrow files, removed when the process ends (the cache keeps its own copy)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="finetune-encode-"))
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
-
-
-def _encoded_features():
-    import datasets
-
-    ids = datasets.List(datasets.Value("int64"))
-    text = datasets.Value("string")
-    return datasets.Features({"id": text, "input_ids": ids, "labels": ids, "length": datasets.Value("int64"),
-                              "prompt_text": text, "answer_text": text, "image": text,
-                              "truncated": datasets.Value("bool")})
-
-
-ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image", "truncated")
-
-
-MAP_PROCESSES_FROM = 20000  # rows from which datasets.map tokenises a table in --num-preprocess-workers processes
-
-
-class _Carried(Exception):
-    """A DataError's message across datasets.map's worker processes (DataError's constructor takes four args)."""
-
-
-def _encode_batch(batch, positions, table, fmt, train, idx):
-    out = {k: [] for k in ENCODED_COLUMNS}
-    keys = list(batch)
-    for j, values in zip(positions, zip(*batch.values())):
-        n = j if idx is None else int(idx[j])
-        try:
-            s = table.parse(dict(zip(keys, values)), n)
-            truncated, dropped = fmt.truncated, fmt.dropped
-            r = fmt.encode(s, train=train)
-        except _d().DataError as e:
-            raise _Carried(str(e)) from None
-        # counted from the rows afterwards (Samples.encode), the same in one process or in map's workers
-        truncated, fmt.truncated, fmt.dropped = fmt.truncated > truncated, truncated, dropped
-        if r is None:
-            continue
-        r["truncated"] = truncated
-        for k in ENCODED_COLUMNS:
-            out[k].append(r.get(k))
-    return out
-
-
-def _encode_table(table, idx, fmt, train, workers, cache_file):
-    ds = table.ds if idx is None else table.ds.select(idx)
-    procs = workers if workers > 1 and len(ds) >= MAP_PROCESSES_FROM else None  # starting workers costs seconds
-    try:
-        out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
-                     fn_kwargs={"table": table, "fmt": fmt, "train": train, "idx": idx},
-                     remove_columns=ds.column_names, features=_encoded_features(), cache_file_name=str(cache_file),
-                     new_fingerprint=_hash([table.fingerprint, str(cache_file)])[:32], desc="tokenising")
-    except _Carried as e:
-        raise _error(str(e)) from None
-    return out, procs or 1
+            used = max(used, n)
+        return (pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)), used
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
-# the tokenisation cache (finetune/batching.py) goes to a per-session folder, never the user's ~/.cache
+# the tokenisation cache (finetune/tokenise.py) goes to a per-session folder, never the user's ~/.cache
 os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-cache-"))
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune import batching
+from finetune import batching, tokenise
 from conftest import run_cli, write_jsonl
 from dataset import DataError, Formatter, load_samples
 
@@ -187,7 +187,7 @@ def _fmt(tokenizer, max_len=60):
 def test_cache_hit_never_calls_the_tokenizer_and_keeps_the_counts(tmp_path, cache, tokenizer, monkeypatch):
     samples = _samples(tmp_path)
     fmt = _fmt(tokenizer)
-    first = batching.encode_cached(fmt, samples, train=True)
+    first = tokenise.encode_cached(fmt, samples, train=True)
     assert fmt.truncated > 0 and len(list(cache.iterdir())) == 1
     lines = []
 
@@ -197,7 +197,7 @@ def test_cache_hit_never_calls_the_tokenizer_and_keeps_the_counts(tmp_path, cach
     encode = Formatter.encode
     monkeypatch.setattr(Formatter, "encode", boom)
     fmt2 = _fmt(tokenizer)
-    again = batching.encode_cached(fmt2, samples, train=True, log=lines.append)
+    again = tokenise.encode_cached(fmt2, samples, train=True, log=lines.append)
     assert again.to_list() == first.to_list()
     assert (fmt2.truncated, fmt2.dropped) == (fmt.truncated, fmt.dropped)
     assert lines == [f"tokenised: {len(samples)} samples from cache ({next(cache.iterdir())})"]
@@ -207,15 +207,15 @@ def test_cache_hit_never_calls_the_tokenizer_and_keeps_the_counts(tmp_path, cach
     (entry / "meta.json").write_text(json.dumps({**json.loads((entry / "meta.json").read_text()), "rows": 1}))
     lines.clear()
     fmt3 = _fmt(tokenizer)  # a damaged entry: tokenised again and replaced
-    assert batching.encode_cached(fmt3, samples, train=True, log=lines.append).to_list() == first.to_list()
+    assert tokenise.encode_cached(fmt3, samples, train=True, log=lines.append).to_list() == first.to_list()
     assert "from cache" not in lines[0] and json.loads((entry / "meta.json").read_text())["rows"] == len(first)
     assert fmt3.truncated == fmt.truncated
 
 
 def test_cache_misses_on_changed_data_tokenizer_or_format(tmp_path, cache, tokenizer):
     samples = _samples(tmp_path)
-    batching.encode_cached(_fmt(tokenizer), samples, train=True)
-    keys = {batching.cache_key(_fmt(tokenizer), samples, True)}
+    tokenise.encode_cached(_fmt(tokenizer), samples, train=True)
+    keys = {tokenise.cache_key(_fmt(tokenizer), samples, True)}
     variants = [
         (_fmt(tokenizer), _samples(tmp_path, change=3, name="b.jsonl"), True),  # one document changed
         (_fmt(tokenizer, max_len=50), samples, True),                             # --max-len
@@ -228,38 +228,41 @@ def test_cache_misses_on_changed_data_tokenizer_or_format(tmp_path, cache, token
     other.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     variants.append((_fmt(other), samples, True))                               # chat template
     for fmt, s, train in variants:
-        keys.add(batching.cache_key(fmt, s, train))
+        keys.add(tokenise.cache_key(fmt, s, train))
     assert len(keys) == len(variants) + 1
     moved = load_samples(write_jsonl(tmp_path / "elsewhere" / "t.jsonl",
                                      [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]))
-    assert batching.cache_key(_fmt(tokenizer), moved, True) in keys  # the same content elsewhere: a hit
+    assert tokenise.cache_key(_fmt(tokenizer), moved, True) in keys  # the same content elsewhere: a hit
 
 
 def test_cache_off(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("FINETUNE_CACHE", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     lines = []
-    batching.encode_cached(_fmt(tokenizer), _samples(tmp_path), train=True, log=lines.append)
+    tokenise.encode_cached(_fmt(tokenizer), _samples(tmp_path), train=True, log=lines.append)
     assert not (tmp_path / "xdg").exists() and "cached" not in lines[0]
     monkeypatch.delenv("FINETUNE_CACHE")
-    assert batching.cache_root() == tmp_path / "xdg" / "finetune"
+    assert tokenise.cache_root() == tmp_path / "xdg" / "finetune"
 
 
 def test_worker_processes_give_the_serial_result(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(batching, "SERIAL_PROBE", 4)
-    monkeypatch.setattr(batching, "PARALLEL_MIN_SECONDS", 0)
+    """datasets.map in two processes gives the rows, counts and errors of one process, and of Formatter.encode."""
+    monkeypatch.setattr(tokenise, "MAP_PROCESSES_FROM", 1)
     samples = _samples(tmp_path, n=40)
-    serial, par = _fmt(tokenizer), _fmt(tokenizer)
-    rows, used = batching.encode_rows(serial, samples, True, workers=1)
-    prows, pused = batching.encode_rows(par, samples, True, workers=2)
+    serial, par, direct = _fmt(tokenizer), _fmt(tokenizer), _fmt(tokenizer)
+    ds, used = tokenise.encode_source(tokenise.SampleList(samples), None, serial, True, 1, "serial")
+    pds, pused = tokenise.encode_source(tokenise.SampleList(samples), None, par, True, 2, "workers")
+    want = [r for r in (direct.encode(s, train=True) for s in samples) if r is not None]
     assert (used, pused) == (1, 2)
-    assert prows == rows and (par.truncated, par.dropped) == (serial.truncated, serial.dropped) != (0, 0)
+    assert pds.to_list() == ds.to_list() and [r["input_ids"] for r in ds] == [r["input_ids"] for r in want]
+    assert (par.truncated, par.dropped) == (serial.truncated, serial.dropped) == (direct.truncated, direct.dropped)
+    assert serial.truncated > 0
     bad = _samples(tmp_path, n=40, name="bad.jsonl")
     bad[30].turns[-1] = ("assistant", "law " * 200)  # prompt + answer longer than --max-len: a DataError
     with pytest.raises(DataError) as serial_err:
-        batching.encode_rows(_fmt(tokenizer), bad, True, workers=1)
+        tokenise.encode_source(tokenise.SampleList(bad), None, _fmt(tokenizer), True, 1, "bad1")
     with pytest.raises(DataError) as worker_err:  # raised in a worker, the same one line in the parent
-        batching.encode_rows(_fmt(tokenizer), bad, True, workers=2)
+        tokenise.encode_source(tokenise.SampleList(bad), None, _fmt(tokenizer), True, 2, "bad2")
     assert str(worker_err.value) == str(serial_err.value) and "sample s30" in str(serial_err.value)
 
 

@@ -5,7 +5,6 @@ no GPU: -d trains the classifier head by default, --generative alone is the plai
 OUT/<max-len>-max-len/<run>/ as in that project."""
 import csv
 import json
-import sys
 
 import pytest
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune import sources
+from finetune import sources, tokenise
 from conftest import write_jsonl
 from dataset import DataError, Formatter, load_preferences, load_samples
 from hub_cache import cache_hub_dataset
@@ -297,20 +297,18 @@ def test_mix_ratios_and_train_samples(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ tokenising tables
 def test_a_table_is_tokenised_through_map_and_cached_on_its_fingerprint(tmp_path, tokenizer, monkeypatch, capsys):
-    from finetune import batching
-
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     fmt = Formatter(tokenizer, max_len=64)
-    want = [(r["input_ids"], r["labels"]) for r in batching.encode_rows(fmt, list(load_samples(
-        write_jsonl(tmp_path / "a.jsonl", ROWS))), True)[0]]
+    want = [(r["input_ids"], r["labels"]) for r in (fmt.encode(s, train=True) for s in load_samples(
+        write_jsonl(tmp_path / "a.jsonl", ROWS))) if r is not None]
     table = _table(tmp_path)
-    ds = batching.encode_cached(fmt, load_samples(table), train=True)
+    ds = tokenise.encode_cached(fmt, load_samples(table), train=True)
     assert list(zip(ds["input_ids"], ds["labels"])) == want
     assert "cached for the next run" in capsys.readouterr().out
-    batching.encode_cached(fmt, load_samples(table), train=True)
+    tokenise.encode_cached(fmt, load_samples(table), train=True)
     assert "from cache" in capsys.readouterr().out
     _table(tmp_path, [{**r, "text": r["text"] + "!"} for r in ROWS])  # the same file, new content: a miss
-    ds = batching.encode_cached(fmt, load_samples(table), train=True)
+    ds = tokenise.encode_cached(fmt, load_samples(table), train=True)
     assert "from cache" not in capsys.readouterr().out and ds["input_ids"] != [w[0] for w in want]
 
 
@@ -385,11 +383,9 @@ def test_bad_input_in_a_new_source_is_one_clear_line(case, tmp_path, tiny_llm):
 
 
 def test_a_table_tokenised_in_worker_processes_gives_the_same_rows(tmp_path, tokenizer, monkeypatch):
-    from finetune import batching
-
     monkeypatch.setenv("FINETUNE_CACHE", "off")
     fmt = Formatter(tokenizer, max_len=64)
-    one = batching.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=1)
-    monkeypatch.setattr(sources, "MAP_PROCESSES_FROM", 1)
-    two = batching.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=2)
+    one = tokenise.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=1)
+    monkeypatch.setattr(tokenise, "MAP_PROCESSES_FROM", 1)
+    two = tokenise.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=2)
     assert two.to_list() == one.to_list() and len(one) == len(ROWS)
