@@ -311,9 +311,10 @@ def inference_dtype(choice):
 def process_state():
     """accelerate's PartialState: one process, or the process group torchrun / accelerate launch started (NCCL with
     each rank on its own GPU, gloo on CPU)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())  # without cpu=True accelerate sees no CPU process group
 
 
 def load_done(out: Path, samples) -> dict:

@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="run name: outputs go to log/NAME (default: model-date-time)")
     g.add_argument("--log-dir", default="log", help="where run folders go (default log)")
     g.add_argument("--resume", action="store_true", help="continue log/NAME from its last checkpoint")
-    g.add_argument("--report-to", default="none", choices=["none", "wandb", "mlflow", "tensorboard"],
-                   help="experiment tracker (default none; W&B honours WANDB_MODE=offline)")
+    g.add_argument("--report-to", default="none", type=options.trackers, metavar="none|wandb,mlflow,tensorboard",
+                   help="experiment trackers, comma-separated (default none; W&B honours WANDB_MODE=offline; "
+                   "mlflow and tensorboard: uv sync --extra tracking; MLflow logs to LOG_DIR/mlruns unless "
+                   "MLFLOW_TRACKING_URI says otherwise)")
     return p
 
 

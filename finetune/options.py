@@ -111,6 +111,24 @@ def _mode_options(args):
     ]
 
 
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}  # --report-to name: its module
+
+
+def trackers(text: str) -> list[str]:
+    """--report-to: 'none' or comma-separated tracker names, each installed (argparse turns the error into one
+    line and exit 2)."""
+    import argparse
+    import importlib.util
+
+    names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
+    for n in names:
+        if n not in TRACKERS:
+            raise argparse.ArgumentTypeError(f"{n!r} is not one of none, {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[n]) is None:
+            raise argparse.ArgumentTypeError(f"{n} is not installed: uv sync --extra tracking")
+    return names
+
+
 def train_option_error(args, given: set[str]) -> str | None:
     """A clash between training options, or an option the chosen mode ignores; None when all is well."""
     head = args.head == "classifier"

@@ -9,6 +9,7 @@ free-text validation, the classifier head's own learning rate, best/ and latest/
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,11 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
     from finetune.modeling import precision
 
     prec = precision(args.mixed_precision)
+    if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow 3's default, sqlite:///mlflow.db in the working directory, needs the full server package; a local
+        # file store beside the runs works with the client alone (mlflow ui --backend-store-uri LOG_DIR/mlruns)
+        os.environ["MLFLOW_TRACKING_URI"] = (Path(args.log_dir) / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return dict(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, max_steps=args.max_steps,
@@ -130,7 +136,7 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
         eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
         save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
         logging_steps=1, logging_first_step=True, logging_nan_inf_filter=False,  # a NaN loss must show: finetune/guards.py
-        report_to=[] if args.report_to == "none" else [args.report_to],
+        report_to=args.report_to,  # a list (options.trackers); [] for none
         run_name=args.name, remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
         # batches of near-equal length (finetune/batching.py: FinetuneTrainer's samplers read the "length" column)
         length_column_name="length",

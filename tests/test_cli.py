@@ -25,8 +25,9 @@ def test_rvl_cdip_seed_flags_config_wandb_resume_and_eval(tiny_llm, tmp_path):
     env = {**SECRETS, "WANDB_DIR": str(tmp_path / "wandb")}
     common = ["-m", tiny_llm, "-d", data, "--set-pad-token", "--lora-rank", "4", "--lora-alpha", "8",
               "--max-len", "64", "--generative", "--response-template", "### Classification:", "--mixed-precision",
-              "--trainable", "lora", "--name", "rvl", "--log-dir", tmp_path / "log", "--report-to", "wandb"]
-    r = run_cli("train.py", "--config", tmp_path / "run.yaml", *common, "--eval-steps", "1", env=env)
+              "--trainable", "lora", "--name", "rvl", "--log-dir", tmp_path / "log"]
+    r = run_cli("train.py", "--config", tmp_path / "run.yaml", *common, "--eval-steps", "1", "--report-to", "wandb",
+                env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "log" / "rvl"
     cfg = json.loads((run / "run.json").read_text())
@@ -35,15 +36,23 @@ def test_rvl_cdip_seed_flags_config_wandb_resume_and_eval(tiny_llm, tmp_path):
     assert list((tmp_path / "wandb").rglob("*.wandb")), "W&B wrote no offline run"
 
     # --resume continues from the last checkpoint to the new --max-steps, not from scratch
+    # ... reporting to MLflow (no MLFLOW_TRACKING_URI: a file store in the log folder) and TensorBoard this time
     r2 = run_cli("train.py", "--config", tmp_path / "run.yaml", *common, "--eval-steps", "1", "--resume",
-                 "--max-steps", "4", env=env)
+                 "--max-steps", "4", "--report-to", "mlflow,tensorboard", env=env)
     assert r2.returncode == 0, r2.stderr[-3000:]
     steps = [x["step"] for x in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in x]
     assert steps == [1, 2, 3, 4]
     assert json.loads((run / "latest" / "run.json").read_text())["checkpoint"]["step"] == 4
+    mlflow_loss = [f for f in (tmp_path / "log" / "mlruns").rglob("loss") if f.parent.name == "metrics"]
+    assert len(mlflow_loss) == 1 and [int(x.split()[2]) for x in mlflow_loss[0].read_text().splitlines()] == [3, 4]
+    events = list(run.rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # no secret from the environment in anything the run wrote (run config, logs, W&B files)
-    for f in [*run.rglob("*"), *(tmp_path / "wandb").rglob("*")]:
+    tags = set().union(*(EventAccumulator(str(e)).Reload().Tags()["scalars"] for e in events))
+    assert "train/loss" in tags and "eval/accuracy" in tags, tags
+
+    # no secret from the environment in anything the run wrote (run config, logs, W&B and MLflow files)
+    for f in [*run.rglob("*"), *(tmp_path / "wandb").rglob("*"), *(tmp_path / "log" / "mlruns").rglob("*")]:
         if f.is_file():
             blob = f.read_bytes()
             assert not any(v.encode() in blob for v in SECRETS.values()), f

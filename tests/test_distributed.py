@@ -231,6 +231,36 @@ def test_resume_with_a_different_process_count(runs, tiny_llm, data):
     assert_close_weights(weights(stopped / "latest"), weights(runs["two"] / "latest"))
 
 
+def _predictions(folder: Path):
+    return [line.split("\t") for line in next(folder.glob("*/*/predictions.tsv")).read_text().splitlines()[1:]]
+
+
+def test_eval_under_torchrun_scores_like_one_process_and_resumes_from_rank_parts(runs, data):
+    """eval.py under torchrun (accelerate's split_between_processes / gather_object): one predictions.tsv in test
+    order, as one process writes it. Then an eval killed with rank parts on disk resumes with another process count."""
+    tmp, run = runs["tmp"], runs["one"]
+    one = run_cli("eval.py", "-c", run, "--test-data", data, "-b", 4, "-o", tmp / "eval-one", env=ENV)
+    two = torchrun(ROOT / "eval.py", "-c", run, "--test-data", data, "-b", 4, "-o", tmp / "eval-two")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert two.stdout.count("accuracy ") == one.stdout.count("accuracy ") and "over 2 processes" in two.stdout, \
+        two.stdout  # one report, from rank 0
+    rows1, rows2 = _predictions(tmp / "eval-one"), _predictions(tmp / "eval-two")
+    assert [r[:4] for r in rows2] == [r[:4] for r in rows1] and len(rows1) == 32  # id, prediction, reference, raw
+    assert max(abs(float(a[4]) - float(b[4])) for a, b in zip(rows1, rows2)) <= 2e-4  # batches padded differently
+
+    max_len = json.loads((run / "run.json").read_text())["max_len"] or 1024
+    out = tmp / "eval-resume" / f"{max_len}-max-len" / "one"  # as if killed: two rank parts, no predictions.tsv
+    out.mkdir(parents=True)
+    header = "id\tprediction\treference\traw\tconfidence\n"
+    (out / "predictions.rank0.tsv").write_text(header + "".join("\t".join(r) + "\n" for r in rows1[:10]))
+    (out / "predictions.rank1.tsv").write_text(header + "".join("\t".join(r) + "\n" for r in rows1[16:22]))
+    r = run_cli("eval.py", "-c", run, "--test-data", data, "-b", 4, "-o", tmp / "eval-resume", "--resume", env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming: 16 predictions kept" in r.stdout and not list(out.glob("predictions.rank*"))
+    assert [x[:4] for x in _predictions(tmp / "eval-resume")] == [x[:4] for x in rows1]
+    assert json.loads((out / "metrics.json").read_text())["resumed_with"] == 16
+
+
 def test_two_nodes_rendezvous_train_and_save_once(runs, tiny_llm, data):
     """Two torchrun launches as two nodes of one process each, meeting at a c10d rendezvous on 127.0.0.1."""
     import os

@@ -1,5 +1,5 @@
 """Nothing lost: a SIGKILLed run resumes to the same weights and loss as an uninterrupted one, Ctrl-C saves and
-exits, a NaN loss stops the run with a clear message. Real subprocesses, real signals."""
+exits (SIGTERM alike; a second signal stops at once), a NaN loss stops the run with a clear message. Real subprocesses, real signals."""
 import json
 import os
 import shutil
@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import ROOT, run_cli, write_jsonl
 
@@ -78,15 +80,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llm, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_llm, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llm, tmp_path):
+    """A cluster's preemption notice (SIGTERM; Ctrl-C's SIGINT takes the same path): the step ends, a checkpoint is
+    saved, exit 130, and --resume goes on from there."""
     data = _data(tmp_path)
     run = tmp_path / "log" / "int"
     proc = _start(_args(tiny_llm, data, tmp_path, "int", 10_000))
     _wait_for(run / "checkpoint-5" / "trainer_state.json", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "SIGTERM: stopped at step " in out
     stopped = int(out.split("stopped at step ")[1].split()[0])
     assert stopped >= 5 and (run / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
     assert json.loads((run / "latest" / "run.json").read_text())["checkpoint"]["step"] == stopped
@@ -149,3 +153,30 @@ def test_killed_eval_resumes_from_its_predictions(tiny_llm, tmp_path):
     m_ref = json.loads((tmp_path / "ref" / out / "metrics.json").read_text())
     m = json.loads((tmp_path / "res" / out / "metrics.json").read_text())
     assert m["accuracy"] == m_ref["accuracy"] and m["resumed_with"] == kept
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from finetune.guards import StopGuard
+
+guard = StopGuard()
+guard.install()
+sig = getattr(signal, sys.argv[1])
+os.kill(os.getpid(), sig)
+time.sleep(0.2)
+print("asked:", guard.requested, flush=True)
+os.kill(os.getpid(), sig)  # the second one: no waiting for the step to end
+time.sleep(5)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_stops_at_once(tmp_path, name):
+    script = tmp_path / "guard.py"
+    script.write_text(SECOND_SIGNAL.format(root=str(ROOT)))
+    r = subprocess.run([sys.executable, script, name], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -getattr(signal, name), (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.splitlines()[-2:] == [f"{name}: finishing this step, saving a checkpoint, then stopping (send it "
+                                          "again to stop at once)", f"asked: {name}"], r.stdout

@@ -140,6 +140,19 @@ def test_contradictions_and_ranges_stop_before_loading(seed, tmp_path, extra, me
     assert "Traceback" not in r.stderr and not (tmp_path / "log").exists()
 
 
+def test_a_config_key_or_tracker_that_is_no_option_is_one_line(seed, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.001\nlearning_rate: 0.001\n")  # TrainingArguments' name, not ours
+    base = ["-d", seed / "ocr", "-m", seed / "model", "--classes", seed / "classes.txt", "--log-dir", tmp_path / "log"]
+    r = run_cli("train.py", "--config", config, *base)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {config}: field 'learning_rate': unknown "
+                                                                   "option"], r.stderr[-2000:]
+    r = run_cli("train.py", *base, "--report-to", "wandb,comet")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: argument --report-to: 'comet' is not one of none, wandb, mlflow, tensorboard"), r.stderr[-2000:]
+    assert not (tmp_path / "log").exists()
+
+
 def test_grpo_validation_data_is_reported(seed, tmp_path):
     data = seed / "rows.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} page", "answer": w, "question": "which?"}) + "\n"
