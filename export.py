@@ -67,7 +67,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune.modeling import ModelError  # light: modeling imports torch and transformers lazily
+from finetune.modeling import QUANTIZE, ModelError  # light: modeling imports torch and transformers lazily
 from finetune.runs import find_run, is_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -175,6 +175,9 @@ def vllm_adapter(run, out, say=print) -> Path:
     cfg, weights = find_run(run)
     if not is_adapter(weights):
         raise ExportError(f"{weights}: a full model, not a LoRA adapter: serve it directly (vllm serve {weights})")
+    if cfg.get("init_adapter") and not QUANTIZE.get(cfg.get("trainable")):
+        raise ExportError(f"{weights}: this adapter applies to the base with --init-adapter {cfg['init_adapter']} "
+                          f"merged, which vLLM cannot load as a base; export merge {run} -o OUT and serve that")
     st = weights / "adapter_model.safetensors"
     if not st.is_file():
         raise ExportError(f"{weights}: no adapter_model.safetensors (re-save the adapter with safetensors)")

@@ -407,6 +407,21 @@ def load_for_training(args, vision, tokenizer):
     return model
 
 
+def merged_init_adapter(base, run_config: dict):
+    """A GRPO / DPO run started from --init-adapter trained its LoRA on base + the SFT adapter merged (below, in
+    load_for_training): its checkpoints apply to that, not to the bare base. (A QLoRA run trained the SFT adapter
+    itself further: its checkpoint is the whole adapter.)"""
+    init = run_config.get("init_adapter")
+    if not init or QUANTIZE.get(run_config.get("trainable")):
+        return base
+    if not Path(init, "adapter_config.json").is_file():
+        raise ModelError(f"this run was trained on top of --init-adapter {init}, which is no longer there: put that "
+                         "SFT adapter back (its run's best/ folder)")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, init).merge_and_unload()
+
+
 def _check_init_vocabulary(init, tokenizer):
     """An SFT adapter trained with --add-special-tokens needs the same tokens in this run (its rows, our ids)."""
     try:
@@ -482,6 +497,7 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
 
         base = load_base(spec, vision, dtype, trust_remote_code=run_config.get("trust_remote_code", False), head=head)
         fit_vocabulary(base, tokenizer, run_config.get("add_special_tokens"))  # the adapter indexes the grown rows
+        base = merged_init_adapter(base, run_config)
         model = PeftModel.from_pretrained(base, checkpoint)
     elif checkpoint:
         model = load_base(checkpoint, vision, dtype, head=head)  # a full model saves its grown matrices itself

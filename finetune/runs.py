@@ -56,6 +56,8 @@ def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenize
             cfg[k] = sources.resolved(cfg[k]) if k.endswith("_data") else str(Path(cfg[k]).resolve())
     if args.classes:
         cfg["classes_file"] = str(Path(args.classes).resolve())
+    if getattr(args, "init_adapter", None):  # eval / generate / export apply this run's adapter on top of it
+        cfg["init_adapter"] = str(Path(args.init_adapter).resolve())
     return cfg
 
 

@@ -56,13 +56,17 @@ def test_grpo_scores_what_it_generated_and_the_reward_rises(tiny_llm, tmp_path):
     assert json.loads((tmp_path / "res/1024-max-len/grpo/metrics.json").read_text())["prefill"] == "<reasoning>"
 
 
-def test_dpo_margin_grows(tiny_llm, tmp_path):
+def _preferences(tmp_path):
     prefs = [{"question": f"Name a colour ({i}).", "chosen": "red", "rejected": "the big old stone house"}
              for i in range(12)]
     msgs = [{"prompt_messages": [{"role": "user", "content": "Pick one."}],
              "chosen_messages": [{"role": "assistant", "content": "blue"}],
              "rejected_messages": [{"role": "assistant", "content": "window garden road"}]}] * 4
-    train = write_jsonl(tmp_path / "prefs.jsonl", prefs + [dict(m, id=f"m{i}") for i, m in enumerate(msgs)])
+    return write_jsonl(tmp_path / "prefs.jsonl", prefs + [dict(m, id=f"m{i}") for i, m in enumerate(msgs)])
+
+
+def test_dpo_margin_grows(tiny_llm, tmp_path):
+    train = _preferences(tmp_path)
     r = run_cli("train.py", "--trainer", "dpo", "-m", tiny_llm, "--train-data", train, "-b", "4", "--max-steps", "8",
                 "--lr", "5e-3", "--beta", "0.1", "--dpo-loss", "sigmoid", "--name", "dpo", "--log-dir", tmp_path / "log")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -71,6 +75,42 @@ def test_dpo_margin_grows(tiny_llm, tmp_path):
     assert len(margins) == 8 and margins[-1] > margins[0] + 0.3, margins
     assert (run / "best" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "run.json").read_text())["trainer"] == "dpo"
+
+
+def test_init_adapter_starts_from_the_sft_policy_and_eval_loads_it_so(tiny_llm, tmp_path):
+    """--init-adapter: LoRA merges the SFT adapter under a fresh one (the KL reference, adapter disabled, is the SFT
+    policy), and eval / generate / export load the run the same way; QLoRA trains the SFT adapter itself further."""
+    from safetensors.torch import load_file
+
+    from finetune.modeling import load_for_inference
+
+    log = tmp_path / "log"
+    sft_rows = [{"id": f"s{i}", "question": f"Name a colour ({i}).", "answer": "red"} for i in range(8)]
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", write_jsonl(tmp_path / "sft.jsonl", sft_rows), "-r", "8",
+                "--max-steps", "3", "-b", "4", "--lr", "5e-2", "--warmup", "0", "--name", "sft", "--log-dir", log)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prefs, sft = _preferences(tmp_path), log / "sft" / "best"
+    dpo = ["--trainer", "dpo", "-m", tiny_llm, "--train-data", prefs, "--init-adapter", sft, "-b", "4", "-r", "8",
+           "--warmup", "0", "--log-dir", log]
+    r = run_cli("train.py", *dpo, "--max-steps", "2", "--lr", "5e-3", "--name", "dpo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = run_cli("train.py", *dpo, "--trainable", "qlora", "--max-steps", "1", "--lr", "1e-9", "--name", "dpo-q")
+    assert q.returncode == 0, q.stderr[-3000:]
+
+    def loaded(name):
+        return load_for_inference(json.loads((log / name / "run.json").read_text()), str(log / name / "best"))
+
+    sft_model, tok, _ = loaded("sft")
+    dpo_model, _, _ = loaded("dpo")
+    ids = tok(["Name a colour (3)."], return_tensors="pt")
+    with torch.no_grad():
+        want, got = sft_model(**ids).logits, dpo_model(**ids).logits
+        with dpo_model.disable_adapter():
+            reference = dpo_model(**ids).logits
+    assert torch.allclose(reference, want, atol=1e-5)  # base + SFT merged: the policy DPO started from
+    assert (got - reference).abs().max() > 1e-6  # and its own adapter on top moved it
+    a, b = load_file(sft / "adapter_model.safetensors"), load_file(log / "dpo-q" / "best" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k].to(a[k].dtype)).abs().max().item() for k in a) < 1e-4
 
 
 def test_preference_pairs_are_validated(tmp_path, tiny_llm):

@@ -271,7 +271,7 @@ def source():
 
 @pytest.fixture(scope="module")
 def calls():
-    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "finetune").glob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
     return our_calls(files)
 
 
