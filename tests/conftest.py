@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 # the tokenisation cache (finetune/tokenise.py) goes to a per-session folder, never the user's ~/.cache
 os.environ.setdefault("FINETUNE_CACHE", tempfile.mkdtemp(prefix="finetune-cache-"))
+# pytest-xdist workers share the cores: each worker's torch (and its CLIs') gets its share of threads, so two
+# workers on two cores do not spin against each other
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                      // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto (pyproject's addopts): a worker per core, at most 4 (each holds torch and its models: ~1-5 GB)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
