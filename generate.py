@@ -166,51 +166,69 @@ def chat(model, fmt, args, image=None, read=None):
 
 
 def main(argv=None):
+    """Checks everything (the run, the image, the data) before the model loads, then answers or chats."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from dataset import DataError, Formatter, Sample, load_prompts, load_samples
+    from dataset import DataError, Formatter, load_prompts
     from finetune.modeling import ModelError, load_for_inference
+    from finetune.predict import generation_budget
     from finetune.runs import find_run
 
-    try:  # everything is checked before the model is loaded
+    try:
         cfg, weights = find_run(args.checkpoint)
         prompts = load_prompts(cfg.get("prompts"))
-        image = None
-        if args.image:
-            image = Path(args.image).expanduser().resolve()
-            if not image.is_file():
-                fail(f"{args.image}: no such image file")
-            if not cfg.get("vision"):
-                fail(f"--image: {cfg['model']} is a text-only model")
-            image = str(image)
-        samples = None
-        if args.data and args.image:
-            fail("--image goes with --prompt, --text or the chat; data samples name their own images")
-        if args.data:
-            samples = load_samples(args.data, prompts, require_answer=False,
-                                   require_question=not cfg.get("response_template"),
-                                   allow_outside=args.allow_outside_paths)
-        elif args.prompt is not None or args.text is not None:
-            if not (args.prompt or args.text or "").strip():
-                fail("--prompt/--text: empty")
-            turns = [("user", args.prompt if args.prompt is not None else "")]
-            samples = [Sample(id="prompt" if args.prompt is not None else "text", file="command line", turns=turns,
-                              image=image, document=args.text, needs_prompt=True)]
+        image = checked_image(args, cfg)
+        samples = what_to_answer(args, cfg, prompts, image)
         model, tokenizer, processor = load_for_inference(cfg, str(weights))
     except (DataError, ModelError) as e:
         fail(str(e))
-    from finetune.predict import generation_budget
-
     args.max_new_tokens = args.max_new_tokens or generation_budget(cfg, None)
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts,
                     prefill=args.prefill if args.prefill is not None else cfg.get("prefill"))
     if samples is None:
         chat(model, fmt, args, image)
-        return
+    else:
+        write_answers(model, fmt, samples, args)
+
+
+def checked_image(args, cfg) -> str | None:
+    """--image as an absolute path, for a vision run."""
+    if not args.image:
+        return None
+    image = Path(args.image).expanduser().resolve()
+    if not image.is_file():
+        fail(f"{args.image}: no such image file")
+    if not cfg.get("vision"):
+        fail(f"--image: {cfg['model']} is a text-only model")
+    if args.data:
+        fail("--image goes with --prompt, --text or the chat; data samples name their own images")
+    return str(image)
+
+
+def what_to_answer(args, cfg, prompts, image):
+    """The samples of --data, or the one of --prompt / --text; None: the interactive chat."""
+    from dataset import Sample, load_samples
+
+    if args.data:
+        return load_samples(args.data, prompts, require_answer=False, require_question=not cfg.get("response_template"),
+                            allow_outside=args.allow_outside_paths)
+    if args.prompt is None and args.text is None:
+        return None
+    if not (args.prompt or args.text or "").strip():
+        fail("--prompt/--text: empty")
+    turns = [("user", args.prompt if args.prompt is not None else "")]
+    return [Sample(id="prompt" if args.prompt is not None else "text", file="command line", turns=turns, image=image,
+                   document=args.text, needs_prompt=True)]
+
+
+def write_answers(model, fmt, samples, args):
+    """One prompt without -o: the answer alone on stdout; else one JSON line per sample, to -o or stdout."""
+    from dataset import DataError
+
     try:
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +238,7 @@ def main(argv=None):
 
     def emit(row):
         if out is None and args.data is None:
-            print(row["answer"])  # one prompt, no -o: just the answer
+            print(row["answer"])
         else:
             print(json.dumps(row, ensure_ascii=False), file=out or sys.stdout, flush=True)
 

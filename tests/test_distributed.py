@@ -235,19 +235,14 @@ def _predictions(folder: Path):
     return [line.split("\t") for line in next(folder.glob("*/*/predictions.tsv")).read_text().splitlines()[1:]]
 
 
-def test_eval_under_torchrun_scores_like_one_process_and_resumes_from_rank_parts(runs, data):
-    """eval.py under torchrun (accelerate's split_between_processes / gather_object): one predictions.tsv in test
-    order, as one process writes it. Then an eval killed with rank parts on disk resumes with another process count."""
+def test_an_eval_killed_under_torchrun_resumes_from_its_rank_parts(runs, data):
+    """eval.py --resume picks up the predictions.rank*.tsv parts a killed torchrun eval left, with any process count
+    (test_e2e checks that a torchrun eval scores like one process)."""
     tmp, run = runs["tmp"], runs["one"]
     one = run_cli("eval.py", "-c", run, "--test-data", data, "-b", 4, "-o", tmp / "eval-one", env=ENV)
-    two = torchrun(ROOT / "eval.py", "-c", run, "--test-data", data, "-b", 4, "-o", tmp / "eval-two")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert two.stdout.count("accuracy ") == one.stdout.count("accuracy ") and "over 2 processes" in two.stdout, \
-        two.stdout  # one report, from rank 0
-    rows1, rows2 = _predictions(tmp / "eval-one"), _predictions(tmp / "eval-two")
-    assert [r[:4] for r in rows2] == [r[:4] for r in rows1] and len(rows1) == 32  # id, prediction, reference, raw
-    assert max(abs(float(a[4]) - float(b[4])) for a, b in zip(rows1, rows2)) <= 2e-4  # batches padded differently
-
+    assert one.returncode == 0, one.stderr[-2000:]
+    rows1 = _predictions(tmp / "eval-one")
+    assert len(rows1) == 32
     max_len = json.loads((run / "run.json").read_text())["max_len"] or 1024
     out = tmp / "eval-resume" / f"{max_len}-max-len" / "one"  # as if killed: two rank parts, no predictions.tsv
     out.mkdir(parents=True)

@@ -94,6 +94,44 @@ def test_eval_scores_the_trained_run(full_run):
     assert gm["accuracy"] >= 0.75, gm
 
 
+def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_path, monkeypatch, capsys):
+    """generate.py on the trained run: --text answers as the same document in --data does, a near-zero temperature
+    samples what greedy decoding picks; the chat drops its oldest exchange when the history outgrows max_len."""
+    tmp, test, _ = full_run
+    run, row = tmp / "log" / "full", json.loads(test.read_text().splitlines()[0])
+    common = ["-c", run, "--max-new-tokens", "4"]
+    data = run_cli("generate.py", *common, "--data", test, "-o", tmp_path / "a.jsonl")
+    text = run_cli("generate.py", *common, "--text", row["text"])
+    hot = run_cli("generate.py", *common, "--text", row["text"], "--temperature", "1e-4")
+    prompt = run_cli("generate.py", *common, "--prompt", f"{row['text']}\n\nWhich colour?")
+    for r in (data, text, hot, prompt):
+        assert r.returncode == 0, r.stderr[-2000:]
+    answers = {a["id"]: a["answer"] for a in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())}
+    assert len(answers) == 24 and text.stdout == hot.stdout == answers[row["id"]] + "\n"
+    assert prompt.stdout.strip()
+
+    import generate
+    from dataset import Formatter, Sample
+    from finetune.modeling import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(json.loads((run / "run.json").read_text()), str(run / "best"))
+    fmt, line = Formatter(tokenizer), "red house " * 20
+
+    def length(turns):
+        return fmt.encode(Sample("c", "chat", turns, needs_prompt=True), with_answer=False)["length"]
+
+    fmt.max_len = (length([("user", line)]) + length([("user", line), ("assistant", "red"), ("user", line)])) // 2
+    seen, one = [], generate.generate_one
+    monkeypatch.setattr(generate, "generate_one", lambda m, f, sample, *a: seen.append(len(sample.turns)) or
+                        one(m, f, sample, *a))
+    lines = iter([line, line, line, ""])
+    generate.chat(model, fmt, generate.build_parser().parse_args(["-c", str(run), "--max-new-tokens", "2"]),
+                  read=lambda _: next(lines))
+    assert seen == [1, 3, 1, 3, 1], seen  # each time two exchanges do not fit, the oldest goes
+    printed = capsys.readouterr()
+    assert printed.out.count("model> ") == 5 and "error" not in printed.err, printed
+
+
 def test_lora_adapter_reloads_with_peft(tiny_llm, tmp_path):
     import torch
     from peft import PeftModel
