@@ -65,15 +65,21 @@ def save_atomic(dest: Path, write):
     """write(tmp) fills a temporary folder that then replaces dest: a crash never leaves a half-written dest."""
     import shutil
 
-    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
-    if old.exists() and not dest.exists():  # killed between the two renames below: the old copy is still whole
-        old.rename(dest)
+    tmp, old = dest.with_name(dest.name + ".tmp"), recovered(dest).with_name(dest.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     if dest.exists():
         dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recovered(dest: Path) -> Path:
+    """dest, put back when a kill came between save_atomic's two renames (dest gone, its old copy still whole)."""
+    old = dest.with_name(dest.name + ".old")
+    if old.is_dir() and not dest.exists():
+        old.rename(dest)
+    return dest
 
 
 def resume_point(args, out: Path, rank0: bool) -> str | None:
@@ -126,13 +132,13 @@ def set_aside_diverged(out, step: int) -> str | None:
 def find_run(path) -> tuple[dict, Path]:
     """(run config, weights folder) for log/NAME (its best/, else latest/), log/NAME/best|latest|checkpoint-N, or
     a merged export (export.py merge: a full model with finetune_run.json). eval, export and generate share it."""
-    p = Path(path)
+    p = recovered(Path(path))
     if not p.is_dir():
         raise ModelError(f"{path}: no such folder")
     if (p / "finetune_run.json").is_file():  # a merged export: a full model with its run's configuration
         return _read_json(p / "finetune_run.json"), p
     if (p / "run.json").is_file() and not _has_weights(p):  # the run folder itself: its best/, else latest/
-        sub = next((p / s for s in ("best", "latest") if (p / s).is_dir()), None)
+        sub = next((p / s for s in ("best", "latest") if recovered(p / s).is_dir()), None)
         if sub is None:
             raise ModelError(f"{path}: the run has no best/ or latest/ folder (did training save anything?)")
         p = sub

@@ -180,3 +180,29 @@ def test_a_second_signal_stops_at_once(tmp_path, name):
     assert r.returncode == -getattr(signal, name), (r.returncode, r.stdout, r.stderr)
     assert r.stdout.splitlines()[-2:] == [f"{name}: finishing this step, saving a checkpoint, then stopping (send it "
                                           "again to stop at once)", f"asked: {name}"], r.stdout
+
+
+def test_a_kill_between_the_two_renames_of_a_save_loses_nothing(tmp_path):
+    """save_atomic writes best.tmp, renames best -> best.old, then best.tmp -> best: killed in between, best.old is
+    the whole previous save. eval / generate / export find it (find_run puts it back), and the next save goes on."""
+    from finetune.runs import find_run, save_atomic
+
+    run = tmp_path / "log" / "r"
+    (run / "best.old").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": "m"}))
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / "best.old" / f).write_text("previous")
+    (run / "best.tmp").mkdir()
+    (run / "best.tmp" / "adapter_config.json").write_text("half")  # the new save, cut off
+    cfg, weights = find_run(run)
+    assert weights == run / "best" and (weights / "adapter_model.safetensors").read_text() == "previous"
+    assert cfg == {"model": "m"} and not (run / "best.old").exists()
+
+    def write(tmp):
+        tmp.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (tmp / f).write_text("new")
+
+    save_atomic(run / "best", write)
+    assert (run / "best" / "adapter_model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in run.iterdir()) == ["best", "run.json"]
