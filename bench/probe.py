@@ -22,32 +22,38 @@ import time
 from pathlib import Path
 
 
-def main():
-    import torch
-    from trl import SFTTrainer
+class Lockstep:
+    """Turn-taking with the other arm: the file `turn` holds the name of the arm whose step is next. Flag files
+    say that an arm has reached its first step ("ready": neither starts its steps while the other is still loading)
+    or that its training is over ("done": the other stops waiting for it)."""
 
-    stats = dict(steps=0, real_tokens=0, processed_tokens=0, step_seconds=0.0, wait_seconds=0.0, linear_params=0,
-                 batches=[])
-    cuda = torch.cuda.is_available()
-    turn, me, other = os.environ.get("BENCH_TURN"), os.environ.get("BENCH_ARM"), os.environ.get("BENCH_OTHER")
+    def __init__(self, turn, me, other, stats):
+        self.turn, self.me, self.other, self.stats = turn, me, other, stats
 
-    def flag(arm, state):  # "ready": at its first step; "done": its training is over
-        return Path(f"{turn}.{arm}.{state}")
+    def flag(self, arm, state):
+        return Path(f"{self.turn}.{arm}.{state}")
 
-    def wait_turn():
+    def wait(self):
         start = time.perf_counter()
-        flag(me, "ready").touch()
-        while not flag(other, "done").exists():
-            if flag(other, "ready").exists() and Path(turn).read_text() == me:
+        self.flag(self.me, "ready").touch()
+        while not self.flag(self.other, "done").exists():
+            if self.flag(self.other, "ready").exists() and Path(self.turn).read_text() == self.me:
                 break
             time.sleep(0.005)
-        stats["wait_seconds"] += time.perf_counter() - start
+        self.stats["wait_seconds"] += time.perf_counter() - start
 
-    def pass_turn(done=False):
+    def pass_turn(self, done=False):
         if done:
-            flag(me, "done").touch()
-        Path(f"{turn}.{me}.tmp").write_text(other)
-        os.replace(f"{turn}.{me}.tmp", turn)  # atomic: the other arm never reads a half-written name
+            self.flag(self.me, "done").touch()
+        Path(f"{self.turn}.{self.me}.tmp").write_text(self.other)
+        os.replace(f"{self.turn}.{self.me}.tmp", self.turn)  # atomic: the other arm never reads a half-written name
+
+
+def attach(stats, lockstep, cuda):
+    """Wraps SFTTrainer.training_step (counters, clock, turns) and SFTTrainer.train (hands the turn over for good
+    when training ends, so that the other arm stops waiting for this one)."""
+    import torch
+    from trl import SFTTrainer
 
     def training_step(self, model, inputs, *args, **kwargs):
         if not stats["linear_params"]:
@@ -56,8 +62,8 @@ def main():
         stats["steps"] += 1
         stats["processed_tokens"] += ids.numel()
         stats["real_tokens"] += int(mask.sum()) if mask is not None else ids.numel()
-        if turn:
-            wait_turn()
+        if lockstep:
+            lockstep.wait()
         start = time.perf_counter()
         try:
             return original_step(self, model, inputs, *args, **kwargs)
@@ -67,26 +73,37 @@ def main():
             seconds = time.perf_counter() - start
             stats["step_seconds"] += seconds
             stats["batches"].append([*ids.shape, round(seconds, 3)])  # rows, padded width, seconds
-            if turn:
-                pass_turn()
+            if lockstep:
+                lockstep.pass_turn()
 
     def train(self, *args, **kwargs):
         try:
             return original_train(self, *args, **kwargs)
         finally:
-            if turn:
-                pass_turn(done=True)
+            if lockstep:
+                lockstep.pass_turn(done=True)
 
     original_step, original_train = SFTTrainer.training_step, SFTTrainer.train
     SFTTrainer.training_step, SFTTrainer.train = training_step, train
+
+
+def main():
+    import torch
+
+    stats = dict(steps=0, real_tokens=0, processed_tokens=0, step_seconds=0.0, wait_seconds=0.0, linear_params=0,
+                 batches=[])
+    cuda = torch.cuda.is_available()
+    turn = os.environ.get("BENCH_TURN")
+    lockstep = Lockstep(turn, os.environ.get("BENCH_ARM"), os.environ.get("BENCH_OTHER"), stats) if turn else None
+    attach(stats, lockstep, cuda)
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
     sys.path[0] = os.path.dirname(script)  # as if the script had been run directly
     try:
         runpy.run_path(script, run_name="__main__")
     finally:
-        if turn:
-            pass_turn(done=True)  # also when the script failed before or during training
+        if lockstep:
+            lockstep.pass_turn(done=True)  # also when the script failed before or during training
         stats["torch_threads"] = torch.get_num_threads()
         stats["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         stats["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None

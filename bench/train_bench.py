@@ -118,7 +118,7 @@ def run_arms(argvs: dict, tmp: Path, lockstep: bool, threads: int) -> dict:
     return out
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", help="any model train.py takes (default: a tiny random Llama built here)")
     p.add_argument("--samples", type=int, default=256, help="training samples (default 256)")
@@ -139,27 +139,27 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="accelerator peak for MFU (default 989: H100 SXM bf16 dense)")
     args = p.parse_args()
-    import torch
+    if args.ours_no_checkpointing:
+        args.sequential = True  # lockstep takes turns between two arms
+    return args
 
-    steps = args.samples // args.batch_size
-    with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp:
-        tmp = Path(args.workdir or tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
-        model = args.model or build_tiny_llama(tmp / "tiny-llama")
-        write_data(model, tmp / "train.jsonl", args.samples, args.seed)
-        common = ["-m", model, "--train-data", str(tmp / "train.jsonl"), "--max-steps", str(steps),
-                  "-b", str(args.batch_size), "--max-len", str(args.max_len), "--lr", str(args.lr)]
-        argvs = {
-            "ours": ["train.py", *common, "--name", "ours", "--log-dir", str(tmp / "log")],
-            "plain": ["bench/plain_trl_sft.py", *common, "--output-dir", str(tmp / "plain"),
-                      *[a for s in args.plain_set for a in ("--set", s)]]}
-        if args.ours_no_checkpointing:
-            args.sequential = True  # lockstep takes turns between two arms
-            argvs["ours, no checkpointing"] = ["train.py", *common, "--name", "nogc", "--log-dir", str(tmp / "log"),
-                                               "--no-gradient-checkpointing"]
-        arms = run_arms(argvs, tmp, not args.sequential, 0 if torch.cuda.is_available() else args.threads)
 
-    gpu = torch.cuda.is_available()
+def arm_argvs(args, model: str, tmp: Path, steps: int) -> dict:
+    """The command line of each arm: the same model, data, steps, batch size, max length and learning rate."""
+    common = ["-m", model, "--train-data", str(tmp / "train.jsonl"), "--max-steps", str(steps),
+              "-b", str(args.batch_size), "--max-len", str(args.max_len), "--lr", str(args.lr)]
+    argvs = {
+        "ours": ["train.py", *common, "--name", "ours", "--log-dir", str(tmp / "log")],
+        "plain": ["bench/plain_trl_sft.py", *common, "--output-dir", str(tmp / "plain"),
+                  *[a for s in args.plain_set for a in ("--set", s)]]}
+    if args.ours_no_checkpointing:
+        argvs["ours, no checkpointing"] = ["train.py", *common, "--name", "nogc", "--log-dir", str(tmp / "log"),
+                                           "--no-gradient-checkpointing"]
+    return argvs
+
+
+def table(arms: dict, gpu: bool, peak_tflops: float) -> dict:
+    """A row of figures per arm, then each other arm's figures over plain's."""
     rows = {}
     for name, s in arms.items():
         rows[name] = {
@@ -168,10 +168,17 @@ def main():
             "real tok/s": s["real_tokens"] / s["step_seconds"],
             "peak GiB": s["cuda_peak_gib"] if gpu else s["max_rss_gib"]}
         if gpu:
-            rows[name]["MFU"] = 4 * s["linear_params"] * rows[name]["real tok/s"] / (args.peak_tflops * 1e12)
+            rows[name]["MFU"] = 4 * s["linear_params"] * rows[name]["real tok/s"] / (peak_tflops * 1e12)
     for name in [n for n in arms if n != "plain"]:
         rows[f"{name}/plain"] = {k: rows[name][k] / rows["plain"][k] if rows["plain"][k] else float("nan")
                                  for k in rows["ours"]}
+    return rows
+
+
+def report(args, steps: int, arms: dict, rows: dict, gpu: bool):
+    """Prints the table, train.py's own throughput line and the machine."""
+    import torch
+
     cols = list(rows["ours"])
     fmt = {"wall s": "{:.1f}", "train-step s": "{:.1f}", "real tokens": "{:.0f}", "padding": "{:.3f}",
            "real tok/s": "{:.0f}", "peak GiB": "{:.2f}", "MFU": "{:.4f}"}
@@ -191,6 +198,22 @@ def main():
     device = torch.cuda.get_device_name() if gpu else f"cpu, {arms['ours']['torch_threads']} torch threads per arm"
     print(f"machine: {os.cpu_count()} CPUs, torch device {device}; peak memory = {memory}"
           + (f"; MFU = 4 x linear params x real tok/s / {args.peak_tflops:g} TFLOPS" if gpu else ""))
+
+
+def main():
+    args = parse_args()
+    import torch
+
+    steps = args.samples // args.batch_size
+    with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp:
+        tmp = Path(args.workdir or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model = args.model or build_tiny_llama(tmp / "tiny-llama")
+        write_data(model, tmp / "train.jsonl", args.samples, args.seed)
+        argvs = arm_argvs(args, model, tmp, steps)
+        arms = run_arms(argvs, tmp, not args.sequential, 0 if torch.cuda.is_available() else args.threads)
+    gpu = torch.cuda.is_available()
+    report(args, steps, arms, table(arms, gpu, args.peak_tflops), gpu)
 
 
 if __name__ == "__main__":
