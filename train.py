@@ -250,12 +250,13 @@ def prepare(args):
     """Data, classes, tokenizer, prompt format and token ids: everything checked before the run folder exists or a
     model loads (bad input ends here with one line and exit status 2)."""
     from dataset import DataError, Formatter
-    from finetune.modeling import (ModelError, is_vision_model, load_config, load_processing, setup_tokens,
-                                   unsloth_wanted)
+    from finetune.modeling import (ModelError, check_quantisable, is_vision_model, load_config, load_processing,
+                                   setup_tokens, unsloth_wanted)
 
     mode = modes.for_args(args)
     s = modes.Setup(args)
     try:
+        check_quantisable(args.model, args.trainable)
         mode.load_data(s)
         wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
         if not s.val and wanted and args.trainer != "grpo":

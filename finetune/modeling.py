@@ -60,6 +60,14 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id
 
 
+def check_quantisable(spec, trainable: str):
+    """QLoRA needs the model's own weights: transformers dequantises a GGUF file as it loads it and takes no
+    bitsandbytes config with it (it would end in a traceback after the data is read)."""
+    if QUANTIZE.get(trainable) and resolve_model(spec)[1]:
+        raise ModelError(f"{spec}: a GGUF file cannot be loaded in 4/8-bit for --trainable {trainable}; train "
+                         "--trainable lora on it, or QLoRA on the model's safetensors (its Hub id or folder)")
+
+
 def load_config(spec, trust_remote_code=False):
     from transformers import AutoConfig
 

@@ -298,6 +298,8 @@ def _console_class():
                 if secs > self.mark[1] and tokens > self.mark[0]:
                     tps = (tokens - self.mark[0]) / (secs - self.mark[1])
                 self.mark = (tokens, secs)
+            if eta is not None and not getattr(self, "eta_saved", False):
+                self.eta_saved = save_eta(Path(args.output_dir) / "run.json", step, eta)
             line = console_line(logs, step, state.max_steps or self.planned, tps, elapsed, eta)
             if line:
                 from tqdm.auto import tqdm
@@ -305,6 +307,26 @@ def _console_class():
                 tqdm.write(line, file=sys.stdout)  # above a live bar, or a plain line in a log file
 
     return Console
+
+
+def save_eta(run_json: Path, step: int, seconds_left: float) -> bool:
+    """run.json's plan gets the ETA measured over the first steps (written once, atomically: eval.py may read it)."""
+    import datetime
+    import json
+    import os
+
+    try:
+        cfg = json.loads(run_json.read_text())
+        cfg.setdefault("plan", {})["eta"] = {
+            "at_step": step, "seconds_left": round(seconds_left),
+            "expected_end": (datetime.datetime.now().astimezone() +
+                             datetime.timedelta(seconds=seconds_left)).isoformat(timespec="seconds")}
+        tmp = run_json.with_name(run_json.name + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, run_json)
+    except (OSError, ValueError):
+        pass  # a missing or unreadable run.json: the console line still shows the ETA
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ curves.png

@@ -80,3 +80,22 @@ def greedy(model, tok, prompts, n=8):
                                  pad_token_id=tok.pad_token_id)
             outs.append(out[0, ids.shape[1]:].tolist())
     return outs, logits
+
+
+@pytest.fixture(scope="module")
+def converter(request):
+    """llama.cpp's converter in pytest's cache (kept between sessions); the CLIs find it via FINETUNE_LLAMACPP_DIR."""
+    import os
+
+    from finetune import llamacpp
+    from finetune.modeling import ModelError
+
+    folder = request.config.cache.mkdir(f"llama-cpp-python-{llamacpp.LLAMA_CPP_PYTHON[0]}")
+    os.environ["FINETUNE_LLAMACPP_DIR"] = str(folder)
+    try:
+        llamacpp.converter_dir()
+    except ModelError as e:
+        del os.environ["FINETUNE_LLAMACPP_DIR"]
+        pytest.skip(str(e))
+    yield folder
+    del os.environ["FINETUNE_LLAMACPP_DIR"]

@@ -78,6 +78,8 @@ def test_plan_in_run_json_matches_the_model(free_text_run):
     assert plan["steps"] == 36 and plan["samples_per_step"] == 8 and plan["train_samples"] == 24
     assert plan["tokens_per_epoch"] > 24 * 10
     assert plan["memory_gib"]["peak"] > plan["memory_gib"]["process_before_model"] > 0
+    eta = plan["eta"]  # measured over the first two steps, as the console's ETA
+    assert eta["at_step"] == 2 and eta["seconds_left"] >= 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT.*", eta["expected_end"])
     assert "plan: peak memory about" in r.stdout and "the plan estimated" in r.stdout
 
 

