@@ -10,37 +10,54 @@ log-softmax.
 from __future__ import annotations
 
 ROWS_PER_CHUNK = 1024  # tokens whose [rows, vocab] logits are materialised at once
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _chunk(h, t, weight, bias, temperature, softcap, logit_scale, outputs):
+    """Every output for one block of tokens, from its hidden states: the [rows, vocab] logits live only in here."""
+    import torch
+
+    z = torch.nn.functional.linear(h, weight, bias).float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, -1)
+    out = [logp.gather(-1, t[:, None])[:, 0]]
+    if "entropy" in outputs:
+        out.append(-(logp.exp() * logp).sum(-1))
+    if "log_sum_sq_probs" in outputs:
+        out.append(torch.logsumexp(2 * logp, -1).detach())
+    if "mean_logits" in outputs:
+        out.append((z / temperature).mean(-1).detach())
+    if "is_top1" in outputs:
+        out.append(z.argmax(-1) == t)
+    return tuple(out)
 
 
 class TorchChunkedLogProb:
-    """Same call and outputs as trl.kernels.ChunkedLogProbFunction.apply; autograd does the backward. `chunk_size` is
-    the kernel's vocabulary tile width: taken for the same signature, unused, as each block of ROWS_PER_CHUNK tokens
-    gets one full-vocabulary log-softmax here."""
+    """Same call and outputs as trl.kernels.ChunkedLogProbFunction.apply. `chunk_size` is the kernel's vocabulary
+    tile width: taken for the same signature, unused, as each block of ROWS_PER_CHUNK tokens gets one
+    full-vocabulary log-softmax here. Like the kernel, it keeps no logits for the backward pass: each block runs
+    under activation checkpointing and is recomputed there (one more [rows, hidden] x [hidden, vocab] product per
+    block, against the ~3 fp32 [tokens, vocab] tensors autograd would hold: 1.8 GiB for 8 x 400 tokens of a
+    49k-token vocabulary)."""
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
               logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
         import torch
+        from torch.utils.checkpoint import checkpoint
 
-        parts = {k: [] for k in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+        wanted = [k for k in OUTPUTS if k == "log_probs" or k in outputs]
+        parts = {k: [] for k in wanted}
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         for start in range(0, hidden.shape[0], ROWS_PER_CHUNK):
             h, t = hidden[start:start + ROWS_PER_CHUNK], targets[start:start + ROWS_PER_CHUNK]
-            z = torch.nn.functional.linear(h, weight, bias).float() * logit_scale
-            if final_logit_softcapping is not None:
-                z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
-            z = z / temperature
-            logp = torch.log_softmax(z, -1)
-            parts["log_probs"].append(logp.gather(-1, t[:, None])[:, 0])
-            if "entropy" in outputs:
-                parts["entropy"].append(-(logp.exp() * logp).sum(-1))
-            if "log_sum_sq_probs" in outputs:
-                parts["log_sum_sq_probs"].append(torch.logsumexp(2 * logp, -1).detach())
-            if "mean_logits" in outputs:
-                parts["mean_logits"].append(z.mean(-1).detach())
-            if "is_top1" in outputs:
-                parts["is_top1"].append(z.argmax(-1) == t)
-        return tuple(torch.cat(v) if v else (None if k != "log_probs" else hidden.new_zeros(0))
-                     for k, v in parts.items())
+            args = (h, t, weight, bias, temperature, final_logit_softcapping, logit_scale, outputs)
+            got = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+            for k, v in zip(wanted, got):
+                parts[k].append(v)
+        return tuple(torch.cat(parts[k]) if k in parts and parts[k] else
+                     (hidden.new_zeros(0) if k == "log_probs" else None) for k in OUTPUTS)
 
 
 def install():

@@ -121,20 +121,27 @@ def test_preference_pairs_are_validated(tmp_path, tiny_llm):
 
 
 @pytest.mark.parametrize("softcap,scale,temperature", [(None, 1.0, 1.0), (30.0, 0.5, 0.7)])
-def test_torch_logprob_matches_a_direct_log_softmax(softcap, scale, temperature):
-    from finetune.trl_cpu import TorchChunkedLogProb
+def test_torch_logprob_matches_a_direct_log_softmax(softcap, scale, temperature, monkeypatch):
+    """Values and gradients of the CPU stand-in (blocks of 16 tokens, recomputed in backward) against one direct
+    log-softmax over all 50 tokens."""
+    from finetune import trl_cpu
 
+    monkeypatch.setattr(trl_cpu, "ROWS_PER_CHUNK", 16)
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)
     targets = torch.randint(0, 300, (50,))
-    logp, entropy, _, _, top1 = TorchChunkedLogProb.apply(hidden, weight, None, targets, temperature, 256, softcap,
-                                                           scale, ("entropy", "is_top1"))
+    logp, entropy, _, mean, top1 = trl_cpu.TorchChunkedLogProb.apply(
+        hidden, weight, None, targets, temperature, 256, softcap, scale, ("entropy", "mean_logits", "is_top1"))
+    (logp.sum() + 0.1 * entropy.sum()).backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
     z = (hidden @ weight.T) * scale
     z = softcap * torch.tanh(z / softcap) if softcap else z
     ref = torch.log_softmax(z / temperature, -1)
-    assert torch.allclose(logp, ref.gather(-1, targets[:, None])[:, 0], atol=1e-5)
-    assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1), atol=1e-4)
+    want_logp, want_entropy = ref.gather(-1, targets[:, None])[:, 0], -(ref.exp() * ref).sum(-1)
+    assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-4)
+    assert torch.allclose(mean, (z / temperature).mean(-1), atol=1e-5)
     assert torch.equal(top1, ref.argmax(-1) == targets)
-    logp.sum().backward()
-    assert hidden.grad is not None and weight.grad is not None
+    (want_logp.sum() + 0.1 * want_entropy.sum()).backward()
+    assert torch.allclose(got[0], hidden.grad, atol=1e-4) and torch.allclose(got[1], weight.grad, atol=1e-4)
