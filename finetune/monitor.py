@@ -244,7 +244,7 @@ def attach(trainer, args, out: Path, history: list, plan: dict, metric: str):
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_bar_class()())
-    trainer.add_callback(_console_class()(trainer, plan["steps"]))
+    trainer.add_callback(_console_class()(trainer, plan))
     trainer.add_callback(_curves_class()(out / "curves.png", history, args.trainer == "grpo"))
     if args.trainer == "grpo":
         trainer.add_callback(_health_class()(args))
@@ -277,8 +277,8 @@ def _console_class():
     class Console(TrainerCallback):
         """step/total, loss, lr, real tokens/s since the last line, elapsed, ETA (from the steps so far)."""
 
-        def __init__(self, trainer, planned_steps):
-            self.trainer, self.planned = trainer, planned_steps
+        def __init__(self, trainer, plan):
+            self.trainer, self.plan, self.planned = trainer, plan, plan["steps"]
             self.start = self.mark = None
 
         def on_train_begin(self, args, state, control, **kw):
@@ -298,8 +298,8 @@ def _console_class():
                 if secs > self.mark[1] and tokens > self.mark[0]:
                     tps = (tokens - self.mark[0]) / (secs - self.mark[1])
                 self.mark = (tokens, secs)
-            if eta is not None and not getattr(self, "eta_saved", False):
-                self.eta_saved = save_eta(Path(args.output_dir) / "run.json", step, eta)
+            if eta is not None and "eta" not in self.plan:  # the run's plan: run.json now, its copies in saves later
+                self.plan["eta"] = save_eta(Path(args.output_dir) / "run.json", step, eta)
             line = console_line(logs, step, state.max_steps or self.planned, tps, elapsed, eta)
             if line:
                 from tqdm.auto import tqdm
@@ -309,24 +309,24 @@ def _console_class():
     return Console
 
 
-def save_eta(run_json: Path, step: int, seconds_left: float) -> bool:
-    """run.json's plan gets the ETA measured over the first steps (written once, atomically: eval.py may read it)."""
+def save_eta(run_json: Path, step: int, seconds_left: float) -> dict:
+    """The ETA measured over the first steps, added to run.json's plan (once, atomically: eval.py may read it)."""
     import datetime
     import json
     import os
 
+    eta = {"at_step": step, "seconds_left": round(seconds_left),
+           "expected_end": (datetime.datetime.now().astimezone() +
+                            datetime.timedelta(seconds=seconds_left)).isoformat(timespec="seconds")}
     try:
         cfg = json.loads(run_json.read_text())
-        cfg.setdefault("plan", {})["eta"] = {
-            "at_step": step, "seconds_left": round(seconds_left),
-            "expected_end": (datetime.datetime.now().astimezone() +
-                             datetime.timedelta(seconds=seconds_left)).isoformat(timespec="seconds")}
+        cfg.setdefault("plan", {})["eta"] = eta
         tmp = run_json.with_name(run_json.name + ".tmp")
         tmp.write_text(json.dumps(cfg, indent=2))
         os.replace(tmp, run_json)
     except (OSError, ValueError):
         pass  # a missing or unreadable run.json: the console line still shows the ETA
-    return True
+    return eta
 
 
 # ------------------------------------------------------------------------------------------------ curves.png

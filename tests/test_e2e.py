@@ -2,6 +2,8 @@
 import csv
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +96,7 @@ def test_eval_scores_the_trained_run(full_run):
     assert gm["accuracy"] >= 0.75, gm
 
 
-def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_path, monkeypatch, capsys):
+def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_path):
     """generate.py on the trained run: --text answers as the same document in --data does, a near-zero temperature
     samples what greedy decoding picks; the chat drops its oldest exchange when the history outgrows max_len."""
     tmp, test, _ = full_run
@@ -110,26 +112,27 @@ def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_pat
     assert len(answers) == 24 and text.stdout == hot.stdout == answers[row["id"]] + "\n"
     assert prompt.stdout.strip()
 
-    import generate
-    from dataset import Formatter, Sample
-    from finetune.modeling import load_for_inference
+    # the chat, fed on stdin, by a copy of the run whose max length holds one exchange of these lines, not two
+    import shutil
 
-    model, tokenizer, _ = load_for_inference(json.loads((run / "run.json").read_text()), str(run / "best"))
-    fmt, line = Formatter(tokenizer), "red house " * 20
+    from dataset import Formatter, Sample
+    from transformers import AutoTokenizer
+
+    fmt, line = Formatter(AutoTokenizer.from_pretrained(run / "best")), "red house " * 20
 
     def length(turns):
         return fmt.encode(Sample("c", "chat", turns, needs_prompt=True), with_answer=False)["length"]
 
-    fmt.max_len = (length([("user", line)]) + length([("user", line), ("assistant", "red"), ("user", line)])) // 2
-    seen, one = [], generate.generate_one
-    monkeypatch.setattr(generate, "generate_one", lambda m, f, sample, *a: seen.append(len(sample.turns)) or
-                        one(m, f, sample, *a))
-    lines = iter([line, line, line, ""])
-    generate.chat(model, fmt, generate.build_parser().parse_args(["-c", str(run), "--max-new-tokens", "2"]),
-                  read=lambda _: next(lines))
-    assert seen == [1, 3, 1, 3, 1], seen  # each time two exchanges do not fit, the oldest goes
-    printed = capsys.readouterr()
-    assert printed.out.count("model> ") == 5 and "error" not in printed.err, printed
+    short = tmp_path / "short"
+    shutil.copytree(run / "best", short / "best")
+    cfg = json.loads((run / "run.json").read_text())
+    cfg["max_len"] = (length([("user", line)]) + length([("user", line), ("assistant", "red"), ("user", line)])) // 2
+    (short / "run.json").write_text(json.dumps(cfg))
+    chat = subprocess.run([sys.executable, ROOT / "generate.py", "-c", short, "--max-new-tokens", "2"],
+                          input=f"{line}\n{line}\n{line}\n\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    # three answers; the 2nd and 3rd first tried with the whole history, then without the oldest exchange
+    assert chat.stdout.count("model> ") == 5 and "error" not in chat.stderr, (chat.stdout, chat.stderr)
 
 
 def test_lora_adapter_reloads_with_peft(tiny_llm, tmp_path):

@@ -61,12 +61,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_llm, tmp_path):
     proc.send_signal(signal.SIGKILL)  # no handler runs: the hardest way to die
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    last = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    # the newest complete checkpoint (the kill may have come while the next one was being written)
+    last = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
     assert last < steps, "the run finished before it was killed: the test proved nothing"
     # what a kill in the middle of the next save leaves behind: the files but not trainer_state.json, written last
     cut = run / f"checkpoint-{last + 5}"
-    shutil.copytree(run / f"checkpoint-{last}", cut)
-    (cut / "trainer_state.json").unlink()
+    if not cut.exists():  # else the kill itself left it so
+        shutil.copytree(run / f"checkpoint-{last}", cut)
+    (cut / "trainer_state.json").unlink(missing_ok=True)
 
     resumed = run_cli("train.py", *_args(tiny_llm, data, tmp_path, "killed", steps), "--resume",
                       env={"OMP_NUM_THREADS": "1"})

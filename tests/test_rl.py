@@ -110,7 +110,9 @@ def test_init_adapter_starts_from_the_sft_policy_and_eval_loads_it_so(tiny_llm, 
     assert torch.allclose(reference, want, atol=1e-5)  # base + SFT merged: the policy DPO started from
     assert (got - reference).abs().max() > 1e-6  # and its own adapter on top moved it
     a, b = load_file(sft / "adapter_model.safetensors"), load_file(log / "dpo-q" / "best" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and max((a[k] - b[k].to(a[k].dtype)).abs().max().item() for k in a) < 1e-4
+    # lr 1e-9: the QLoRA run saved the SFT adapter back, to within its bf16 compute dtype (a fresh LoRA has B = 0)
+    assert a.keys() == b.keys() and any(a[k].abs().max() > 1e-2 for k in a if "lora_B" in k)
+    assert all(torch.allclose(b[k].float(), a[k].float(), rtol=1e-2, atol=1e-3) for k in a)
 
 
 def test_preference_pairs_are_validated(tmp_path, tiny_llm):

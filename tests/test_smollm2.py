@@ -35,10 +35,21 @@ def test_lora_on_smollm2_learns_and_keeps_the_stop_token(smol):
     assert tok["eos_token"] == "<|im_end|>" and tok["pad_token"] == "<|endoftext|>"
 
 
-def test_the_q8_0_gguf_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
-    """llama.cpp's converter on the merged SmolLM2 run, q8_0: the GGUF (loaded back by transformers) answers the 4
-    validation prompts as base + adapter did, and its own tokenizer gives our token ids."""
-    r = run_cli("export.py", "gguf", smol, "-o", tmp_path / "g", "--quant", "q8_0")
+def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
+    """merge (float32, the run's precision) and vllm answer the 4 validation prompts as base + adapter did;
+    llama.cpp's converter on the merged run, q8_0: the GGUF (loaded back by transformers) is checked the same way,
+    and its own tokenizer gives our token ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        merge, vllm, gguf = (pool.submit(run_cli, "export.py", *how) for how in (
+            ("merge", smol, "-o", tmp_path / "m"), ("vllm", smol, "-o", tmp_path / "v"),
+            ("gguf", smol, "-o", tmp_path / "g", "--quant", "q8_0")))
+        merge, vllm, r = merge.result(), vllm.result(), gguf.result()
+    assert merge.returncode == 0 and vllm.returncode == 0, (merge.stderr[-2000:], vllm.stderr[-2000:])
+    out = merge.stdout + vllm.stdout
+    assert "parity: 4/4 greedy identical" in out and "(merge float32, 4 validation prompts)" in out, out
+    assert "(vllm, 4 validation prompts)" in out and out.count("parity: 4/4 greedy identical") == 2, out
     parity = json.loads((tmp_path / "g" / "parity.json").read_text())
     assert parity["line"] in r.stdout and "(gguf q8_0, 4 validation prompts)" in parity["line"], r.stdout
     assert parity["tokenizer_identical"] == 4, parity
