@@ -37,7 +37,8 @@ def full_run(tiny_llm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     train, val, test = color_task(tmp, 96, 0), color_task(tmp, 16, 1), color_task(tmp, 24, 2)
     r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--trainable", "full",
-                "--lr", "3e-3", "--epochs", "8", "-b", "8", "--warmup", "0", "--name", "full", "--log-dir", tmp / "log")
+                "--lr", "3e-3", "--epochs", "8", "-b", "8", "--warmup", "0", "--predict", "generate", "--name", "full",
+                "--log-dir", tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, test, r
 
@@ -86,14 +87,18 @@ def test_eval_scores_the_trained_run(full_run):
         assert abs(float(r["confidence"]) - conf[r["id"]]) < 1e-3  # the same scores, whatever the shard
     assert not list(dout.glob("predictions.rank*"))
 
-    g = run_cli("eval.py", "-c", tmp / "log" / "full" / "latest", "--test-data", test, "-o", tmp / "results",
-                "--predict", "generate", "--max-new-tokens", "4")
+    # the run validated with --predict generate: eval.py generating on the validation file gives its last figure
+    val = tmp / "data-1.jsonl"
+    g = run_cli("eval.py", "-c", tmp / "log" / "full" / "latest", "--test-data", val, "-o", tmp / "results",
+                "--predict", "generate")
     assert g.returncode == 0, g.stderr[-3000:]
     gm = json.loads((out / "metrics.json").read_text())
     grows = list(csv.DictReader(open(out / "predictions.tsv"), delimiter="\t"))
     assert gm["predict"] == "generate" and gm["invalid"] == sum(r["prediction"] == "" for r in grows)
-    assert gm["accuracy"] == sum(r["prediction"] == r["reference"] for r in grows) / 24
-    assert gm["accuracy"] >= 0.75, gm
+    assert gm["accuracy"] == sum(r["prediction"] == r["reference"] for r in grows) / 16
+    last = [x for x in map(json.loads, (tmp / "log" / "full" / "train_log.jsonl").read_text().splitlines())
+            if "eval_accuracy" in x][-1]
+    assert gm["accuracy"] == last["eval_accuracy"] and gm["accuracy"] >= 0.75, (gm, last)
 
 
 def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_path):
@@ -176,3 +181,10 @@ def test_vision_language_model_trains_and_evals(tiny_vlm, tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     m = json.loads((tmp_path / "results" / "1024-max-len" / "vlm" / "metrics.json").read_text())
     assert m["samples"] == 8
+    # generate.py --image with the data's own question answers as --data does for that sample
+    data = run_cli("generate.py", "-c", run, "--data", test, "-o", tmp_path / "a.jsonl", "--max-new-tokens", "4")
+    one = run_cli("generate.py", "-c", run, "--prompt", rows[16]["question"], "--image", tmp_path / rows[16]["image"],
+                  "--max-new-tokens", "4")
+    assert data.returncode == 0 and one.returncode == 0, (data.stderr[-2000:], one.stderr[-2000:])
+    answers = {a["id"]: a["answer"] for a in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())}
+    assert one.stdout == answers[rows[16]["id"]] + "\n", (one.stdout, answers)

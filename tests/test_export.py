@@ -76,6 +76,14 @@ def test_merge_equals_base_plus_adapter(run, tiny_llm, reference, tmp_path):
     assert base_ids != ref_ids  # the adapter really changes the answers: the equality above means something
     assert not torch.allclose(base_logits[0], ref_logits[0], atol=1e-2)
 
+    # the base moved (--base): the same merge from its new place
+    moved = tmp_path / "moved-base"
+    shutil.copytree(tiny_llm, moved)
+    again = export.merge(run, tmp_path / "merged-moved", dtype="float32", base=str(moved))
+    a, b = merged.state_dict(), AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "finetune_run.json").read_text())["export"]["base"] == str(moved)
+
     # bfloat16 rounds every weight: the parity check measures it (the float32 merge above: no difference)
     export.main(["merge", str(run), "-o", str(tmp_path / "bf16"), "--dtype", "bfloat16", "--min-identical", "0"])
     bf16 = json.loads((tmp_path / "bf16" / "parity.json").read_text())

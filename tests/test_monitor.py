@@ -55,6 +55,28 @@ def test_free_text_validation_metric_and_early_stopping(free_text_run):
     assert "validation chrf:" in r.stdout
 
 
+def test_eval_scores_a_free_text_run_with_its_own_metrics(free_text_run):
+    """eval.py on a free-text run generates (no classes) and reports chrF, BLEU and exact match of what it wrote."""
+    import csv
+
+    import sacrebleu
+
+    from finetune.predict import normalize
+
+    run, _ = free_text_run
+    out = run.parent.parent / "results"
+    e = run_cli("eval.py", "-c", run, "--test-data", run.parent.parent / "val.jsonl", "-o", out)
+    assert e.returncode == 0, e.stderr[-3000:]
+    folder = out / "1024-max-len" / "free"
+    m = json.loads((folder / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(folder / "predictions.tsv"), delimiter="\t"))
+    assert m["predict"] == "generate" and m["samples"] == len(rows) == 6 and "accuracy" not in m
+    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
+    assert m["exact_match"] == sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / 6
+    assert f"chrF {m['chrf']:.2f}" in e.stdout
+
+
 def test_console_is_one_line_per_step(free_text_run):
     _, r = free_text_run
     assert "{'loss'" not in r.stdout and "'eval_loss'" not in r.stdout  # no raw dicts
