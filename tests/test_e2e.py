@@ -130,9 +130,10 @@ def test_generate_a_document_a_prompt_sampling_and_a_long_chat(full_run, tmp_pat
 
     short = tmp_path / "short"
     shutil.copytree(run / "best", short / "best")
-    cfg = json.loads((run / "run.json").read_text())
+    cfg = json.loads((short / "best" / "run.json").read_text())  # what generate.py reads for best/
     cfg["max_len"] = (length([("user", line)]) + length([("user", line), ("assistant", "red"), ("user", line)])) // 2
-    (short / "run.json").write_text(json.dumps(cfg))
+    for f in (short / "run.json", short / "best" / "run.json"):
+        f.write_text(json.dumps(cfg))
     chat = subprocess.run([sys.executable, ROOT / "generate.py", "-c", short, "--max-new-tokens", "2"],
                           input=f"{line}\n{line}\n{line}\n\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr[-2000:]
