@@ -163,8 +163,8 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE, decoding_of,
-                         generation_budget)
+    from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE,
+                                  decoding_of, generation_budget)
 
     cfg, weights, name = resolve(args)
     # zero-shot the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or
