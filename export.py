@@ -128,9 +128,12 @@ def inference_tokens(tokenizer, processor, cfg: dict):
 
 # ------------------------------------------------------------------------------------------------ merge
 def run_dtype(cfg: dict) -> str:
-    """The dtype the run trained in (merge's default): its resolved precision (run.json "precision"; train.py
-    records it), "no" -> float32, bf16 / fp16 -> the 16-bit compute dtype (a QLoRA run's too). A run from before
-    that record with --mixed-precision auto: float32, which loses nothing."""
+    """The dtype the run trained in (merge's default): the dtype of its base weights, or a QLoRA run's compute
+    dtype (run.json "weights_dtype": float32 on a CPU, under bf16 autocast too); for runs from before that record
+    its resolved precision ("precision"), "no" -> float32, bf16 / fp16 -> the 16-bit dtype. A run from before both
+    records with --mixed-precision auto: float32, which loses nothing."""
+    if cfg.get("weights_dtype"):
+        return cfg["weights_dtype"]
     prec = cfg.get("precision") or cfg.get("mixed_precision")
     return {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
 

@@ -95,13 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='comma-separated tokens to add as special tokens, e.g. "<|im_start|>,<|im_end|>": the '
                    "embeddings grow and their rows train (saved with the adapter); eval/generate/export reuse them")
     g.add_argument("--mixed-precision", nargs="?", const="auto", default="auto",
-                   choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs, "
-                   "off on CPU")
+                   choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs; "
+                   "on a CPU bf16 autocast (float32 weights) where it has bf16 instructions, else off")
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="trade compute for memory (default: on without a GPU when the longest batch's activations "
-                   "would take over 3 GiB, else off; see checkpointing_default)")
+                   "would take over 1 GiB, else off; see training.checkpointing_default)")
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
@@ -257,7 +257,8 @@ def prepare(args):
     s = modes.Setup(args)
     try:
         check_quantisable(args.model, args.trainable)
-        mode.load_data(s)
+        mode.load_data(s)  # before torch or transformers is imported: bad input is reported in about a second
+        device_fallbacks(args)
         wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
         if not s.val and wanted and args.trainer != "grpo":
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
@@ -314,12 +315,18 @@ def build_model(args, mode, s):
     lr = f"lr {args.lr:g}" + (f", head lr {args.head_lr:g}" if args.head == "classifier" else "")
     print(f"model: {args.model} ({'vision-language' if s.vision else 'text'}), {args.trainable}, "
           f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, {lr}, "
-          f"{PRECISION_WORDS[precision(args.mixed_precision)]}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
+          f"{precision_words(args)}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
     print(training.batch_line(args))
     return model
 
 
-PRECISION_WORDS = {"no": "float32 (no mixed precision)", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}
+def precision_words(args) -> str:
+    from finetune.modeling import precision, training_dtype
+
+    prec = precision(args.mixed_precision)
+    if prec == "no":
+        return "float32 (no mixed precision)"
+    return f"{prec} mixed precision ({str(training_dtype(args, prec)).removeprefix('torch.')} weights)"
 
 
 def build_trainer(args, mode, s, model, out: Path, cfg: dict):
@@ -392,7 +399,6 @@ def main(argv=None):
     if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     monitor.quiet_libraries(args)
-    device_fallbacks(args)
     mode, s = prepare(args)
     out, cfg = create_run(args, s)
     model = build_model(args, mode, s)

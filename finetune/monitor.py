@@ -13,22 +13,32 @@ GRPO reward health, and quiet for library noise that does not concern the run.
 The peak-memory estimate (bytes; on CPU it includes the process as it stands before the model loads):
     weights      parameters x bytes of their dtype (4-bit QLoRA: ~0.56 byte for the quantised linear layers)
     optimiser    16 bytes per trainable parameter (fp32 weight or master copy, gradient, AdamW's two moments)
-    activations  per worst-case batch (-b x the longest sample, capped by --max-len) x layers x hidden size x
-                 ACT_BYTES, plus the logits over the vocabulary (float32, with their softmax and gradient)
-bench/memory_estimate.py compares it with measured peaks; docs/training.md states the error.
+    activations  activation_bytes(): what autograd keeps for the backward pass of the worst-case batch (-b x the
+                 longest sample, capped by --max-len), from SAVED_BYTES, times BACKWARD_PEAK; with gradient
+                 checkpointing each layer's input plus one layer's activations
+    logits       the answer tokens' float32 logits (TRL computes them at answer tokens only, in blocks of 1,024
+                 rows on CPU: finetune/trl_cpu.py), with their softmax and gradient
+bench/memory_estimate.py compares it with measured peaks; docs/training.md states the error. The same
+activation_bytes() decides the CPU default of --gradient-checkpointing (training.checkpointing_default).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-# Bytes kept per token, per layer, per hidden unit for the backward pass (attention and MLP inputs, norms,
-# activations): fitted on SmolLM2-135M by bench/memory_estimate.py (LoRA and full, fp32 on CPU).
-ACT_BYTES = 34
-LOGIT_COPIES = 4  # float32 logits, their log-softmax, and the gradient of both
+# Bytes autograd keeps per token and layer for the backward pass, as (a, b) in a x hidden + b x intermediate size:
+# measured with torch.autograd.graph.saved_tensors_hooks on the SmolLM2-135M (576 / 1536) and Qwen2.5-0.5B
+# (896 / 4864) shapes, LoRA r16 on every linear layer, SDPA, padded batches. Key: (16-bit autocast, what trains).
+# LoRA's dropout keeps a copy of each adapted layer's input: a third of the total.
+SAVED_BYTES = {(False, "lora+dropout"): (76, 18), (False, "lora"): (37, 15), (False, "full"): (48, 16),
+               (True, "lora+dropout"): (40, 19), (True, "lora"): (22, 15), (True, "full"): (32, 15)}
+BACKWARD_PEAK = 1.45  # the step's peak over what is saved (gradients, temporaries): quickstart, fp32, measured RSS
+LOGIT_COPIES = 3  # float32 logits, their log-softmax, and its gradient
+LOGIT_ROWS = 1024  # finetune/trl_cpu.ROWS_PER_CHUNK: answer tokens whose logits exist at once
 WARN_EVERY = 10   # reward health: a problem that lasts is repeated every N logging steps
 # What validation reports, on the console and in curves.png (the trainers log more: entropy, token counts, timings;
 # those stay in train_log.jsonl)
@@ -52,9 +62,9 @@ def quiet_libraries(args):
     drop = _Drop("Failed to load CPU gemm_4bit_forward")
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(drop)
     if not sys.stderr.isatty():  # loading / saving bars redrawn as lines in a log file, dozens per run
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        # transformers reads this variable when it is imported (after the data is checked, so that bad input is
+        # reported without waiting for torch and transformers to load)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.trainable == "qlora":
         import torch
 
@@ -83,8 +93,17 @@ def make_plan(args, s) -> dict:
             "tokens_per_epoch": sum(lengths) if lengths else None, "samples_per_step": per_step,
             "steps": steps, "longest_sample_tokens": longest}
     if arch:
-        plan.update(estimate_memory(args, params, trainable, quantised, arch, longest))
+        plan.update(estimate_memory(args, params, trainable, quantised, arch, longest, _answer_tokens(s)))
     return plan
+
+
+def _answer_tokens(s, sample=2000) -> int | None:
+    """The most loss-bearing (answer) tokens in one of the first `sample` training samples; None if unknown."""
+    ds = s.train_ds
+    if "labels" not in ds.column_names:
+        return None
+    labels = ds.select(range(min(sample, len(ds))))["labels"]
+    return max((sum(1 for t in row if t != -100) for row in labels), default=0)
 
 
 def _lengths(s) -> list[int]:
@@ -136,19 +155,18 @@ def count_parameters(args, s):
         print(f"note: no plan of parameters and memory ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
               file=sys.stderr)
         return 0, 0, 0, None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    arch = (text.num_hidden_layers, text.hidden_size, len(s.tokenizer) if args.head != "classifier" else
-            len(s.classes or [0, 0]))
+    layers, hidden, intermediate = model_shape(cfg)
+    arch = (layers, hidden, len(s.tokenizer) if args.head != "classifier" else len(s.classes or [0, 0]), intermediate)
     return params, trainable, quantised, arch
 
 
-def estimate_memory(args, params, trainable, quantised, arch, longest) -> dict:
+def estimate_memory(args, params, trainable, quantised, arch, longest, answer_tokens=None) -> dict:
     """Peak bytes of one training step, by the module docstring's formula, on this device."""
     import torch
 
     from finetune.modeling import precision, training_dtype
 
-    layers, hidden, vocab = arch
+    layers, hidden, vocab, intermediate = arch
     prec = precision(args.mixed_precision)
     width = torch.finfo(training_dtype(args, prec)).bits // 8
     bits = {"qlora": 4.5, "qlora8": 8.5}.get(args.trainable)  # the block scales add ~0.5 bit per weight
@@ -158,11 +176,9 @@ def estimate_memory(args, params, trainable, quantised, arch, longest) -> dict:
     else:
         optimiser = trainable * 16
     rows = args.batch_size * (2 if args.trainer == "dpo" else 1)  # DPO: chosen and rejected
-    act_width = 2 if prec in ("bf16", "fp16") else 4
-    activations = rows * longest * layers * hidden * ACT_BYTES * act_width / 4
-    if args.gradient_checkpointing:
-        activations = activations / layers * 2 + rows * longest * layers * hidden * act_width
-    logits = rows * longest * vocab * 4 * LOGIT_COPIES
+    activations = activation_bytes(args, (layers, hidden, intermediate), rows * longest, args.gradient_checkpointing)
+    answers = rows * (answer_tokens if answer_tokens is not None else longest)
+    logits = min(answers, LOGIT_ROWS) * vocab * 4 * LOGIT_COPIES
     cuda = torch.cuda.is_available()
     base = 0 if cuda else _rss_bytes()  # CUDA counts tensors only; CPU measures the whole process
     total = base + weights + optimiser + activations + logits
@@ -170,6 +186,28 @@ def estimate_memory(args, params, trainable, quantised, arch, longest) -> dict:
             "memory_gib": {k: round(v / 2**30, 3) for k, v in
                            (("process_before_model", base), ("weights", weights), ("optimiser", optimiser),
                             ("activations", activations), ("logits", logits), ("peak", total))}}
+
+
+def model_shape(config) -> tuple[int, int, int]:
+    """(layers, hidden size, MLP intermediate size) of a transformers config (a vision model's text part)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", 0) or 0
+    return (getattr(text, "num_hidden_layers", 0) or 0, hidden,
+            getattr(text, "intermediate_size", None) or 4 * hidden)
+
+
+def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
+    """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
+    With gradient checkpointing autograd keeps each layer's float32 input and recomputes one layer at a time."""
+    from finetune.modeling import precision
+
+    layers, hidden, intermediate = shape
+    autocast = precision(args.mixed_precision) in ("bf16", "fp16")
+    kind = "full" if args.trainable == "full" else ("lora+dropout" if args.lora_dropout > 0 else "lora")
+    a, b = SAVED_BYTES[(autocast, kind)]
+    one_layer = tokens * (a * hidden + b * intermediate)
+    saved = tokens * hidden * 4 * layers + one_layer if checkpointing else one_layer * layers
+    return saved * BACKWARD_PEAK
 
 
 def _rss_bytes() -> int:

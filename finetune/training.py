@@ -144,27 +144,28 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
     )
 
 
-# Activation bytes a LoRA step keeps per token, layer and hidden unit in fp32 (inputs of every linear layer, their
-# LoRA dropout copies, attention and MLP intermediates): the 12.1 GiB peak bench/train_bench.py measured for
-# SmolLM2 (30 layers x 576) at -b 8 on samples of up to 800 tokens, before issue 17, is ~100. Activations only: the
-# answer tokens' logits come on top. Above CHECKPOINT_ABOVE the default turns gradient checkpointing on.
-ACTIVATION_BYTES, CHECKPOINT_ABOVE = 100, 3 * 2**30
+# Above this estimate of the longest batch's activations (monitor.activation_bytes), the CPU default turns gradient
+# checkpointing on: at 1 GiB the quickstart's batches (8 x 135 tokens of SmolLM2, about 2.3 GiB) checkpoint.
+# Under bf16 autocast a step with checkpointing is still faster than a float32 step without (3.8 against 4.1 s
+# for 4 x 256 tokens on this project's CPU), and the peak stays at plain TRL's, which always checkpoints.
+CHECKPOINT_ABOVE = 1 * 2**30
 
 
 def checkpointing_default(args, train_ds, config) -> bool:
     """--gradient-checkpointing when not given: on a CPU (RAM shared with everything else) on when the longest
-    training batch's activations (estimated from -b, its longest sample and the model's shape) would exceed
-    CHECKPOINT_ABOVE, so a long-document run stays near plain TRL's peak (which always checkpoints) while short
-    samples keep the speed of no recomputation; off on a GPU (an out-of-memory error names the flag)."""
+    training batch's activations (monitor.activation_bytes, from -b, its longest sample and the model's shape)
+    would exceed CHECKPOINT_ABOVE, while tiny batches keep the speed of no recomputation; off on a GPU (an
+    out-of-memory error names the flag)."""
     if args.gradient_checkpointing is not None:
         return args.gradient_checkpointing
     import torch
 
+    from finetune import monitor
+
     if torch.cuda.is_available() or "length" not in getattr(train_ds, "column_names", ()):
         return False
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     tokens = args.batch_size * max(train_ds["length"], default=0)
-    need = tokens * getattr(text, "num_hidden_layers", 0) * getattr(text, "hidden_size", 0) * ACTIVATION_BYTES
+    need = monitor.activation_bytes(args, monitor.model_shape(config), tokens, checkpointing=False)
     on = need > CHECKPOINT_ABOVE
     print(f"gradient checkpointing: {'on' if on else 'off'} (longest batch {tokens} tokens, about "
           f"{need / 2**30:.1f} GiB of activations without it; --gradient-checkpointing / --no-... to choose)")

@@ -129,23 +129,28 @@ def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
 
 
 def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
-    """Unset --gradient-checkpointing turns on (CPU) when -b x the longest sample x layers x hidden x
-    ACTIVATION_BYTES exceeds CHECKPOINT_ABOVE; an explicit flag always wins."""
+    """Unset --gradient-checkpointing turns on (CPU) when monitor.activation_bytes for -b x the longest sample
+    exceeds CHECKPOINT_ABOVE; an explicit flag always wins; checkpointing keeps a small part of the activations."""
     from argparse import Namespace
 
     import datasets
     from transformers import LlamaConfig
 
+    from finetune import monitor
     from finetune import training as train  # the library module, not the entry script
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = LlamaConfig(num_hidden_layers=30, hidden_size=576)  # SmolLM2-135M's shape
-    per_token = 30 * 576 * train.ACTIVATION_BYTES
-    fits = train.CHECKPOINT_ABOVE // (8 * per_token)          # the longest sample that stays under at -b 8
+    config = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)  # SmolLM2-135M's shape
+    args = lambda flag: Namespace(gradient_checkpointing=flag, batch_size=8, mixed_precision="auto",  # noqa: E731
+                                  trainable="lora", lora_dropout=0.05)
+    per_token = monitor.activation_bytes(args(None), monitor.model_shape(config), 1, checkpointing=False)
+    fits = int(train.CHECKPOINT_ABOVE // (8 * per_token))     # the longest sample that stays under at -b 8
     short = datasets.Dataset.from_dict({"length": [10, fits]})
     long = datasets.Dataset.from_dict({"length": [10, fits + 1]})
-    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), short, config) is False
-    assert train.checkpointing_default(Namespace(gradient_checkpointing=None, batch_size=8), long, config) is True
-    assert train.checkpointing_default(Namespace(gradient_checkpointing=False, batch_size=8), long, config) is False
-    assert 200 < fits < 800  # SmolLM2 at -b 8: the quickstart (fortunes, at most ~130 tokens) keeps full speed,
-    # the 800- and 1024-token batches of bench/train_bench.py and issue 17 checkpoint
+    assert train.checkpointing_default(args(None), short, config) is False
+    assert train.checkpointing_default(args(None), long, config) is True
+    assert train.checkpointing_default(args(False), long, config) is False
+    assert 20 < fits < 135  # SmolLM2 at -b 8: the quickstart's batches (fortunes, up to 135 tokens) checkpoint
+    tokens = 8 * 1024
+    full = monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=False)
+    assert monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=True) < full / 5
