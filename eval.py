@@ -200,7 +200,8 @@ def main(argv=None):
     metrics = score_metrics(results, classes)
     metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
                    score_prompts=args.score_prompts if mode == "score" else None,
-                   max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args), seconds=seconds,
+                   max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args, classes),
+                   seconds=seconds,
                    samples_per_second=len(todo) / max(seconds, 1e-9), resumed_with=len(done), model=cfg["model"],
                    checkpoint=str(weights) if weights else None, max_len=cfg["max_len"], prefill=cfg.get("prefill"),
                    response_template=cfg.get("response_template"))
@@ -266,7 +267,7 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
 
                 return classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             return predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update,
-                           args.score_rule, decoding_of(args), args.score_prompts)
+                           args.score_rule, decoding_of(args, classes), args.score_prompts)
     except DataError as e:
         fail(str(e))
 

@@ -55,7 +55,7 @@ def build_parser():
 
 def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None, decoding=None) -> str:
     """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed;
-    `decoding` overrides predict.DECODING's options (beams, repetition penalty, n-gram blocking)."""
+    `decoding`: predict.decoding_of's options (beams, repetition penalty, n-gram blocking); plain greedy if None."""
     from finetune.predict import DECODING
 
     import torch
@@ -82,7 +82,7 @@ def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, stream
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, streamer=streamer, **how, **{**DECODING, **(decoding or {})})
+                             eos_token_id=tok.eos_token_id, streamer=streamer, **how, **(decoding or DECODING))
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -105,19 +105,17 @@ def answer_all(model, fmt, samples, args, emit):
 
     from tqdm import tqdm
 
-    from finetune.predict import decoding_of
-
     with tqdm(total=len(samples), unit="sample", file=sys.stderr, disable=len(samples) < 2 or None) as bar:
         if args.temperature > 0:
             for s in samples:
                 rows([{"id": s.id, "raw": generate_one(model, fmt, s, args.max_new_tokens, args.temperature,
-                                                       decoding=decoding_of(args))}])
+                                                       decoding=args.decoding)}])
                 bar.update(1)
         else:
             from finetune.predict import predict
 
             predict(model, fmt, samples, None, "generate", args.batch_size, args.max_new_tokens, on_batch=rows,
-                    progress=bar.update, decoding=decoding_of(args))
+                    progress=bar.update, decoding=args.decoding)
 
 
 def chat(model, fmt, args, image=None, read=None):
@@ -140,9 +138,7 @@ def chat(model, fmt, args, image=None, read=None):
             return
         if plain:
             history = []  # trained single-turn: every line stands alone
-        from finetune.predict import decoding_of
-
-        decoding = decoding_of(args)
+        decoding = args.decoding
         while True:
             sample = Sample(id="chat", file="chat", turns=history + [("user", text)], image=image, needs_prompt=True)
             try:
@@ -175,7 +171,7 @@ def main(argv=None):
         fail(bad)
     from dataset import DataError, Formatter, load_prompts
     from finetune.modeling import ModelError, load_for_inference
-    from finetune.predict import generation_budget
+    from finetune.predict import decoding_of, generation_budget
     from finetune.runs import find_run
 
     try:
@@ -187,6 +183,7 @@ def main(argv=None):
     except (DataError, ModelError) as e:
         fail(str(e))
     args.max_new_tokens = args.max_new_tokens or generation_budget(cfg, None)
+    args.decoding = decoding_of(args, cfg.get("classes"))  # a repetition penalty for free-text runs only
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts,
                     prefill=args.prefill if args.prefill is not None else cfg.get("prefill"))
     if samples is None:

@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = {  # name: (fixed budget or None for the run's, predict.DECODING overrides)
-    "greedy at budget 256 (before)": (256, {}),
-    "greedy": (None, {}),
+SETTINGS = {  # name: (fixed budget or None for the run's, decoding options over plain greedy, predict.DECODING)
+    "greedy at budget 256 (before)": (256, {"repetition_penalty": 1.0}),
+    "greedy": (None, {"repetition_penalty": 1.0}),
     "repetition-penalty 1.2": (None, {"repetition_penalty": 1.2}),
     "no-repeat-ngram-size 4": (None, {"no_repeat_ngram_size": 4}),
     "num-beams 4": (None, {"num_beams": 4}),

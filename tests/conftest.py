@@ -99,3 +99,16 @@ def converter(request):
         pytest.skip(str(e))
     yield folder
     del os.environ["FINETUNE_LLAMACPP_DIR"]
+
+
+# The longest modules first (seconds each in a 2-worker run, session 5): pytest-xdist's loadscope gives each module
+# to one worker, in collection order (--no-loadscope-reorder in pyproject.toml), so a long module collected last
+# would leave the other worker idle at the end. Modules not listed keep their order after these.
+LONG_FIRST = ("test_distributed", "test_seed_commands", "test_monitor", "test_smollm2", "test_reliability",
+              "test_sources_e2e", "test_e2e", "test_batching", "test_export", "test_gpu_bench", "test_sources",
+              "test_export_gguf", "test_cli", "test_rl")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a module is kept

@@ -104,6 +104,21 @@ def test_decoding_options_reach_generate(tiny_llm, tokenizer):
     assert len(beams) == 2 and beams != greedy
 
 
+@pytest.mark.parametrize("classes, given, expected", [
+    (None, {}, 1.2),                               # free text: the penalty that stopped the loops (bench/decoding.py)
+    (["red", "blue"], {}, 1.0),                    # closed set: plain greedy (the prompt lists the class names)
+    (None, {"repetition_penalty": 1.0}, 1.0),      # a flag always wins
+    (["red", "blue"], {"repetition_penalty": 1.3}, 1.3),
+])
+def test_default_decoding_depends_on_the_task(classes, given, expected):
+    from argparse import Namespace
+
+    from finetune.predict import decoding_of
+
+    args = Namespace(**{"num_beams": None, "repetition_penalty": None, "no_repeat_ngram_size": None, **given})
+    assert decoding_of(args, classes) == {"num_beams": 1, "repetition_penalty": expected, "no_repeat_ngram_size": 0}
+
+
 def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
     """train.py records the longest training answer; eval.py's default budget is 1.5x it + 16 and its decoding
     options land in metrics.json; a bad option is one error line, exit 2, nothing written."""
