@@ -37,6 +37,10 @@ from pathlib import Path
 SAVED_BYTES = {(False, "lora+dropout"): (76, 18), (False, "lora"): (37, 15), (False, "full"): (48, 16),
                (True, "lora+dropout"): (40, 19), (True, "lora"): (22, 15), (True, "full"): (32, 15)}
 BACKWARD_PEAK = 1.45  # the step's peak over what is saved (gradients, temporaries): quickstart, fp32, measured RSS
+# With gradient checkpointing: bytes per token, layer and hidden unit that stay (the layer's float32 input and what
+# the recomputation and its gradients hold), fitted on two measured SmolLM2 peaks: the quickstart (8 x 135 tokens)
+# and bench/train_bench.py (4 x 812 tokens), about 450 KB a token in both
+CHECKPOINTED_BYTES = 15
 LOGIT_COPIES = 3  # float32 logits, their log-softmax, and its gradient
 LOGIT_ROWS = 1024  # finetune/trl_cpu.ROWS_PER_CHUNK: answer tokens whose logits exist at once
 WARN_EVERY = 10   # reward health: a problem that lasts is repeated every N logging steps
@@ -198,7 +202,8 @@ def model_shape(config) -> tuple[int, int, int]:
 
 def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
-    With gradient checkpointing autograd keeps each layer's float32 input and recomputes one layer at a time."""
+    With gradient checkpointing autograd keeps each layer's input (CHECKPOINTED_BYTES) and recomputes one layer at
+    a time."""
     from finetune.modeling import precision
 
     layers, hidden, intermediate = shape
@@ -206,7 +211,7 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     kind = "full" if args.trainable == "full" else ("lora+dropout" if args.lora_dropout > 0 else "lora")
     a, b = SAVED_BYTES[(autocast, kind)]
     one_layer = tokens * (a * hidden + b * intermediate)
-    saved = tokens * hidden * 4 * layers + one_layer if checkpointing else one_layer * layers
+    saved = tokens * hidden * CHECKPOINTED_BYTES * layers + one_layer if checkpointing else one_layer * layers
     return saved * BACKWARD_PEAK
 
 

@@ -168,4 +168,4 @@ def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
     assert 20 < fits < 135  # SmolLM2 at -b 8: the quickstart's batches (fortunes, up to 135 tokens) checkpoint
     tokens = 8 * 1024
     full = monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=False)
-    assert monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=True) < full / 5
+    assert monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=True) < full / 3
