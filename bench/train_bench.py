@@ -8,7 +8,8 @@ Writes a synthetic classification set to a temp folder: fortunes of data/fortune
 (log-uniform: a realistic spread of lengths), a system prompt and a question from prompts.json, the category as
 answer. Then trains LoRA r=16 on all linear layers for --samples / -b steps with each arm, in a subprocess run
 through bench/probe.py (the same counters for both arms):
-  ours   train.py with its defaults (batches grouped by length, fp32 on CPU / bf16 on GPU, no checkpointing)
+  ours   train.py with its defaults (batches grouped by length; bf16 autocast where the CPU or GPU has it;
+         on CPU gradient checkpointing when the longest batch needs it: training.checkpointing_default)
   plain  bench/plain_trl_sft.py: SFTConfig defaults (random batches padded to their longest, no packing,
          gradient checkpointing, bf16 autocast), same batch size, steps, learning rate and max length
 The two run at once and take their training steps in turns (lockstep), so a shared machine's changing load hits
