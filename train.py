@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "embeddings grow and their rows train (saved with the adapter); eval/generate/export reuse them")
     g.add_argument("--mixed-precision", nargs="?", const="auto", default="auto",
                    choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs; "
-                   "on a CPU bf16 autocast (float32 weights) where it has bf16 instructions, else off")
+                   "on a CPU bf16 autocast (float32 weights) when the run checkpoints and the CPU has bf16 "
+                   "instructions, else off")
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -250,8 +251,8 @@ def prepare(args):
     """Data, classes, tokenizer, prompt format and token ids: everything checked before the run folder exists or a
     model loads (bad input ends here with one line and exit status 2)."""
     from dataset import DataError, Formatter
-    from finetune.modeling import (ModelError, check_quantisable, is_vision_model, load_config, load_processing,
-                                   setup_tokens, unsloth_wanted)
+    from finetune.modeling import (ModelError, check_quantisable, cpu_precision, is_vision_model, load_config,
+                                   load_processing, setup_tokens, unsloth_wanted)
 
     mode = modes.for_args(args)
     s = modes.Setup(args)
@@ -273,6 +274,7 @@ def prepare(args):
                                       args.seed) for _ in range(2))
         mode.encode(s)
         args.gradient_checkpointing = training.checkpointing_default(args, s.train_ds, config)
+        args.mixed_precision = cpu_precision(args)
         s.extras["metric"] = mode.metric(s)
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError, ValueError) as e:

@@ -144,11 +144,12 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
     )
 
 
-# Above this estimate of the longest batch's activations (monitor.activation_bytes), the CPU default turns gradient
-# checkpointing on: at 1 GiB the quickstart's batches (8 x 135 tokens of SmolLM2, about 2.3 GiB) checkpoint.
-# Under bf16 autocast a step with checkpointing is still faster than a float32 step without (3.8 against 4.1 s
-# for 4 x 256 tokens on this project's CPU), and the peak stays at plain TRL's, which always checkpoints.
-CHECKPOINT_ABOVE = 1 * 2**30
+# Above this estimate of the longest batch's float32 activations (monitor.activation_bytes), the CPU default turns
+# gradient checkpointing on, and with it bf16 autocast where the CPU has it (modeling.cpu_precision). The cut-over
+# is where it was before the estimate was measured: about 200 tokens a sample at -b 8 on SmolLM2, so the
+# quickstart's short batches (8 x 135 tokens, 3.2 GiB) keep float32 without recomputation, its fastest setting,
+# and long documents (bench/train_bench.py: 4 x 812 tokens) train at plain TRL's peak.
+CHECKPOINT_ABOVE = 5 * 2**30
 
 
 def checkpointing_default(args, train_ds, config) -> bool:

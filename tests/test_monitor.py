@@ -86,10 +86,7 @@ def test_console_is_one_line_per_step(free_text_run):
     assert all("tok/s" in l and "elapsed" in l and " lr " in l for l in train)
     assert "ETA" in train[-1]  # from the second step on
     assert re.search(r"step 2/36  validation: loss [\d.]+  chrf [\d.]+  exact_match [\d.]+", r.stdout), lines
-    from finetune.modeling import cpu_has_bf16
-
-    words = "bf16 mixed precision (float32 weights)" if cpu_has_bf16() else "float32 (no mixed precision)"
-    assert "precision no" not in r.stdout and words in r.stdout  # this CPU's --mixed-precision auto, in words
+    assert "precision no" not in r.stdout and "float32 (no mixed precision)" in r.stdout  # short batches: float32
     assert "gemm_4bit_forward" not in r.stderr and "Writing model shards" not in r.stderr
 
 

@@ -165,7 +165,8 @@ def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
     assert train.checkpointing_default(args(None), short, config) is False
     assert train.checkpointing_default(args(None), long, config) is True
     assert train.checkpointing_default(args(False), long, config) is False
-    assert 20 < fits < 135  # SmolLM2 at -b 8: the quickstart's batches (fortunes, up to 135 tokens) checkpoint
+    assert 135 < fits < 800  # SmolLM2 at -b 8: the quickstart (fortunes, up to 135 tokens) keeps full speed,
+    # the 812-token samples of bench/train_bench.py checkpoint
     tokens = 8 * 1024
     full = monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=False)
     assert monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=True) < full / 3
