@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random-weight models built once per test session (nothing is downloaded)."""
+"""Shared fixtures: tiny random-weight models built once per test session (nothing is downloaded).
+
+run_cli runs our CLIs in a process of their own, forked from a warm interpreter that has imported torch,
+transformers, TRL, PEFT and datasets once per pytest worker (tests/warm_cli.py): importing them is most of a tiny
+run's cost. `-m` launches (torchrun, accelerate launch) and runs whose environment differs in a variable that
+libraries read at import time get a fresh interpreter. FINETUNE_TEST_COLD=1 gives every run a fresh interpreter,
+as a user's `python train.py ...` (compare with it when a test fails only in the suite).
+"""
 import json
 import os
 import subprocess
@@ -48,13 +55,33 @@ def tiny_vlm(tmp_path_factory):
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-vlm"))
 
 
+def cli_env(extra=None):
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+
+
+_warm = []  # this worker's warm_cli.Zygote, started by the first run_cli call
+
+
 def run_cli(script, *args, cwd=None, timeout=900, env=None):
-    """Runs one of our CLIs as a user would (uv's interpreter, a fresh process); returns CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    """Runs one of our CLIs as a user would (uv's interpreter, a process of its own); returns CompletedProcess."""
+    env = cli_env(env)
     cmd = [sys.executable, *(["-m"] if script == "-m" else [str(ROOT / script)]), *map(str, args)]
+    if script != "-m" and os.environ.get("FINETUNE_TEST_COLD") != "1" and (ROOT / script).is_file():
+        import warm_cli
+
+        with warm_cli.STARTING:
+            if not _warm:
+                _warm.append(warm_cli.Zygote(cli_env(), ROOT))
+        if _warm[0].accepts(env):
+            return _warm[0].run(cmd, ROOT / script, map(str, args), cwd or ROOT, env, timeout)
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_sessionfinish(session):
+    while _warm:
+        _warm.pop().close()
 
 
 def write_jsonl(path, rows):
