@@ -69,6 +69,10 @@ def quiet_libraries(args):
         # transformers reads this variable when it is imported (after the data is checked, so that bad input is
         # reported without waiting for torch and transformers to load)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already (by a program that runs ours): switch them off now
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     if args.trainable == "qlora":
         import torch
 
