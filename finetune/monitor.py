@@ -111,6 +111,8 @@ def _answer_tokens(s, sample=2000) -> int | None:
     if "labels" not in ds.column_names:
         return None
     labels = ds.select(range(min(sample, len(ds))))["labels"]
+    if labels and not isinstance(labels[0], list):  # the classifier head: one class index per sample
+        return 1
     return max((sum(1 for t in row if t != -100) for row in labels), default=0)
 
 
