@@ -55,7 +55,7 @@ def build_parser():
 
 def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None, decoding=None) -> str:
     """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed;
-    `decoding`: predict.decoding_of's options (beams, repetition penalty, n-gram blocking); plain greedy if None."""
+    `decoding`: predict.decoding_of's options (beams, repetition penalty, n-gram blocking) over plain greedy."""
     from finetune.predict import DECODING
 
     import torch
@@ -82,7 +82,8 @@ def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, stream
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, streamer=streamer, **how, **(decoding or DECODING))
+                             eos_token_id=tok.eos_token_id, streamer=streamer, **how,
+                             **{**DECODING, **(decoding or {})})
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="trade compute for memory (default: on without a GPU when the longest batch's activations "
-                   "would take over 1 GiB, else off; see training.checkpointing_default)")
+                   "in float32 would take over 5 GiB, else off; see training.checkpointing_default)")
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
@@ -305,7 +305,7 @@ def create_run(args, s) -> tuple[Path, dict]:
 
 def build_model(args, mode, s):
     import torch
-    from finetune.modeling import ModelError, precision
+    from finetune.modeling import ModelError
 
     torch.manual_seed(args.seed)
     try:
@@ -323,12 +323,12 @@ def build_model(args, mode, s):
 
 
 def precision_words(args) -> str:
-    from finetune.modeling import precision, training_dtype
+    from finetune.modeling import precision, weights_dtype
 
     prec = precision(args.mixed_precision)
     if prec == "no":
         return "float32 (no mixed precision)"
-    return f"{prec} mixed precision ({str(training_dtype(args, prec)).removeprefix('torch.')} weights)"
+    return f"{prec} mixed precision ({weights_dtype(args)} weights)"
 
 
 def build_trainer(args, mode, s, model, out: Path, cfg: dict):

@@ -385,6 +385,11 @@ def training_dtype(args, prec):
     return torch.bfloat16 if prec == "bf16" else torch.float16
 
 
+def weights_dtype(args) -> str:
+    """training_dtype's name ("float32", "bfloat16"): what run.json records and export.py merges in."""
+    return str(training_dtype(args, precision(args.mixed_precision))).removeprefix("torch.")
+
+
 def new_tokens_for(args):
     """--add-special-tokens, which turns unsloth off: its loaders do not take PEFT's trainable token rows."""
     new_tokens = getattr(args, "add_special_tokens", None)

@@ -186,9 +186,11 @@ DECODING = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0
 FREE_TEXT_DECODING = {**DECODING, "repetition_penalty": 1.2}
 
 
+BUDGET_MARGIN = (1.5, 16)  # generation budget: 1.5 x the run's longest training answer + 16 tokens
+
+
 def default_decoding(classes) -> dict:
     return dict(FREE_TEXT_DECODING if not classes else DECODING)
-BUDGET_MARGIN = (1.5, 16)  # generation budget: 1.5 x the run's longest training answer + 16 tokens
 
 
 def add_decoding_options(parser):
@@ -234,7 +236,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
         enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                          top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **(decoding or DECODING))
+                         **{**DECODING, **(decoding or {})})
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 

@@ -43,10 +43,10 @@ def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenize
     cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat")
-    from finetune.modeling import precision, training_dtype
+    from finetune.modeling import precision, weights_dtype
 
     cfg["precision"] = precision(args.mixed_precision)  # resolved (auto -> no / bf16 / fp16)
-    cfg["weights_dtype"] = str(training_dtype(args, cfg["precision"])).removeprefix("torch.")  # export.py merges in it
+    cfg["weights_dtype"] = weights_dtype(args)  # export.py merges in it
     answers = [a for a in (getattr(s, "answer", None) for s in train) if a]  # DPO / GRPO samples may have none
     if answers and tokenizer is not None:
         cfg["longest_answer_tokens"] = 1 + max(map(len, tokenizer(answers, add_special_tokens=False)["input_ids"]))
