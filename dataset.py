@@ -10,7 +10,9 @@ Layouts (`--train-data`, `--validation-data`, `--test-data`):
                        the filename prefix, the class index the last number before --suffix (default _aws),
                        the document text the "ocr" field, class names from --classes (default: RVL-CDIP's 16)
     Hub ids, parquet / CSV / Arrow tables, save_to_disk folders, JSON in other formats (alpaca, OpenAI with
-    images), --columns and several sources: finetune/sources.py, which load_samples / load_preferences hand them to.
+    images), --columns and several sources: finetune/sources.py, whose load_samples / load_preferences read any
+    source and hand each record to parse_sample / parse_preference here. This module imports no other module of
+    the project: it is the bottom layer.
 
 A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
@@ -26,7 +28,8 @@ Bad input raises DataError: one line naming the file, the sample and the field. 
 exit with status 2 before a model is loaded or anything is written. Sample ids (their "id", else their
 position) must be unique within a data path.
 
-    from dataset import load_samples, Formatter
+    from dataset import load_prompts, Formatter
+    from finetune.sources import load_samples
     samples = load_samples("data/fortunes/train.jsonl", prompts=load_prompts("prompts.json"))
 """
 from __future__ import annotations
@@ -358,13 +361,10 @@ def _first_line(e: Exception) -> str:
 
 
 def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False) -> list[Sample]:
-    """Every sample of a TSV / folder / JSON / JSONL path, validated; prompts fill in missing questions.
-    The plain format (--response-template) needs no question: pass require_question=False. Files and images
-    the data names must lie inside its folder (data_root) unless allow_outside."""
-    from finetune import sources  # Hub ids, tables, save_to_disk folders, JSON in other formats, several sources
-
-    if sources.handles(path):
-        return sources.load_samples(path, prompts, require_answer, require_question, allow_outside)
+    """Every sample of a TSV / folder / JSON / JSONL path in our own format, validated; prompts fill in missing
+    questions. The plain format (--response-template) needs no question: pass require_question=False. Files and
+    images the data names must lie inside its folder (data_root) unless allow_outside. Other sources and formats:
+    finetune.sources.load_samples."""
     root = data_root(path, allow_outside)
     samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(samples, prompts, require_question)
@@ -661,10 +661,7 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:
-    from finetune import sources
-
-    if sources.handles(path):
-        return sources.load_preferences(path, prompts, allow_outside)
+    """load_samples for preference pairs in our own format (other sources: finetune.sources.load_preferences)."""
     root = data_root(path, allow_outside)
     prefs = [parse_preference(rec, f, sid, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(prefs, prompts)

@@ -25,12 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+from dataset import (DataError, Formatter, RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
+                     to_classes)
+from finetune import classifier, precision, runs, sources
+from finetune.errors import ModelError
+from finetune.modeling import is_vision_model, load_config, load_for_inference
 from finetune.options import fail, range_error
+from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, TUNED_PROMPT_SET,
+                              TUNED_SCORE_RULE, add_decoding_options, classification_metrics, decoding_of,
+                              generation_budget, predict, text_metrics)
 
 
 def build_parser():
-    from finetune.predict import DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, add_decoding_options
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
@@ -86,22 +92,22 @@ def resolve(args):
     out of habit are checked against the run: the same value changes nothing, a different pad token or response
     template overrides the run's (one note each), and a contradiction is an error."""
     if args.checkpoint:
-        from finetune.modeling import ModelError
-        from finetune.runs import find_run, run_name
-
         try:
-            cfg, weights = find_run(args.checkpoint)
+            cfg, weights = runs.find_run(args.checkpoint)
         except ModelError as e:
             fail(str(e))
-        name = run_name(weights)
+        name = runs.run_name(weights)
         if args.model:
             cfg["model"] = args.model
     elif args.model:
         cfg, weights, name = {"model": args.model, "vision": None}, None, Path(args.model.rstrip("/")).name
-        exported = Path(args.model).expanduser()
-        exported = (exported if exported.is_dir() else exported.parent) / "finetune_run.json"
-        if exported.is_file():  # an export.py export (model.gguf, merged/): its run's prompts, classes and format
-            cfg, name = {**json.loads(exported.read_text()), "model": args.model}, exported.parent.name
+        try:
+            exported = runs.export_config(args.model)
+        except ModelError as e:
+            fail(str(e))
+        if exported is not None:  # an export.py export (model.gguf, merged/): its run's prompts, classes and format
+            folder = Path(args.model).expanduser()
+            cfg, name = {**exported, "model": args.model}, (folder if folder.is_dir() else folder.parent).name
     else:
         fail("give -c/--checkpoint (a run of train.py) or -m/--model (zero-shot)")
     run_head = cfg.get("head") or "generative"
@@ -126,25 +132,20 @@ def resolve(args):
 
 
 def load_test(args, cfg):
-    from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, load_samples,
-                         to_classes)
-
     prompts = load_prompts(cfg.get("prompts"))
     classes = load_classes(args.classes) if args.classes else cfg.get("classes")
     data = args.data or (None if args.test_data else cfg.get("data"))
     need_q = not cfg.get("response_template") and cfg.get("head") != "classifier"  # formats that ask nothing
-    from finetune import sources
-
-    sources.configure(columns=args.columns or cfg.get("columns"))
     if args.split:
+        cfg = {**cfg, "columns": args.columns or cfg.get("columns")}
         samples = sources.run_split(cfg, prompts, need_q, args.allow_outside_paths)
     elif data:
         classes = classes or RVL_CDIP_CLASSES
         samples = load_rvl_cdip(data, "test", classes, cfg.get("suffix") or "_aws", prompts, need_q,
                                 args.allow_outside_paths)
     elif args.test_data:
-        samples = load_samples(args.test_data, prompts, require_answer=False, require_question=need_q,
-                               allow_outside=args.allow_outside_paths)
+        samples = sources.load_samples(args.test_data, prompts, require_answer=False, require_question=need_q,
+                                       allow_outside=args.allow_outside_paths, columns=args.columns or cfg.get("columns"))
     else:
         fail("no test data: give --test-data FILE or -d RVL-CDIP-FOLDER (the run was not trained on -d)")
     if classes is None and cfg.get("task") != "generation":
@@ -163,8 +164,6 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, TUNED_PROMPT_SET, TUNED_SCORE_RULE,
-                                  decoding_of, generation_budget)
 
     cfg, weights, name = resolve(args)
     # zero-shot the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or
@@ -214,9 +213,6 @@ def main(argv=None):
 
 def prepare_test(args, cfg):
     """The test samples, classes and prompts, validated before any model loads."""
-    from dataset import DataError
-    from finetune.modeling import ModelError, is_vision_model, load_config
-
     try:
         samples, classes, prompts = load_test(args, cfg)
         if cfg.get("vision") is None:
@@ -234,12 +230,9 @@ def resume_state(args, out: Path, samples, state):
 
 
 def load_model(args, cfg, weights, prompts):
-    from dataset import Formatter
-    from finetune.modeling import ModelError, load_for_inference
-
     try:
         model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
-                                                         inference_dtype(args.mixed_precision))
+                                                         precision.inference_dtype(args.mixed_precision))
     except ModelError as e:
         fail(str(e))
     return model, Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,
@@ -251,9 +244,6 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
     torchrun each rank writes its own part, which rank 0 replaces with one file at the end."""
     from tqdm import tqdm
 
-    from dataset import DataError
-    from finetune.predict import decoding_of, predict
-
     tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
     write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
 
@@ -263,8 +253,6 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
     try:
         with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
             if mode == "head":  # a classifier-head run: the head's softmax, no generation
-                from finetune import classifier
-
                 return classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
             return predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update,
                            args.score_rule, decoding_of(args, classes), args.score_prompts)
@@ -289,8 +277,6 @@ def merge_shards(results, state, done, samples):
 
 
 def score_metrics(results, classes) -> dict:
-    from finetune.predict import classification_metrics, text_metrics
-
     refs = [r["reference"] for r in results]
     preds = [r["prediction"] for r in results]
     if any(r is None for r in refs):
@@ -298,15 +284,6 @@ def score_metrics(results, classes) -> dict:
     if classes:
         return classification_metrics(refs, preds, classes)
     return text_metrics(refs, [p or "" for p in preds])
-
-
-def inference_dtype(choice):
-    """--mixed-precision for scoring: None (auto: modeling.load_for_inference decides), else the dtype."""
-    if choice in (None, "auto"):
-        return None
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[choice]
 
 
 def process_state():

@@ -67,7 +67,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune.modeling import QUANTIZE, ModelError  # light: modeling imports torch and transformers lazily
+from finetune import llamacpp, parity, precision, runs
+from finetune.errors import ModelError
+from finetune.modeling import QUANTIZE, load_config, load_for_inference, load_processing, sync_special_tokens
 from finetune.runs import find_run, is_adapter
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -127,46 +129,32 @@ def inference_tokens(tokenizer, processor, cfg: dict):
 
 
 # ------------------------------------------------------------------------------------------------ merge
-def run_dtype(cfg: dict) -> str:
-    """The dtype the run trained in (merge's default): the dtype of its base weights, or a QLoRA run's compute
-    dtype (run.json "weights_dtype": float32 on a CPU, under bf16 autocast too); for runs from before that record
-    its resolved precision ("precision"), "no" -> float32, bf16 / fp16 -> the 16-bit dtype. A run from before both
-    records with --mixed-precision auto: float32, which loses nothing."""
-    if cfg.get("weights_dtype"):
-        return cfg["weights_dtype"]
-    prec = cfg.get("precision") or cfg.get("mixed_precision")
-    return {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
-
-
-def _provenance(cfg: dict, weights: Path, **export) -> str:
+def _provenance(folder: Path, cfg: dict, weights: Path, **export):
     """finetune_run.json: the run's configuration and where the export came from (export.py check reads it)."""
-    return json.dumps({**cfg, "export": {"from": str(weights.resolve()), "base": cfg["model"], **export}}, indent=2)
+    runs.write_export_config(folder, {**cfg, "export": {"from": str(weights.resolve()), "base": cfg["model"],
+                                                        **export}})
 
 
 def merge(run, out, dtype: str | None = None, base: str | None = None) -> Path:
     """Base + adapter -> OUT, a standalone model in `dtype` (default: the run's) with the inference tokenizer."""
-    import torch
-
-    from finetune.modeling import load_for_inference, sync_special_tokens
-
     cfg, weights = find_run(run)
     if base:
         cfg = {**cfg, "model": base}
-    dtype = dtype or run_dtype(cfg)
+    dtype = dtype or precision.export_dtype(cfg)
     with _writing(out) as tmp:
         # load_for_inference never quantises: a QLoRA adapter is applied to the base loaded in `dtype` (16-bit)
-        model, tokenizer, processor = load_for_inference(cfg, str(weights), dtype=getattr(torch, dtype))
+        model, tokenizer, processor = load_for_inference(cfg, str(weights), dtype=precision.torch_dtype(dtype))
         if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
             raise ExportError(f"{cfg['model']}: the base model is stored quantised; merging into it would round the "
                               "adapter away: pass --base with its 16-bit original")
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model = model.to("cpu", getattr(torch, dtype))  # merged in fp32 where the adapter is fp32: cast back
+        model = model.to("cpu", precision.torch_dtype(dtype))  # merged in fp32 where the adapter is fp32: cast back
         inference_tokens(tokenizer, processor, cfg)
         sync_special_tokens(model, tokenizer)  # generation stops on the end-of-turn token, pads as trained
         model.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         (processor or tokenizer).save_pretrained(tmp)
-        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="merge", dtype=dtype))
+        _provenance(tmp, cfg, weights, kind="merge", dtype=dtype)
     return Path(out)
 
 
@@ -214,7 +202,7 @@ def vllm_adapter(run, out, say=print) -> Path:
                     "(the merged model keeps it)")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2))
-        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="vllm"))
+        _provenance(tmp, cfg, weights, kind="vllm")
     return Path(out)
 
 
@@ -226,8 +214,6 @@ def _module_name(key: str) -> str:
 
 def _vocab_sizes(cfg, weights) -> tuple[int, int]:
     """(the base model config's vocab_size, the saved tokenizer's length)."""
-    from finetune.modeling import ModelError, load_config, load_processing
-
     try:
         conf = load_config(cfg["model"], cfg.get("trust_remote_code", False))
         tokenizer, _ = load_processing(cfg["model"], cfg.get("vision", False), cfg.get("trust_remote_code", False),
@@ -245,8 +231,6 @@ def gguf(run, out, quant: str | None = None, say=print) -> Path:
     cfg, weights = find_run(run)
     if importlib.util.find_spec("unsloth") is not None and _cuda():
         return _gguf_unsloth(run, out, quant or "q4_k_m", cfg, weights)
-    from finetune import llamacpp
-
     quant = quant or "q8_0"
     if cfg.get("vision"):
         raise ExportError("GGUF of a vision-language run: llama.cpp converts its projector separately (mmproj), "
@@ -263,7 +247,7 @@ def gguf(run, out, quant: str | None = None, say=print) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(merged)  # the inference tokenizer merge wrote
         llamacpp.convert(merged, tmp / "model.gguf", quant, tokenizer, say)
         (tmp / "Modelfile").write_text(llamacpp.modelfile("model.gguf", tokenizer, cfg))
-        (tmp / "finetune_run.json").write_text(_provenance(cfg, weights, kind="gguf", quant=quant))
+        _provenance(tmp, cfg, weights, kind="gguf", quant=quant)
         shutil.rmtree(merged)
     return Path(out)
 
@@ -284,7 +268,7 @@ def _gguf_unsloth(run, out, quant, cfg, weights) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained_gguf(str(out), tok, quantization_method=quant)
-    (out / "finetune_run.json").write_text(_provenance(cfg, weights, kind="gguf", quant=quant))
+    _provenance(out, cfg, weights, kind="gguf", quant=quant)
     return out
 
 
@@ -323,8 +307,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from finetune import parity
-
     try:
         if args.check_prompts < 1 or not 0 <= args.min_identical <= 1:
             raise ExportError("--check-prompts must be at least 1 and --min-identical between 0 and 1")

@@ -26,12 +26,16 @@ import json
 import sys
 from pathlib import Path
 
+from dataset import DataError, Formatter, Sample, load_prompts, pick_prompt
+from finetune import sources
+from finetune.errors import ModelError
+from finetune.modeling import load_for_inference
 from finetune.options import fail, range_error
+from finetune.predict import DECODING, add_decoding_options, decoding_of, generation_budget, predict
+from finetune.runs import find_run
 
 
 def build_parser():
-    from finetune.predict import add_decoding_options
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("-c", "--checkpoint", required=True, help="log/NAME (its best/), log/NAME/best|latest|checkpoint-N, or a "
@@ -56,11 +60,7 @@ def build_parser():
 def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, streamer=None, decoding=None) -> str:
     """One reply to a sample's conversation (the last turn is the user's): greedy or sampled, optionally streamed;
     `decoding`: predict.decoding_of's options (beams, repetition penalty, n-gram blocking) over plain greedy."""
-    from finetune.predict import DECODING
-
     import torch
-
-    from dataset import DataError, pick_prompt
 
     tok = fmt.tokenizer
     dev = next(model.parameters()).device
@@ -113,8 +113,6 @@ def answer_all(model, fmt, samples, args, emit):
                                                        decoding=args.decoding)}])
                 bar.update(1)
         else:
-            from finetune.predict import predict
-
             predict(model, fmt, samples, None, "generate", args.batch_size, args.max_new_tokens, on_batch=rows,
                     progress=bar.update, decoding=args.decoding)
 
@@ -122,8 +120,6 @@ def answer_all(model, fmt, samples, args, emit):
 def chat(model, fmt, args, image=None, read=None):
     """Interactive multi-turn chat on stdin/stdout; tokens are printed as they come."""
     from transformers import TextStreamer
-
-    from dataset import DataError, Sample
 
     read = read or input  # looked up now, not at import: tests replace builtins.input
     plain = fmt.response_template is not None
@@ -170,10 +166,6 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
-    from dataset import DataError, Formatter, load_prompts
-    from finetune.modeling import ModelError, load_for_inference
-    from finetune.predict import decoding_of, generation_budget
-    from finetune.runs import find_run
 
     try:
         cfg, weights = find_run(args.checkpoint)
@@ -209,11 +201,10 @@ def checked_image(args, cfg) -> str | None:
 
 def what_to_answer(args, cfg, prompts, image):
     """The samples of --data, or the one of --prompt / --text; None: the interactive chat."""
-    from dataset import Sample, load_samples
-
     if args.data:
-        return load_samples(args.data, prompts, require_answer=False, require_question=not cfg.get("response_template"),
-                            allow_outside=args.allow_outside_paths)
+        return sources.load_samples(args.data, prompts, require_answer=False,
+                                    require_question=not cfg.get("response_template"),
+                                    allow_outside=args.allow_outside_paths, columns=cfg.get("columns"))
     if args.prompt is None and args.text is None:
         return None
     if not (args.prompt or args.text or "").strip():
@@ -225,8 +216,6 @@ def what_to_answer(args, cfg, prompts, image):
 
 def write_answers(model, fmt, samples, args):
     """One prompt without -o: the answer alone on stdout; else one JSON line per sample, to -o or stdout."""
-    from dataset import DataError
-
     try:
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,19 @@ shows one line per step; finetune/monitor.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from finetune import launch  # our modules import only the standard library at module level: --help stays instant
-from finetune import modes, monitor, options, runs, training
+import rewards
+from dataset import DataError, Formatter
+# our modules import only the standard library at module level (torch, transformers and TRL inside functions):
+# --help stays instant
+from finetune import guards, launch, modes, monitor, options, precision, runs, training
+from finetune.errors import ModelError
+from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
+                               unsloth_wanted)
 from finetune.options import fail
 
 MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
@@ -250,15 +255,14 @@ def plan_batch_size(args):
 def prepare(args):
     """Data, classes, tokenizer, prompt format and token ids: everything checked before the run folder exists or a
     model loads (bad input ends here with one line and exit status 2)."""
-    from dataset import DataError, Formatter
-    from finetune.modeling import (ModelError, check_quantisable, cpu_precision, is_vision_model, load_config,
-                                   load_processing, setup_tokens, unsloth_wanted)
-
     mode = modes.for_args(args)
     s = modes.Setup(args)
     try:
         check_quantisable(args.model, args.trainable)
-        mode.load_data(s)  # before torch or transformers is imported: bad input is reported in about a second
+        # before torch or transformers is imported: bad input is reported in about a second
+        mode.load_data(s, runs.stored_split_ids(args))
+        if args.trainer == "grpo":  # the reward functions (rewards.py, or the user's module:function) go to the mode
+            s.extras["rewards"] = rewards.load_rewards(args.rewards, args.reward_weights)
         device_fallbacks(args)
         wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
         if not s.val and wanted and args.trainer != "grpo":
@@ -274,7 +278,7 @@ def prepare(args):
                                       args.seed) for _ in range(2))
         mode.encode(s)
         args.gradient_checkpointing = training.checkpointing_default(args, s.train_ds, config)
-        args.mixed_precision = cpu_precision(args)
+        args.mixed_precision = precision.cpu_choice(args.mixed_precision, args.gradient_checkpointing)
         s.extras["metric"] = mode.metric(s)
         args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError, ValueError) as e:
@@ -290,11 +294,12 @@ def create_run(args, s) -> tuple[Path, dict]:
     for note in args.__dict__.pop("notes", []):
         print(note, file=sys.stderr)
     out = runs.run_dir(args)
-    cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer)
+    cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
+                          s.derived)
     cfg["plan"] = monitor.make_plan(args, s)
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(cfg, indent=2))
+        runs.write_config(out, cfg)
     print(f"data: {len(s.train_ds)} training samples, {len(s.val)} validation samples; "
           f"{'classes: ' + ', '.join(s.classes) if s.classes else 'free-text answers'}")
     print(f"tokens: eos={s.tokens['eos_token']!r} pad={s.tokens['pad_token']!r}; format: {cfg['format']}"
@@ -305,7 +310,6 @@ def create_run(args, s) -> tuple[Path, dict]:
 
 def build_model(args, mode, s):
     import torch
-    from finetune.modeling import ModelError
 
     torch.manual_seed(args.seed)
     try:
@@ -317,25 +321,14 @@ def build_model(args, mode, s):
     lr = f"lr {args.lr:g}" + (f", head lr {args.head_lr:g}" if args.head == "classifier" else "")
     print(f"model: {args.model} ({'vision-language' if s.vision else 'text'}), {args.trainable}, "
           f"{n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters trainable, {lr}, "
-          f"{precision_words(args)}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
+          f"{precision.describe(args.trainable, args.mixed_precision)}, {'unsloth' if args.use_unsloth else 'transformers + PEFT'}")
     print(training.batch_line(args))
     return model
-
-
-def precision_words(args) -> str:
-    from finetune.modeling import precision, weights_dtype
-
-    prec = precision(args.mixed_precision)
-    if prec == "no":
-        return "float32 (no mixed precision)"
-    return f"{prec} mixed precision ({weights_dtype(args)} weights)"
 
 
 def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     """The mode's trainer with best/ and latest/ saves, the JSONL log, the console line, curves.png and the stop
     guard attached."""
-    from finetune import guards
-
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
     metric = s.extras["metric"]
     save = training.make_saver(trainer, s.processor or s.tokenizer, cfg)
@@ -344,7 +337,7 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
         trainer.add_callback(cb)
     monitor.attach(trainer, args, out, history, cfg["plan"], metric)
     guard = guards.StopGuard()
-    trainer.add_callback(guard)
+    trainer.add_callback(guard.callback())
     if args.auto_batch_size:
         training.auto_batch_size(args, trainer, fail)
     return trainer, guard, save, metric, history
@@ -352,7 +345,6 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
 
 def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
     """The baseline validation, then training; CUDA out-of-memory ends with advice. Returns the seconds taken."""
-    from finetune import guards
     import torch
 
     start = time.time()
@@ -372,8 +364,6 @@ def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
 def finish(args, trainer, guard, save, metric, history, out: Path, seconds: float, plan: dict):
     """A NaN stop sets the diverged checkpoint aside; else the final latest/ (and best/ if validation never
     chose one), the summary, and exit 130 after a Ctrl-C / SIGTERM stop."""
-    from finetune import guards
-
     if guard.bad_loss:
         step, value = guard.bad_loss
         good = runs.set_aside_diverged(out, step) if launch.is_main_process() else ""
@@ -400,13 +390,24 @@ def main(argv=None):
              f"must write to the same run folder")
     if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
-    monitor.quiet_libraries(args)
+    configure_environment(args)
     mode, s = prepare(args)
     out, cfg = create_run(args, s)
     model = build_model(args, mode, s)
     trainer, guard, save, metric, history = build_trainer(args, mode, s, model, out, cfg)
     seconds = run_training(args, trainer, guard, out, s.val_ds is not None)
     finish(args, trainer, guard, save, metric, history, out, seconds, cfg["plan"])
+
+
+def configure_environment(args):
+    """The one place a run sets process-wide state: library verbosity and the environment variables the libraries
+    read (before they are imported, where they read them at import time)."""
+    monitor.quiet_libraries(args)
+    if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow 3's default, sqlite:///mlflow.db in the working directory, needs the full server package; a local
+        # file store beside the runs works with the client alone (mlflow ui --backend-store-uri LOG_DIR/mlruns)
+        os.environ["MLFLOW_TRACKING_URI"] = (Path(args.log_dir) / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 def device_fallbacks(args):

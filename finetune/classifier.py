@@ -14,12 +14,16 @@ with EOS or the end-of-turn token; see modeling.setup_tokens).
 """
 from __future__ import annotations
 
+from dataset import DataError, normalize
+from finetune import launch, precision
+from finetune.modeling import (QUANTIZE, finish_token_training, fit_vocabulary, load_base, lora_config,
+                               new_tokens_for, sync_special_tokens, token_training)
+from finetune.predict import batch_done, classification_metrics, length_batches, pad_batch
+
 
 def encode(fmt, samples, classes: list[str], train=False):
     """input_ids of the prompt (no answer; in training with a prompt drawn per sample) and the class index."""
     from datasets import Dataset
-
-    from dataset import DataError, normalize
 
     index = {normalize(c): i for i, c in enumerate(classes)}
     rows = []
@@ -34,15 +38,12 @@ def encode(fmt, samples, classes: list[str], train=False):
 def load_for_training(args, classes, tokenizer, class_ids=None):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT. class_ids: the
     class names' tokens (class_token_ids) for the head's starting point (start_head)."""
-    from finetune.modeling import (QUANTIZE, finish_token_training, sync_special_tokens, fit_vocabulary, load_base,
-                          new_tokens_for, precision, token_training, training_dtype)
-
     new_tokens = new_tokens_for(args)
     if args.use_unsloth:
         model = _load_unsloth(args, classes, tokenizer, class_ids)
         if model is not None:
             return model
-    dtype = training_dtype(args, precision(args.mixed_precision))
+    dtype = precision.training_dtype(args.trainable, args.mixed_precision)
     quantize = QUANTIZE.get(args.trainable)
     model = load_base(args.model, False, dtype, quantize, "auto" if args.split_model else None,
                       args.trust_remote_code, head=classes)
@@ -52,8 +53,6 @@ def load_for_training(args, classes, tokenizer, class_ids=None):
     if args.trainable == "full":
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from finetune.modeling import lora_config
 
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
@@ -68,8 +67,6 @@ def load_for_training(args, classes, tokenizer, class_ids=None):
 
 def _load_unsloth(args, classes, tokenizer, class_ids=None):
     """unsloth's sequence-classification loader (FastModel with auto_model); None when it does not apply."""
-    from finetune import launch
-
     device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     try:
         from transformers import AutoModelForSequenceClassification
@@ -145,8 +142,6 @@ def compute_metrics(classes):
     """Accuracy and macro-F1 of the argmax prediction against the reference label (eval_pred.label_ids)."""
 
     def metrics(eval_pred):
-        from finetune.predict import classification_metrics
-
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
         preds = logits.argmax(-1)
@@ -159,8 +154,6 @@ def compute_metrics(classes):
 def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=None):
     """Softmax over the head's logits; same result rows as predict.predict."""
     import torch
-
-    from finetune.predict import pad_batch, batch_done, length_batches
 
     dev = next(model.parameters()).device
     encoded = [fmt.prompt_ids(s) for s in samples]

@@ -10,19 +10,20 @@ from __future__ import annotations
 import math
 import signal
 
-from transformers import TrainerCallback
-
 from finetune import launch
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the run did not finish, but nothing was lost
 EXIT_FAILED = 1
 
 
-class StopGuard(TrainerCallback):
+class StopGuard:
     """SIGINT / SIGTERM (Ctrl-C, `kill`, a cluster's preemption notice) ask for a stop; at the end of the current
     optimiser step the Trainer saves a checkpoint and returns. A second signal stops at once (default handler).
     Under torchrun every rank must stop at the same step or the others hang in the next all-reduce: the flag is
-    agreed on with one tiny all-reduce per step (only when there are several processes)."""
+    agreed on with one tiny all-reduce per step (only when there are several processes).
+
+    trainer.add_callback(guard.callback()) connects it; the guard itself holds the outcome (requested, stopped_at,
+    bad_loss) for train.py's summary."""
 
     def __init__(self):
         self.requested = None  # the signal's name once one arrived
@@ -44,13 +45,29 @@ class StopGuard(TrainerCallback):
         print(f"\n{self.requested}: finishing this step, saving a checkpoint, then stopping "
               f"(send it again to stop at once)", flush=True)
 
-    def on_step_end(self, args, state, control, **kw):
+    def callback(self):
+        """The TrainerCallback that reports each step and log to this guard (transformers is imported here, not
+        when train.py starts: --help stays fast)."""
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class GuardCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                guard.on_step_end(state, control)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                guard.on_log(state, control, logs)
+
+        return GuardCallback()
+
+    def on_step_end(self, state, control):
         if launch.across_ranks(self.requested is not None, "max"):  # any rank signalled: all stop here
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
 
-    def on_log(self, args, state, control, logs=None, **kw):
+    def on_log(self, state, control, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss) and self.bad_loss is None:
             self.bad_loss = (state.global_step, loss)

@@ -124,3 +124,14 @@ def pin_to_local_gpu() -> dict:
     if world_size() > 1 and torch.cuda.is_available():
         torch.cuda.set_device(local)
     return {"": local}
+
+
+def device_kind() -> str:
+    """'cuda', 'mps' or 'cpu': where this process computes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

@@ -31,7 +31,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urljoin
 
-from finetune.modeling import ModelError
+from finetune.errors import ModelError
+from finetune.tokenise import cache_root
 
 LLAMA_CPP_PYTHON = ("0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 PYPI = os.environ.get("FINETUNE_PYPI_JSON", "https://pypi.org/pypi")  # PyPI's JSON API (or a mirror of it)
@@ -41,8 +42,6 @@ WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")  # under vendor/ll
 
 def converter_dir() -> Path:
     """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/, fetched on first use."""
-    from finetune.tokenise import cache_root
-
     version, sha = LLAMA_CPP_PYTHON
     if os.environ.get("FINETUNE_LLAMACPP_DIR"):
         folder = Path(os.environ["FINETUNE_LLAMACPP_DIR"]).expanduser()

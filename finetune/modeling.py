@@ -27,11 +27,10 @@ import os
 import warnings
 from pathlib import Path
 
+from finetune import launch, precision, runs
+from finetune.errors import ModelError
+
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
-
-
-class ModelError(Exception):
-    """A model that cannot be found or used: one line for the user."""
 
 
 def resolve_model(spec: str) -> tuple[str, str | None]:
@@ -173,46 +172,6 @@ def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_toke
     return chosen
 
 
-def device_kind() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def precision(choice: str) -> str:
-    """'bf16', 'fp16' or 'no': --mixed-precision auto is bf16 where the GPU has it, fp16 on older GPUs, off on a
-    CPU (train.py first resolves it with cpu_precision)."""
-    import torch
-
-    if choice != "auto":
-        return choice
-    if device_kind() != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def cpu_precision(args) -> str:
-    """--mixed-precision auto on a CPU: bf16 autocast (float32 weights) for runs that checkpoint, where the CPU has
-    bf16 instructions (AVX512-BF16, AMX); else float32. Measured on this project's 2-core EPYC with SmolLM2: on
-    long batches (4 x 256 tokens) a bf16 step with checkpointing took 3.8 s against 4.1 s for float32 without, and
-    brought the peak to plain TRL's; on the quickstart's short batches (8 x 75 tokens) casting the weights at every
-    layer dominated and bf16 with checkpointing ran at 127 real tokens/s against 191 for float32 without."""
-    if args.mixed_precision != "auto" or device_kind() != "cpu":
-        return args.mixed_precision
-    return "bf16" if args.gradient_checkpointing and cpu_has_bf16() else "no"
-
-
-def cpu_has_bf16() -> bool:
-    import torch
-
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
 def unsloth_wanted(flag: bool | None) -> bool:
     """--unsloth / --no-unsloth; unset means: use it when installed and a CUDA GPU is present."""
     import torch
@@ -254,7 +213,7 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device_map:
         kwargs["device_map"] = device_map
-    elif quantize and device_kind() == "cuda" and not sharded:
+    elif quantize and launch.device_kind() == "cuda" and not sharded:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if head:
         from transformers import AutoModelForSequenceClassification
@@ -373,23 +332,6 @@ def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None, trainable_tok
 QUANTIZE = {"qlora": "4bit", "qlora8": "8bit"}  # --trainable -> load_base's quantize
 
 
-def training_dtype(args, prec):
-    """LoRA weights train in fp32 anyway; the frozen base can sit in bf16/fp16 on a GPU. Full fine-tuning keeps
-    fp32 master weights and lets autocast run the matmuls in bf16/fp16. On a CPU the base stays float32 under bf16
-    autocast too (as plain TRL runs it): the merge, the GGUF export and eval (float32 on CPU) then see the weights
-    validation saw."""
-    import torch
-
-    if args.trainable == "full" or prec == "no" or device_kind() == "cpu":
-        return torch.float32
-    return torch.bfloat16 if prec == "bf16" else torch.float16
-
-
-def weights_dtype(args) -> str:
-    """training_dtype's name ("float32", "bfloat16"): what run.json records and export.py merges in."""
-    return str(training_dtype(args, precision(args.mixed_precision))).removeprefix("torch.")
-
-
 def new_tokens_for(args):
     """--add-special-tokens, which turns unsloth off: its loaders do not take PEFT's trainable token rows."""
     new_tokens = getattr(args, "add_special_tokens", None)
@@ -402,11 +344,10 @@ def new_tokens_for(args):
 
 def load_for_training(args, vision, tokenizer):
     """The model ready for the trainer: a PEFT model for lora/qlora, the plain model for full."""
-    prec = precision(args.mixed_precision)
     new_tokens = new_tokens_for(args)
     if args.use_unsloth:
-        return _load_unsloth(args, vision, prec)
-    dtype = training_dtype(args, prec)
+        return _load_unsloth(args, vision, precision.resolve(args.mixed_precision))
+    dtype = precision.training_dtype(args.trainable, args.mixed_precision)
     quantize = QUANTIZE.get(args.trainable)
     device_map = "auto" if args.split_model else None
     if special_token_list(new_tokens) and getattr(args, "vllm", False):
@@ -459,9 +400,7 @@ def merged_init_adapter(base, run_config: dict):
 def _check_init_vocabulary(init, tokenizer):
     """An SFT adapter trained with --add-special-tokens needs the same tokens in this run (its rows, our ids)."""
     try:
-        from finetune.runs import find_run
-
-        cfg, _ = find_run(init)
+        cfg, _ = runs.find_run(init)
     except ModelError:
         return  # an adapter from elsewhere: PEFT reports any mismatch itself
     missing = [t for t in special_token_list(cfg.get("add_special_tokens")) if t not in tokenizer.get_vocab()]
@@ -488,8 +427,6 @@ def _load_unsloth(args, vision, prec):
     """unsloth's fast path (NVIDIA only). Its loaders patch transformers on import, so import it here, late."""
     import torch
 
-    from finetune import launch
-
     device_map = launch.pin_to_local_gpu()  # before unsloth is imported: see launch.pin_to_local_gpu
     import unsloth  # noqa: F401  (must come before transformers models are built)
     from unsloth import FastLanguageModel, FastVisionModel
@@ -514,8 +451,6 @@ def _load_unsloth(args, vision, prec):
 
 def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
     """(model, tokenizer, processor) from a run's saved configuration and one of its checkpoints."""
-    import torch
-
     vision = run_config["vision"]
     spec = run_config["model"]
     head = run_config["classes"] if run_config.get("head") == "classifier" else None
@@ -525,7 +460,7 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
         setup_tokens(tokenizer, processor, run_config.get("response_template"), run_config.get("set_pad_token"),
                      run_config.get("add_special_tokens"))
     if dtype is None:
-        dtype = torch.bfloat16 if device_kind() == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = precision.inference_dtype()
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -545,5 +480,5 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
             raise ModelError(f"--set-pad-token {pad!r}: not in the vocabulary")
         tokenizer.pad_token = pad
     sync_special_tokens(model, tokenizer)
-    model.to(device_kind()).eval()
+    model.to(launch.device_kind()).eval()
     return model, tokenizer, processor

@@ -1,7 +1,8 @@
 """The four training modes behind one interface: train.py calls the same methods, in order, whatever the mode.
 
     mode = modes.for_args(args)        SFT, Classifier (--classifier), GRPO or DPO (--trainer)
-    mode.load_data(s)                  samples, validation samples and classes into the Setup `s`
+    mode.load_data(s, stored_ids)      samples, validation samples and classes into the Setup `s` (stored_ids: the
+                                       validation split of the run being resumed, runs.stored_split_ids)
     mode.encode(s)                     token ids (s.train_ds, s.val_ds) and the mode's own checks
     mode.load_model(s)                 the model ready for its trainer (PEFT-wrapped unless --trainable full)
     mode.make_trainer(s, model, common, out)   TRL's / transformers' trainer with our additions (finetune/training.py)
@@ -14,6 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dataset import RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, to_classes
+from finetune import batching, classifier, rl, sources, tokenise, training
+from finetune.errors import ModelError
+from finetune.modeling import load_for_training
 
 
 @dataclass
@@ -32,21 +38,18 @@ class Setup:
     val_fmt: object = None      # validation: always the first prompt
     train_ds: object = None
     val_ds: object = None
-    extras: dict = field(default_factory=dict)  # what one mode keeps for its trainer (GRPO's reward functions)
+    extras: dict = field(default_factory=dict)  # what one mode keeps for its trainer (GRPO's reward functions,
+    # (funcs, weights), which train.py hands over from rewards.py: the library never imports it)
+    derived: dict = field(default_factory=dict)  # what loading decided that run.json records (data_sources, ...)
 
 
 class SFT:
     """Supervised fine-tuning with the loss on the answer only (TRL's SFTTrainer)."""
     name = "sft"
 
-    def load_data(self, s: Setup):
+    def load_data(self, s: Setup, stored_ids=None):
         """Validated samples and classes: everything checked before a model is loaded."""
-        from finetune import sources
-        from dataset import (RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
-                             load_samples, to_classes)
-
         a = s.args
-        sources.configure(a)  # --columns for every source below
         s.prompts = load_prompts(a.prompts)
         classes = load_classes(a.classes) if a.classes else None
         # the plain format's response template stands in for a question, and a classifier head needs none
@@ -58,29 +61,27 @@ class SFT:
             s.val = load_rvl_cdip(a.data, "validation", classes, a.suffix, s.prompts, need_q,
                                   a.allow_outside_paths) if has_val else []
         else:
-            s.train = load_samples(a.train_data, s.prompts, require_question=need_q,
-                                   allow_outside=a.allow_outside_paths)
-            s.val = load_samples(a.validation_data, s.prompts, require_question=need_q,
-                                 allow_outside=a.allow_outside_paths) if a.validation_data else []
-        s.train, s.val = sources.prepare(a, s.train, s.val)  # --mix, --validation-split, --train-samples
+            s.train = sources.load_samples(a.train_data, s.prompts, require_question=need_q,
+                                           allow_outside=a.allow_outside_paths, columns=a.columns)
+            s.val = sources.load_samples(a.validation_data, s.prompts, require_question=need_q,
+                                         allow_outside=a.allow_outside_paths, columns=a.columns) \
+                if a.validation_data else []
+        # --mix, --validation-split, --train-samples
+        s.train, s.val, used = sources.prepare(a, s.train, s.val, stored_ids)
+        s.derived.update(used)
         s.classes = classes or infer_classes(s.train)
         if s.classes:  # the one matching rule: every reference answer becomes its class name, here, once
             s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
 
     def encode(self, s: Setup):
-        from finetune import tokenise
-
         workers = s.args.num_preprocess_workers or tokenise.default_workers()
         s.train_ds = tokenise.encode_cached(s.fmt, s.train, True, workers)
         s.val_ds = tokenise.encode_cached(s.val_fmt, s.val, False, workers) if s.val else None
 
     def load_model(self, s: Setup):
-        from finetune.modeling import load_for_training
-
         return load_for_training(s.args, s.vision, s.tokenizer)
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        from finetune import batching, training
         from trl import SFTConfig, SFTTrainer
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -116,9 +117,6 @@ class Classifier(SFT):
     name = "classifier"
 
     def encode(self, s: Setup):
-        from finetune import classifier
-        from finetune.modeling import ModelError
-
         if not s.classes or s.vision:
             raise ModelError("--classifier supports text models only" if s.vision else "--classifier needs a "
                              "closed set of classes (--classes FILE, or short answers that repeat)")
@@ -126,13 +124,10 @@ class Classifier(SFT):
         s.val_ds = classifier.encode(s.val_fmt, s.val, s.classes) if s.val else None
 
     def load_model(self, s: Setup):
-        from finetune import classifier
-
         names = classifier.class_token_ids(s.fmt, s.classes)  # the head starts from what the names mean
         return classifier.load_for_training(s.args, s.classes, s.tokenizer, names)
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        from finetune import classifier, training
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
         trainer = training.make_trainer_class(Trainer)(
@@ -149,14 +144,9 @@ class GRPO(SFT):
     name = "grpo"
 
     def encode(self, s: Setup):
-        from finetune import rl
-        from finetune.modeling import ModelError
-        from rewards import load_rewards
-
         a = s.args
         s.fmt.prefill = a.prefill
         s.train_ds, s.val_ds, s.val = rl.grpo_dataset(s.fmt, s.train, a.prefill), None, []
-        s.extras["rewards"] = load_rewards(a.rewards, a.reward_weights)
         if a.batch_size % a.num_generations:
             raise ModelError(f"-b {a.batch_size} must be a multiple of --num-generations {a.num_generations} "
                              "(GRPO compares each prompt's completions as a group)")
@@ -164,12 +154,11 @@ class GRPO(SFT):
             raise ModelError("--vllm needs an NVIDIA GPU and vllm installed (uv pip install vllm)")
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        from finetune import rl, training
         from trl import GRPOTrainer
 
         funcs, weights = s.extras["rewards"]
         return training.make_trainer_class(GRPOTrainer)(
-            model=model, reward_funcs=rl.logged_rewards(funcs, out / "completions.jsonl"),
+            model=model, reward_funcs=rl.logged_rewards(funcs, out),
             args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
 
     def metrics(self, s: Setup) -> list[str]:
@@ -180,24 +169,19 @@ class DPO(SFT):
     """DPO on preference pairs (TRL's DPOTrainer): finetune/rl.py."""
     name = "dpo"
 
-    def load_data(self, s: Setup):
-        from finetune import sources
-        from dataset import load_preferences, load_prompts
-
+    def load_data(self, s: Setup, stored_ids=None):
         a = s.args
-        sources.configure(a)  # --columns
+        sources.check_preference_options(a)
         s.prompts = load_prompts(a.prompts)
-        s.train = load_preferences(a.train_data, s.prompts, a.allow_outside_paths)
-        s.val = load_preferences(a.validation_data, s.prompts, a.allow_outside_paths) if a.validation_data else []
+        s.train = sources.load_preferences(a.train_data, s.prompts, a.allow_outside_paths, a.columns)
+        s.val = sources.load_preferences(a.validation_data, s.prompts, a.allow_outside_paths, a.columns) \
+            if a.validation_data else []
 
     def encode(self, s: Setup):
-        from finetune import rl
-
         s.train_ds = rl.dpo_dataset(s.fmt, s.train)
         s.val_ds = rl.dpo_dataset(s.val_fmt, s.val) if s.val else None
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        from finetune import rl, training
         from trl import DPOTrainer
 
         return training.make_trainer_class(DPOTrainer)(

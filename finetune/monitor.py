@@ -23,12 +23,16 @@ activation_bytes() decides the CPU default of --gradient-checkpointing (training
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from finetune import launch, precision, runs
+from finetune.modeling import load_config, lora_config, model_class
 
 # Bytes autograd keeps per token and layer for the backward pass, as (a, b) in a x hidden + b x intermediate size:
 # measured with torch.autograd.graph.saved_tensors_hooks on the SmolLM2-135M (576 / 1536) and Qwen2.5-0.5B
@@ -84,8 +88,6 @@ def quiet_libraries(args):
 # ------------------------------------------------------------------------------------------------ the plan
 def make_plan(args, s) -> dict:
     """The run's size before any weight is loaded: what it will cost, so a wrong batch or --max-len shows now."""
-    from finetune import launch
-
     params, trainable, quantised, arch = count_parameters(args, s)
     lengths = _lengths(s)
     world = launch.world_size()
@@ -136,8 +138,6 @@ def count_parameters(args, s):
     import torch
     from accelerate import init_empty_weights
 
-    from finetune.modeling import load_config, lora_config, model_class
-
     cfg = load_config(args.model, args.trust_remote_code)
     try:
         with init_empty_weights():
@@ -174,11 +174,8 @@ def estimate_memory(args, params, trainable, quantised, arch, longest, answer_to
     """Peak bytes of one training step, by the module docstring's formula, on this device."""
     import torch
 
-    from finetune.modeling import precision, training_dtype
-
     layers, hidden, vocab, intermediate = arch
-    prec = precision(args.mixed_precision)
-    width = torch.finfo(training_dtype(args, prec)).bits // 8
+    width = torch.finfo(precision.training_dtype(args.trainable, args.mixed_precision)).bits // 8
     bits = {"qlora": 4.5, "qlora8": 8.5}.get(args.trainable)  # the block scales add ~0.5 bit per weight
     weights = params * width if bits is None else quantised * bits / 8 + (params - quantised) * width
     if args.trainable == "full":
@@ -210,10 +207,8 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
     With gradient checkpointing autograd keeps each layer's input (CHECKPOINTED_BYTES) and recomputes one layer at
     a time."""
-    from finetune.modeling import precision
-
     layers, hidden, intermediate = shape
-    autocast = precision(args.mixed_precision) in ("bf16", "fp16")
+    autocast = precision.resolve(args.mixed_precision) in ("bf16", "fp16")
     kind = "full" if args.trainable == "full" else ("lora+dropout" if args.lora_dropout > 0 else "lora")
     a, b = SAVED_BYTES[(autocast, kind)]
     one_layer = tokens * (a * hidden + b * intermediate)
@@ -294,7 +289,7 @@ def attach(trainer, args, out: Path, history: list, plan: dict, metric: str):
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_bar_class()())
     trainer.add_callback(_console_class()(trainer, plan))
-    trainer.add_callback(_curves_class()(out / "curves.png", history, args.trainer == "grpo"))
+    trainer.add_callback(_curves_class()(out / runs.CURVES, history, args.trainer == "grpo"))
     if args.trainer == "grpo":
         trainer.add_callback(_health_class()(args))
     if args.early_stopping:
@@ -305,7 +300,7 @@ def attach(trainer, args, out: Path, history: list, plan: dict, metric: str):
         trainer.args.metric_for_best_model = metric
         trainer.args.greater_is_better = not metric.endswith("loss")
         trainer.add_callback(_early_class(EarlyStoppingCallback)(args.early_stopping, args.early_stopping_delta))
-    print(f"curves: {out / 'curves.png'} (rewritten at each {'checkpoint' if args.trainer == 'grpo' else 'validation'})")
+    print(f"curves: {out / runs.CURVES} (rewritten at each {'checkpoint' if args.trainer == 'grpo' else 'validation'})")
 
 
 def _bar_class():
@@ -348,7 +343,7 @@ def _console_class():
                     tps = (tokens - self.mark[0]) / (secs - self.mark[1])
                 self.mark = (tokens, secs)
             if eta is not None and "eta" not in self.plan:  # the run's plan: run.json now, its copies in saves later
-                self.plan["eta"] = save_eta(Path(args.output_dir) / "run.json", step, eta)
+                self.plan["eta"] = save_eta(Path(args.output_dir), step, eta)
             line = console_line(logs, step, state.max_steps or self.planned, tps, elapsed, eta)
             if line:
                 from tqdm.auto import tqdm
@@ -358,23 +353,12 @@ def _console_class():
     return Console
 
 
-def save_eta(run_json: Path, step: int, seconds_left: float) -> dict:
-    """The ETA measured over the first steps, added to run.json's plan (once, atomically: eval.py may read it)."""
-    import datetime
-    import json
-    import os
-
+def save_eta(out: Path, step: int, seconds_left: float) -> dict:
+    """The ETA measured over the first steps, added to run.json's plan (once)."""
     eta = {"at_step": step, "seconds_left": round(seconds_left),
            "expected_end": (datetime.datetime.now().astimezone() +
                             datetime.timedelta(seconds=seconds_left)).isoformat(timespec="seconds")}
-    try:
-        cfg = json.loads(run_json.read_text())
-        cfg.setdefault("plan", {})["eta"] = eta
-        tmp = run_json.with_name(run_json.name + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2))
-        os.replace(tmp, run_json)
-    except (OSError, ValueError):
-        pass  # a missing or unreadable run.json: the console line still shows the ETA
+    runs.update_plan(out, "eta", eta)
     return eta
 
 
@@ -432,10 +416,8 @@ def write_curves(path: Path, history: list, grpo: bool = False):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    runs.write_file(path, lambda tmp: fig.savefig(tmp, dpi=80))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _curves_class():

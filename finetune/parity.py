@@ -23,21 +23,24 @@ import dataclasses
 import json
 from pathlib import Path
 
-from finetune.modeling import ModelError
+from dataset import DataError, Formatter, RVL_CDIP_CLASSES, load_prompts, load_rvl_cdip
+from finetune import runs, sources
+from finetune.errors import ModelError
+from finetune.modeling import load_base, load_for_inference, load_processing, model_class, setup_tokens
 
 
 def prompt_samples(cfg: dict, data: str | None, n: int):
     """The first n samples of the validation data (else the training data), text only: what the check prompts."""
-    from dataset import DataError, RVL_CDIP_CLASSES, load_prompts, load_rvl_cdip, load_samples
-
     need_q = not cfg.get("response_template")
     try:
         prompts = load_prompts(cfg.get("prompts"))
         if data:
-            samples = load_samples(data, prompts, require_answer=False, require_question=need_q, allow_outside=True)
+            samples = sources.load_samples(data, prompts, require_answer=False, require_question=need_q,
+                                           allow_outside=True, columns=cfg.get("columns"))
         elif cfg.get("validation_data") or cfg.get("train_data"):
             src = cfg.get("validation_data") or cfg["train_data"]
-            samples = load_samples(src, prompts, require_answer=False, require_question=need_q, allow_outside=True)
+            samples = sources.load_samples(src, prompts, require_answer=False, require_question=need_q,
+                                           allow_outside=True, columns=cfg.get("columns"))
         elif cfg.get("data"):
             classes = cfg.get("classes") or RVL_CDIP_CLASSES
             samples = load_rvl_cdip(cfg["data"], "validation", classes, cfg.get("suffix") or "_aws", prompts, need_q,
@@ -75,8 +78,6 @@ def compare(reference, candidate, prompt_ids: list[list[int]], eos_id, pad_id, m
 
 def load_candidate(kind: str, out: Path, cfg: dict):
     """The export, reloaded as its consumer loads it (see the module docstring)."""
-    from finetune.modeling import load_base, load_for_inference, model_class
-
     if kind == "merge":
         return model_class(cfg.get("vision")).from_pretrained(out).eval()  # the dtype it was saved in
     if kind == "vllm":
@@ -92,9 +93,6 @@ def load_candidate(kind: str, out: Path, cfg: dict):
 
 def gguf_prompt_ids(out: Path, cfg: dict, prompts: dict, samples) -> list[list[int]]:
     """The prompts as the GGUF's tokenizer (transformers' GGUF loader, with the run's token settings) encodes them."""
-    from dataset import Formatter
-    from finetune.modeling import load_processing, setup_tokens
-
     tokenizer, _ = load_processing(str(next(out.glob("*.gguf"))), False)
     setup_tokens(tokenizer, None, cfg.get("response_template"), cfg.get("set_pad_token"),
                  cfg.get("add_special_tokens"))
@@ -104,20 +102,15 @@ def gguf_prompt_ids(out: Path, cfg: dict, prompts: dict, samples) -> list[list[i
 
 def check(out, data: str | None = None, n: int = 16, max_new: int = 32, say=print) -> dict:
     """Compares the export in OUT with base + adapter of the run it came from; writes OUT/parity.json."""
-    from finetune.modeling import load_for_inference
-    from finetune.runs import find_run
-    from dataset import Formatter
-
     out = Path(out)
-    prov_file = out / "finetune_run.json"
-    if not prov_file.is_file():
-        raise ModelError(f"{out}: not an export of export.py (no finetune_run.json)")
-    prov = json.loads(prov_file.read_text())
+    prov = runs.export_config(out) if out.is_dir() else None
+    if prov is None:
+        raise ModelError(f"{out}: not an export of export.py (no {runs.EXPORT_CONFIG})")
     export = prov.get("export") or {}
     source = export.get("from")
     if not source or not Path(source).is_dir():
         raise ModelError(f"{out}: the run it was exported from ({source}) is gone: nothing to compare with")
-    cfg, weights = find_run(source)
+    cfg, weights = runs.find_run(source)
     samples, prompts = prompt_samples(cfg, data, n)
     reference, tokenizer, processor = load_for_inference(cfg, str(weights))
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, prompts)

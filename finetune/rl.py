@@ -16,8 +16,10 @@ lose precision, so there the SFT adapter itself is trained further and the refer
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from dataset import Sample
+from finetune import launch, runs
 
 
 def grpo_dataset(fmt, samples, prefill: str | None):
@@ -34,8 +36,6 @@ def dpo_dataset(fmt, prefs):
     it appends EOS only where the text does not already end with it, and EOS is the end-of-turn token)."""
     from datasets import Dataset
 
-    from dataset import Sample
-
     rows = []
     for p in prefs:
         probe = Sample(id=p.id, file=p.file, turns=p.turns, image=p.image, needs_prompt=p.needs_prompt)
@@ -44,12 +44,10 @@ def dpo_dataset(fmt, prefs):
     return Dataset.from_list(rows)
 
 
-def logged_rewards(funcs, path: Path, keep: int = 4):
+def logged_rewards(funcs, out: Path, keep: int = 4):
     """Wraps reward functions so each call also appends (completion, columns, reward) to completions.jsonl:
     what was generated and how it was scored, for the user (and the tests) to check."""
     import functools
-
-    from finetune import launch
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -58,13 +56,10 @@ def logged_rewards(funcs, path: Path, keep: int = 4):
             state = kw.get("trainer_state")
             if not launch.is_main_process():  # under torchrun every rank scores its own completions: rank 0 logs
                 return values
-            with open(path, "a") as f:
-                for i, (c, v) in enumerate(zip(completions, values)):
-                    if i >= keep:
-                        break
-                    f.write(json.dumps({"step": getattr(state, "global_step", None), "reward": fn.__name__,
-                                        "value": v, "completion": c, "answer": (kw.get("answer") or [None])[i],
-                                        "prefill": (kw.get("prefill") or [""])[i]}) + "\n")
+            runs.append_completions(out, [
+                {"step": getattr(state, "global_step", None), "reward": fn.__name__, "value": v, "completion": c,
+                 "answer": (kw.get("answer") or [None])[i], "prefill": (kw.get("prefill") or [""])[i]}
+                for i, (c, v) in enumerate(zip(completions[:keep], values[:keep]))])
             return values
         return logged
 

@@ -55,6 +55,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import dataset
+from dataset import DataError
+from finetune import tokenise
+
 FIELDS = ("text", "ocr", "answer", "question", "system", "image", "id", "messages", "conversations", "prompt",
           "chosen", "rejected", "instruction", "input", "output", "images", "prompt_messages", "chosen_messages",
           "rejected_messages")
@@ -62,17 +66,6 @@ TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv
 RECORD_SUFFIXES = (".json", ".jsonl", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 SPLIT = re.compile(r"^\w+(\[[^\]]*\])?(\+\w+(\[[^\]]*\])?)*$")
-OPTIONS = {"columns": {}}  # set by configure() from the CLI: --columns reaches every load_samples call
-
-
-class DataError(Exception):  # replaced by dataset.DataError at first use (dataset imports nothing from here)
-    pass
-
-
-def _d():
-    import dataset
-
-    return dataset
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -85,18 +78,17 @@ def parse_columns(value, where="--columns") -> dict:
     for ours, theirs in pairs:
         ours, theirs = str(ours).strip(), str(theirs).strip()
         if ours not in FIELDS or not theirs:
-            raise _d().DataError(where, None, None, f"expected FIELD=COLUMN pairs with FIELD one of "
+            raise DataError(where, None, None, f"expected FIELD=COLUMN pairs with FIELD one of "
                                  f"{', '.join(FIELDS[:7])}, ...; got {ours + '=' + theirs!r}")
         out[ours] = theirs
     return out
 
 
-def configure(args=None, columns=None):
-    """The CLI's --columns for every source read afterwards (train.py, eval.py call it before loading)."""
-    OPTIONS["columns"] = parse_columns(columns if args is None else getattr(args, "columns", None))
-    if getattr(args, "trainer", None) == "dpo" and (args.mix or args.validation_split or args.train_samples):
-        raise _d().DataError("--trainer dpo", None, None, "--mix, --validation-split and --train-samples are not "
-                             "supported for preference pairs yet")
+def check_preference_options(args):
+    """--mix, --validation-split and --train-samples work on samples, not on preference pairs."""
+    if args.mix or args.validation_split or args.train_samples:
+        raise DataError("--trainer dpo", None, None, "--mix, --validation-split and --train-samples are not "
+                        "supported for preference pairs yet")
 
 
 # ------------------------------------------------------------------------------------------------ what a spec is
@@ -160,40 +152,40 @@ def resolved(spec) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading tables
-def _quiet():
-    import datasets
-
-    datasets.utils.logging.set_verbosity_error()
-    datasets.utils.logging.disable_progress_bar()
-
-
 def read_table(spec: str):
     """(datasets.Dataset, file name for messages, folder that relative image paths start from)."""
-    import datasets
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
 
-    _quiet()
     path, config, split = split_spec(spec)
     k = kind(spec)
-    DataError = _d().DataError
     try:
-        if k == "hub":
-            ds = datasets.load_dataset(path, config)
-            where = Path.cwd()
-        elif k == "disk":
-            ds, where = datasets.load_from_disk(path), Path(path)
-        else:
-            p = Path(path)
-            builder = TABLE_SUFFIXES[p.suffix]
-            extra = _csv_options(p) if builder == "csv" else {}
-            ds, where = datasets.load_dataset(builder, data_files=str(p), **extra), p.parent
+        with tokenise.quiet_datasets():
+            ds, where = _read(k, path, config)
     except (ConnectionError, FileNotFoundError) as e:
         if k == "hub":
             raise DataError(path, None, None, "not in the local Hugging Face cache and not reachable "
                             f"({_first(e)}); run once with the network, or check the id") from None
         raise DataError(path, None, None, f"cannot read: {_first(e)}") from None
-    except Exception as e:  # pyarrow / pandas / datasets raise many types for a damaged or foreign file
+    # what a damaged or foreign file raises: pyarrow's errors, pandas' ParserError and UnicodeDecodeError (both
+    # ValueErrors), datasets' wrapper of a builder's failure, an unreadable file
+    except (ValueError, OSError, ArrowException, DatasetGenerationError) as e:
         raise DataError(path, None, None, f"cannot read as a {k}: {_first(e)}") from None
     return _pick_split(ds, path, split), path, where
+
+
+def _read(k, path, config):
+    """(Dataset or DatasetDict, the folder relative image paths start from) of a hub id, save_to_disk folder or table."""
+    import datasets
+
+    if k == "hub":
+        return datasets.load_dataset(path, config), Path.cwd()
+    if k == "disk":
+        return datasets.load_from_disk(path), Path(path)
+    p = Path(path)
+    builder = TABLE_SUFFIXES[p.suffix]
+    extra = _csv_options(p) if builder == "csv" else {}
+    return datasets.load_dataset(builder, data_files=str(p), **extra), p.parent
 
 
 def _csv_options(p: Path) -> dict:
@@ -222,12 +214,12 @@ def _pick_split(ds, path, split):
     names = list(ds)
     if split is None:
         if len(names) > 1:
-            raise _d().DataError(path, None, None, f"has splits {', '.join(names)}: name one, e.g. {path}@{names[0]}")
+            raise DataError(path, None, None, f"has splits {', '.join(names)}: name one, e.g. {path}@{names[0]}")
         return ds[names[0]]
     try:  # datasets' own parser of 'train[:95%]+test': the same syntax as load_dataset(split=...)
         instr = datasets.ReadInstruction.from_spec(split).to_absolute({n: len(ds[n]) for n in names})
     except (ValueError, KeyError, AssertionError) as e:
-        raise _d().DataError(path, None, None, f"split {split!r}: {_first(e)} (splits: {', '.join(names)})") \
+        raise DataError(path, None, None, f"split {split!r}: {_first(e)} (splits: {', '.join(names)})") \
             from None
     parts = [ds[i.splitname].select(range(i.from_, i.to)) for i in instr]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -302,7 +294,6 @@ class Converter:
 
 def _error(message: str):
     """A DataError carrying a finished one-line message."""
-    DataError = _d().DataError
     err = DataError.__new__(DataError)
     Exception.__init__(err, message)
     return err
@@ -328,11 +319,11 @@ def _openai(rec, file, sid):
                     v = part.get("image") or part.get("path") or (url.get("url") if isinstance(url, dict) else url)
                     v = v if v is not None else (images.pop(0) if images else None)
                     if v is None or image is not None:
-                        raise _d().DataError(file, sid, f"messages[{i}].content[{j}]", "no image for this part"
+                        raise DataError(file, sid, f"messages[{i}].content[{j}]", "no image for this part"
                                              if v is None else "one image per sample is supported")
                     image = v
                 else:
-                    raise _d().DataError(file, sid, f"messages[{i}].content[{j}].type",
+                    raise DataError(file, sid, f"messages[{i}].content[{j}].type",
                                          f"expected 'text' or 'image', got {kind_!r}")
             m = {**m, "content": "".join(texts)}
         out.append(m)
@@ -340,7 +331,7 @@ def _openai(rec, file, sid):
         return {**rec, "messages": out}
     turns = [(m.get("role"), m.get("content")) for m in out if isinstance(m, dict)]
     if sum(r == "user" for r, _ in turns) != 1 or sum(r == "assistant" for r, _ in turns) > 1:
-        raise _d().DataError(file, sid, "messages", "a sample with an image must be single-turn (one user turn)")
+        raise DataError(file, sid, "messages", "a sample with an image must be single-turn (one user turn)")
     pick = {r: t for r, t in turns}
     new = {"image": image, "question": pick.get("user") or None, "system": pick.get("system"),
            "answer": pick.get("assistant"), "id": rec.get("id")}
@@ -352,10 +343,8 @@ def _image_file(value: dict, file, sid) -> tuple[str, bool]:
     data, path = value.get("bytes"), value.get("path")
     if not data:
         if not path:
-            raise _d().DataError(file, sid, "image", "an Image cell with neither bytes nor a path")
+            raise DataError(file, sid, "image", "an Image cell with neither bytes nor a path")
         return path, False
-    from finetune import tokenise
-
     root = tokenise.cache_root()
     if root is None:
         import tempfile
@@ -372,16 +361,16 @@ def _image_file(value: dict, file, sid) -> tuple[str, bool]:
 
 
 # ------------------------------------------------------------------------------------------------ --columns
-def _mapping(have, file) -> tuple[dict, dict]:
-    """(rename: the user's column -> our field, names: our field -> the user's column) for --columns, checked
-    against the columns a source has."""
+def _mapping(have, file, columns) -> tuple[dict, dict]:
+    """(rename: the user's column -> our field, names: our field -> the user's column) for --columns (parsed:
+    parse_columns), checked against the columns a source has."""
     rename, names = {}, {}
     own = detect(have) not in (None, "ours")  # alpaca, messages, ShareGPT, DPO: needs no mapping (a mix of sources)
-    for ours, theirs in OPTIONS["columns"].items():
+    for ours, theirs in (columns or {}).items():
         if theirs in have:
             rename[theirs], names[ours] = ours, theirs
         elif ours not in have and not own:  # nor does a source with the field under our name
-            raise _d().DataError(file, None, None, f"--columns {ours}={theirs}: no column {theirs!r}; the "
+            raise DataError(file, None, None, f"--columns {ours}={theirs}: no column {theirs!r}; the "
                                  f"{'table' if have else 'data'} has columns: {', '.join(have) or '(none)'}")
     return rename, names
 
@@ -389,7 +378,6 @@ def _mapping(have, file) -> tuple[dict, dict]:
 def _require(fmt, cols, file, preference, require_answer):
     """One line, with the columns the table has, when nothing in it can be read as samples."""
     has = f"the table has columns: {', '.join(cols)}"
-    DataError = _d().DataError
     if fmt is None:
         raise DataError(file, None, None, f"no column to read samples from; {has}; name them with --columns "
                         "text=COLUMN,answer=COLUMN")
@@ -417,10 +405,10 @@ class Table:
     """One table source: a memory-mapped datasets.Dataset, each row parsed into a Sample (or Preference) when
     it is read, so a million rows cost their Arrow pages, not a million Python objects."""
 
-    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False):
+    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False, columns=None):
         ds, self.file, where = read_table(spec)
         ds = _undecoded(ds)
-        rename, names = _mapping(ds.column_names, self.file)
+        rename, names = _mapping(ds.column_names, self.file, columns)
         if rename:
             taken = [c for c in rename.values() if c in ds.column_names and c not in rename]
             ds = ds.remove_columns(taken).rename_columns(rename)
@@ -438,16 +426,16 @@ class Table:
         return len(self.ds)
 
     def parse(self, row: dict, n: int):
-        d, sid = _d(), f"row {n + 1}"
+        sid = f"row {n + 1}"
         try:
             rec, trusted = self.convert(row, self.file, sid)
             if self.base is not None and isinstance(rec.get("image"), str) and not Path(rec["image"]).is_absolute():
                 rec["image"] = str(self.base / rec["image"])
             root = None if trusted else self.root
             if self.preference:
-                return d.parse_preference(rec, self.path, sid, root)
-            return d.parse_sample(rec, self.path, sid, self.require_answer, root)
-        except d.DataError as e:
+                return dataset.parse_preference(rec, self.path, sid, root)
+            return dataset.parse_sample(rec, self.path, sid, self.require_answer, root)
+        except DataError as e:
             raise self.convert.error(e) from None
 
     def get(self, n: int):
@@ -464,17 +452,16 @@ class Table:
 
     def validate(self, prompts, require_question):
         """Every row parsed once (nothing kept): the errors of dataset.py, before a model is loaded."""
-        d = _d()
         seen = {} if "id" in self.ds.column_names else None
         for n, row in self.rows():
             s = self.parse(row, n)
             try:
-                d.check_samples([s], prompts, require_question)
-            except d.DataError as e:
+                dataset.check_samples([s], prompts, require_question)
+            except DataError as e:
                 raise self.convert.error(e) from None
             if seen is not None:
                 if s.id in seen:
-                    raise self.convert.error(d.DataError(self.file, f"row {n + 1}", "id", f"duplicate sample id "
+                    raise self.convert.error(DataError(self.file, f"row {n + 1}", "id", f"duplicate sample id "
                                                          f"{s.id!r}: also row {seen[s.id]}"))
                 seen[s.id] = n + 1
 
@@ -561,8 +548,6 @@ class Samples(Sequence):
         datasets.map, tables read row by row from their Arrow files (bounded memory)."""
         import datasets
 
-        from finetune import tokenise
-
         pieces, used = [], 1
         for p, (_, base, idx) in enumerate(self.parts):
             source = base if isinstance(base, Table) else tokenise.SampleList(base)
@@ -587,49 +572,50 @@ def _slice(items: list, path, split):
     try:
         instr = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(items)})
     except (ValueError, KeyError, AssertionError) as e:
-        raise _d().DataError(path, None, None, f"split {split!r}: {_first(e)} (a JSON file is the one split "
+        raise DataError(path, None, None, f"split {split!r}: {_first(e)} (a JSON file is the one split "
                              "'train')") from None
     return [r for i in instr for r in items[i.from_:i.to]]
 
 
-def _json_records(spec, preference, require_answer, allow_outside):
+def _json_records(spec, preference, require_answer, allow_outside, columns):
     """A JSON / JSONL source read by dataset.py, in the format detected from its first record, parsed."""
-    d = _d()
     path, _, split = split_spec(spec)
-    records = _slice(d.read_records(path, allow_outside), path, split)
+    records = _slice(dataset.read_records(path, allow_outside), path, split)
     first = next((r for _, _, r in records if isinstance(r, dict)), {})
-    rename, names = _mapping(list(first), path)
+    rename, names = _mapping(list(first), path, columns)
     fmt = detect(rename.get(k, k) for k in first) or "ours"
-    convert, root, out = Converter(fmt, names, table=False), d.data_root(path, allow_outside), []
+    convert, root, out = Converter(fmt, names, table=False), dataset.data_root(path, allow_outside), []
     for f, sid, rec in records:
         try:
             if isinstance(rec, dict) and rename:
                 rec = {rename.get(k, k): v for k, v in rec.items()}
             rec, trusted = convert(rec, f, sid)
             root_ = None if trusted else root
-            out.append(d.parse_preference(rec, f, sid, root_) if preference else
-                       d.parse_sample(rec, f, sid, require_answer, root_))
-        except d.DataError as e:
+            out.append(dataset.parse_preference(rec, f, sid, root_) if preference else
+                       dataset.parse_sample(rec, f, sid, require_answer, root_))
+        except DataError as e:
             raise convert.error(e) from None
     return out
 
 
-def _load(spec, preference, prompts, require_answer, require_question, allow_outside):
-    d, parts = _d(), []
+def _load(spec, preference, prompts, require_answer, require_question, allow_outside, columns):
+    columns = parse_columns(columns)
+    parts = []
     for s in specs(spec):
         k = kind(s)
         if k == "records":  # dataset.py's own layouts (the split, if any, cut here)
             path, _, split = split_spec(s)
-            base = _slice(d.load_preferences(path, prompts, allow_outside) if preference else
-                          d.load_samples(path, prompts, require_answer, require_question, allow_outside), path, split)
+            base = _slice(dataset.load_preferences(path, prompts, allow_outside) if preference else
+                          dataset.load_samples(path, prompts, require_answer, require_question, allow_outside),
+                          path, split)
         elif k == "json":
-            base = _json_records(s, preference, require_answer, allow_outside)
-            d.check_samples(base, prompts, require_question or preference)
+            base = _json_records(s, preference, require_answer, allow_outside, columns)
+            dataset.check_samples(base, prompts, require_question or preference)
         else:
-            base = Table(s, preference, require_answer, allow_outside)
+            base = Table(s, preference, require_answer, allow_outside, columns)
             if preference:
                 base = [base.parse(row, n) for n, row in base.rows()]  # DPO sets are small: TRL wants them whole
-                d.check_samples(base, prompts)
+                dataset.check_samples(base, prompts)
             else:
                 base.validate(prompts, require_question)
         parts.append((s, base, None))
@@ -638,13 +624,14 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
     return Samples(parts)
 
 
-def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False):
-    """dataset.load_samples for the specs handles() accepts: a list, or a lazy Samples for tables and mixes."""
-    return _load(spec, False, prompts, require_answer, require_question, allow_outside)
+def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False, columns=None):
+    """Every sample of any source (the module docstring), validated: a list, or a lazy Samples for tables and mixes.
+    columns: --columns as given (a 'text=article,...' string or a mapping)."""
+    return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns)
 
 
-def load_preferences(spec, prompts=None, allow_outside=False):
-    return list(_load(spec, True, prompts, True, True, allow_outside))
+def load_preferences(spec, prompts=None, allow_outside=False, columns=None):
+    return list(_load(spec, True, prompts, True, True, allow_outside, columns))
 
 
 # ------------------------------------------------------------------------------------------------ training only
@@ -654,14 +641,13 @@ def _fraction(value, what) -> float:
     except (TypeError, ValueError):
         v = -1
     if not v > 0:
-        raise _d().DataError(what, None, None, f"expected a positive number, got {value!r}")
+        raise DataError(what, None, None, f"expected a positive number, got {value!r}")
     return v
 
 
 def _mix(train: Samples, ratios: str, total: int | None, seed: int) -> Samples:
     """Each source's share of the training set, drawn without repeats (seeded); the set is as large as the
     sources allow at these ratios, or --train-samples (a source too small for its share is repeated)."""
-    DataError = _d().DataError
     weights = [_fraction(r, "--mix") for r in str(ratios).split(",")]
     if len(weights) != len(train.parts):
         raise DataError("--mix", None, None, f"{len(weights)} ratios for {len(train.parts)} training sources")
@@ -683,15 +669,14 @@ def _carve(train: Samples, spec, seed: int, classes) -> list[int]:
     value = _fraction(spec, "--validation-split")
     k = round(value * n) if value < 1 else int(value)
     if value >= 1 and value != int(value) or not 0 < k < n:
-        raise _d().DataError("--validation-split", None, None, f"{spec!r} leaves {n - k} of {n} samples to train on; "
+        raise DataError("--validation-split", None, None, f"{spec!r} leaves {n - k} of {n} samples to train on; "
                              "give a fraction in (0, 1) or a count below the number of samples")
     rng = random.Random(f"validation-split:{seed}")
     if not classes:
         return sorted(rng.sample(range(n), k))
-    d = _d()
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(train):
-        groups.setdefault(d.normalize(s.answer or ""), []).append(i)
+        groups.setdefault(dataset.normalize(s.answer or ""), []).append(i)
     exact = {c: len(g) * k / n for c, g in groups.items()}
     take = {c: int(x) for c, x in exact.items()}
     for c in sorted(exact, key=lambda c: (take[c] - exact[c], rng.random()))[: k - sum(take.values())]:
@@ -705,13 +690,14 @@ def _held_out(train: Samples, ids) -> list[int]:
     return [pos for pos, (p, s) in enumerate(train.part_of()) if (p, s.id) in want]
 
 
-def prepare(args, train, val):
-    """--mix, --validation-split and --train-samples on the loaded training data; what was used goes to args
-    (run.json: data_sources, validation_split_ids) and to the start-up report. Returns (train, val)."""
-    DataError = _d().DataError
+def prepare(args, train, val, stored_split_ids=None):
+    """--mix, --validation-split and --train-samples on the loaded training data. stored_split_ids: the held-out
+    ids of the run being resumed (runs.stored_split_ids), so it validates on the very same samples. Returns
+    (train, val, used): used holds what run.json records (data_sources, validation_split_ids)."""
+    used = {}
     if not isinstance(train, Samples):
         if not (args.mix or args.validation_split or args.train_samples):
-            return train, val  # one source as dataset.py read it: nothing to do
+            return train, val, used  # one source as dataset.py read it: nothing to do
         train = Samples([(args.train_data or args.data, train, None)])
     if getattr(args, "mix", None):
         train = _mix(train, args.mix, args.train_samples, args.seed)
@@ -721,44 +707,31 @@ def prepare(args, train, val):
     if args.validation_split:
         if val:
             raise DataError("--validation-split", None, None, "give --validation-data or --validation-split, not both")
-        stored = _stored_split(args)
-        if stored is not None:
-            held = _held_out(train, stored)
+        if stored_split_ids is not None:
+            held = _held_out(train, stored_split_ids)
         else:
-            d = _d()
-            classes = d.load_classes(args.classes) if args.classes else d.infer_classes(train)
+            classes = dataset.load_classes(args.classes) if args.classes else dataset.infer_classes(train)
             held = _carve(train, args.validation_split, args.seed, classes)
         keep = sorted(set(range(len(train))) - set(held))
         val = list(train.take(held))
-        args.validation_split_ids = [[p, s.id] for p, s in train.take(held).part_of()]
+        used["validation_split_ids"] = [[p, s.id] for p, s in train.take(held).part_of()]
         train = train.take(keep)
     if args.train_samples and len(train.parts) == 1 and args.train_samples < len(train):
         train = train.take(sorted(random.Random(f"train-samples:{args.seed}").sample(range(len(train)),
                                                                                         args.train_samples)))
-    args.data_sources = [{"source": name, "samples": Samples._size(b, i)} for name, b, i in train.parts]
-    if len(args.data_sources) > 1 or args.validation_split or args.train_samples:
-        used = ", ".join(f"{x['source']}: {x['samples']}" for x in args.data_sources)
-        print(f"data used: {used}" + (f"; validation split: {len(val)} held out (--validation-split "
-                                      f"{args.validation_split})" if args.validation_split else ""))
-    return train, val
-
-
-def _stored_split(args):
-    """--resume: the held-out ids the run stored, so the resumed run validates on the very same samples."""
-    run = Path(args.log_dir) / (args.name or "") / "run.json"
-    if not (args.resume and args.name and run.is_file()):
-        return None
-    try:
-        return json.loads(run.read_text()).get("validation_split_ids")
-    except (OSError, ValueError):
-        return None
+    used["data_sources"] = [{"source": name, "samples": Samples._size(b, i)} for name, b, i in train.parts]
+    if len(used["data_sources"]) > 1 or args.validation_split or args.train_samples:
+        counts = ", ".join(f"{x['source']}: {x['samples']}" for x in used["data_sources"])
+        print(f"data used: {counts}" + (f"; validation split: {len(val)} held out (--validation-split "
+                                        f"{args.validation_split})" if args.validation_split else ""))
+    return train, val, used
 
 
 def run_split(cfg, prompts, require_question, allow_outside=False) -> list:
     """eval.py --split validation: the samples a run held out with --validation-split, from its training data."""
     if not cfg.get("validation_split_ids"):
-        raise _d().DataError("--split validation", None, None, "the run was not trained with --validation-split")
+        raise DataError("--split validation", None, None, "the run was not trained with --validation-split")
     train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question,
-                         allow_outside=allow_outside)
+                         allow_outside=allow_outside, columns=cfg.get("columns"))
     train = train if isinstance(train, Samples) else Samples([(cfg["train_data"], train, None)])
     return list(train.take(_held_out(train, cfg["validation_split_ids"])))

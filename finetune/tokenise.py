@@ -23,6 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
+import dataset
+from dataset import DataError
+
 CACHE_VERSION = 1  # bump when the cached rows change meaning
 MAP_PROCESSES_FROM = 20000  # samples from which datasets.map tokenises in --num-preprocess-workers processes
 QUIET_BELOW = 10000  # samples below which tokenising shows no progress bar
@@ -56,8 +59,6 @@ class _Carried(Exception):
 
 
 def _encode_batch(batch, positions, source, fmt, train, idx):
-    from dataset import DataError
-
     out = {k: [] for k in ENCODED_COLUMNS}
     keys = list(batch)
     for j, values in zip(positions, zip(*batch.values())):
@@ -84,15 +85,13 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
     and counted in fmt.dropped, truncated documents in fmt.truncated; a DataError stops it, as in one process."""
     import datasets
 
-    from dataset import DataError
-
     ds = source.ds if idx is None else source.ds.select(idx)
     procs = workers if workers > 1 and len(ds) >= MAP_PROCESSES_FROM else None
     kinds = {"input_ids": datasets.List(datasets.Value("int64")), "labels": datasets.List(datasets.Value("int64")),
              "length": datasets.Value("int64"), "truncated": datasets.Value("bool")}
     features = datasets.Features({k: kinds.get(k, datasets.Value("string")) for k in ENCODED_COLUMNS})
     try:
-        with _quiet_datasets() if len(ds) < QUIET_BELOW else contextlib.nullcontext():  # a bar only for long waits
+        with quiet_datasets() if len(ds) < QUIET_BELOW else contextlib.nullcontext():  # a bar only for long waits
             out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
                          fn_kwargs={"source": source, "fmt": fmt, "train": train, "idx": idx},
                          remove_columns=ds.column_names, features=features,
@@ -179,8 +178,6 @@ def cache_key(fmt, samples, train: bool) -> str:
     import tokenizers
     import transformers
 
-    import dataset
-
     chat = getattr(fmt.processor, "chat_template", None) if fmt.processor is not None else None
     parts = {
         "version": CACHE_VERSION,
@@ -209,7 +206,7 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
         if entry is not None and (entry / "meta.json").is_file():
             try:
                 meta = json.loads((entry / "meta.json").read_text())
-                with _quiet_datasets():
+                with quiet_datasets():
                     ds = load_from_disk(str(entry / "data"))
                 if len(ds) == meta["rows"]:
                     fmt.truncated += meta["truncated"]
@@ -234,16 +231,20 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
-    """No 'Saving the dataset' progress bars in the run's output."""
+def quiet_datasets():
+    """datasets' info logs and progress bars ('Saving the dataset', 'Generating train split') off while it works
+    for us (our own lines say what was read), then put back as they were: the library's settings belong to the
+    process, not to us."""
     from datasets.utils import logging as ds_logging
 
-    was = ds_logging.is_progress_bar_enabled()
+    level, bars = ds_logging.get_verbosity(), ds_logging.is_progress_bar_enabled()
+    ds_logging.set_verbosity_error()
     ds_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was:
+        ds_logging.set_verbosity(level)
+        if bars:
             ds_logging.enable_progress_bar()
 
 
@@ -258,7 +259,7 @@ def _store(entry: Path, ds, meta: dict) -> bool:
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with _quiet_datasets():
+        with quiet_datasets():
             ds.save_to_disk(str(tmp / "data"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         if not (entry / "meta.json").is_file():  # else another rank or run stored it meanwhile

@@ -8,21 +8,18 @@ free-text validation, the classifier head's own learning rate, best/ and latest/
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from finetune import batching, launch
+from finetune import batching, classifier, launch, monitor, precision, runs, trl_cpu
+from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict, text_metrics
 
 
 def make_trainer_class(base):
     """`base` (TRL's SFT/GRPO/DPO trainer, or transformers' Trainer for the classifier head) plus closed-set
     validation accuracy and real-token throughput. Without a GPU, TRL's Triton loss kernel is swapped for a
     torch one first (finetune/trl_cpu.py)."""
-    from finetune import trl_cpu
-
     trl_cpu.install()
 
     class FinetuneTrainer(base):
@@ -35,8 +32,6 @@ def make_trainer_class(base):
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
             if self.head_lr is not None and not getattr(self, "_head_split", False):
-                from finetune import classifier
-
                 classifier.split_head_lr(optimizer, self.model, self.head_lr)
                 self._head_split = True
             return optimizer
@@ -76,8 +71,6 @@ def make_trainer_class(base):
 
 def closed_set_validation(model, fmt, val, classes, args):
     """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
-    from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict
-
     def validation():
         was_training = model.training
         model.eval()
@@ -95,8 +88,6 @@ def free_text_validation(model, fmt, val, args):
     """chrF and exact match of greedy generations on free-text validation samples: the task's own measure, which the
     loss only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), with a
     budget of new tokens a little over the longest reference answer, so a model that never stops costs little."""
-    from finetune.predict import predict, text_metrics
-
     samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
     budget = max(len(fmt.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 8
 
@@ -118,20 +109,13 @@ FREE_TEXT_SAMPLES = 32
 def training_arguments(args, out: Path, validates: bool) -> dict:
     """The TrainingArguments every mode shares (TRL's configs extend them)."""
     import torch
-    from finetune.modeling import precision
 
-    prec = precision(args.mixed_precision)
-    if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
-        # MLflow 3's default, sqlite:///mlflow.db in the working directory, needs the full server package; a local
-        # file store beside the runs works with the client alone (mlflow ui --backend-store-uri LOG_DIR/mlruns)
-        os.environ["MLFLOW_TRACKING_URI"] = (Path(args.log_dir) / "mlruns").resolve().as_uri()
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return dict(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
         lr_scheduler_type=args.scheduler, seed=args.seed, data_seed=args.seed,
-        bf16=prec == "bf16", fp16=prec == "fp16",
+        **precision.trainer_flags(args.mixed_precision),
         eval_strategy=("steps" if args.eval_steps else "epoch") if validates else "no",
         eval_steps=args.eval_steps, save_strategy="steps" if (args.save_steps or args.eval_steps) else "epoch",
         save_steps=args.save_steps or args.eval_steps or 500, save_total_limit=2,
@@ -145,7 +129,7 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
 
 
 # Above this estimate of the longest batch's float32 activations (monitor.activation_bytes), the CPU default turns
-# gradient checkpointing on, and with it bf16 autocast where the CPU has it (modeling.cpu_precision). The cut-over
+# gradient checkpointing on, and with it bf16 autocast where the CPU has it (precision.cpu_choice). The cut-over
 # is where it was before the estimate was measured: about 200 tokens a sample at -b 8 on SmolLM2, so the
 # quickstart's short batches (8 x 135 tokens, 3.2 GiB) keep float32 without recomputation, its fastest setting,
 # and long documents (bench/train_bench.py: 4 x 812 tokens) train at plain TRL's peak.
@@ -161,8 +145,6 @@ def checkpointing_default(args, train_ds, config) -> bool:
         return args.gradient_checkpointing
     import torch
 
-    from finetune import monitor
-
     if torch.cuda.is_available() or "length" not in getattr(train_ds, "column_names", ()):
         return False
     tokens = args.batch_size * max(train_ds["length"], default=0)
@@ -177,8 +159,6 @@ def make_saver(trainer, owner, cfg: dict):
     """save(dest, info): the weights and tokenizer/processor (`owner`) into dest atomically, with run.json and the
     checkpoint info. Called on every rank: under FSDP / DeepSpeed ZeRO-3 each rank holds a shard of the weights and
     gathering the full state dict is a collective (all ranks at once); rank 0 then writes."""
-    from finetune import runs
-
     def save(dest: Path, info: dict):
         state = None
         if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
@@ -190,7 +170,7 @@ def make_saver(trainer, owner, cfg: dict):
         def write(tmp):
             trainer.model.save_pretrained(tmp, state_dict=state)
             owner.save_pretrained(tmp)
-            (tmp / "run.json").write_text(json.dumps({**cfg, "checkpoint": info}, indent=2))
+            runs.write_config(tmp, {**cfg, "checkpoint": info})
         runs.save_atomic(dest, write)
 
     return save
@@ -207,8 +187,7 @@ def make_callbacks(out: Path, save, metric: str, history: list):
             if state.is_world_process_zero and logs:
                 rec = {"step": state.global_step, **logs}
                 history.append(rec)
-                with open(out / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                runs.append_log(out, rec)
 
         def on_evaluate(self, a, state, control, metrics=None, **kw):
             value = (metrics or {}).get(metric)

@@ -115,7 +115,7 @@ def converter(request):
     import os
 
     from finetune import llamacpp
-    from finetune.modeling import ModelError
+    from finetune.errors import ModelError
 
     folder = request.config.cache.mkdir(f"llama-cpp-python-{llamacpp.LLAMA_CPP_PYTHON[0]}")
     os.environ["FINETUNE_LLAMACPP_DIR"] = str(folder)

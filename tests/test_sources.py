@@ -6,19 +6,13 @@ import json
 
 import pytest
 
-from finetune import sources, tokenise
+from finetune import runs, sources, tokenise
 from conftest import write_jsonl
-from dataset import DataError, Formatter, load_preferences, load_samples
+from dataset import DataError, Formatter
+from finetune.sources import load_preferences, load_samples
 from hub_cache import cache_hub_dataset
 
 ROWS = [{"text": f"doc {i}", "answer": ["red", "blue"][i % 2], "question": "Which?"} for i in range(8)]
-
-
-@pytest.fixture(autouse=True)
-def no_columns():
-    sources.configure(columns=None)
-    yield
-    sources.configure(columns=None)
 
 
 @pytest.fixture
@@ -103,10 +97,8 @@ def test_a_listing_tsv_is_decided_by_content_not_extension(tmp_path):
 def test_columns_map_a_csv_and_integer_labels_are_text(tmp_path):
     csv = tmp_path / "reviews.csv"
     csv.write_text("review,stars,note\ngreat food,5,\nawful,1,x\n")
-    sources.configure(columns="text=review,answer=stars")
-    got = load_samples(csv, prompts={"question": ["Stars?"]})
+    got = load_samples(csv, prompts={"question": ["Stars?"]}, columns="text=review,answer=stars")
     assert [(s.document, s.answer) for s in got] == [("great food", "5"), ("awful", "1")]
-    sources.configure(columns=None)
     ints = _table(tmp_path, [{"text": "a", "answer": 0}, {"text": "b", "answer": 1}], "ints.parquet")
     assert [s.answer for s in load_samples(ints, prompts={"question": ["Q"]})] == ["0", "1"]
 
@@ -117,15 +109,13 @@ def test_columns_errors_list_the_columns(tmp_path):
     with pytest.raises(DataError, match="reviews.csv: no column to read samples from; the table has columns: "
                                         "review, label; name them with --columns"):
         load_samples(csv)
-    sources.configure(columns="text=body,answer=label")
     with pytest.raises(DataError, match="--columns text=body: no column 'body'; the table has columns: review, label"):
-        load_samples(csv)
-    sources.configure(columns="text=review")
+        load_samples(csv, columns="text=body,answer=label")
     with pytest.raises(DataError, match="no 'answer' column; the table has columns: text, label; map one with "
                                         "--columns answer=COLUMN"):
-        load_samples(csv)
+        load_samples(csv, columns="text=review")
     with pytest.raises(DataError, match="expected FIELD=COLUMN"):
-        sources.configure(columns="txt=review")
+        load_samples(csv, columns="txt=review")
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -194,9 +184,8 @@ def test_a_bad_row_names_file_row_and_column(tmp_path, name):
 def test_a_mapped_column_is_named_in_errors(tmp_path):
     path = _table(tmp_path, [{"body": "x", "label": "red", "question": "Q"}, {"body": "y", "label": None,
                                                                               "question": "Q"}])
-    sources.configure(columns="text=body,answer=label")
     with pytest.raises(DataError, match=r"t.parquet: sample row 2: column 'label': missing"):
-        load_samples(path)
+        load_samples(path, columns="text=body,answer=label")
 
 
 def test_alpaca_errors_name_alpaca_keys(tmp_path):
@@ -252,11 +241,11 @@ def _colours(tmp_path, n, name, split=0.5):
 def test_validation_split_is_seeded_and_stratified(tmp_path):
     data = _colours(tmp_path, 40, "c", split=0.75)  # 30 red, 10 blue
     args = _args(tmp_path, validation_split="0.2")
-    train, val = sources.prepare(args, load_samples(data), [])
+    train, val, used = sources.prepare(args, load_samples(data), [])
     assert (len(train), len(val)) == (32, 8)
     assert sorted(s.answer for s in val) == ["blue"] * 2 + ["red"] * 6  # the classes' shares
     assert not {s.id for s in val} & {s.id for s in train}
-    assert args.validation_split_ids == [[0, s.id] for s in val]
+    assert used["validation_split_ids"] == [[0, s.id] for s in val]
     again = sources.prepare(_args(tmp_path, validation_split="0.2"), load_samples(data), [])[1]
     assert [s.id for s in again] == [s.id for s in val]
     other = sources.prepare(_args(tmp_path, validation_split="0.2", seed=1), load_samples(data), [])[1]
@@ -274,25 +263,25 @@ def test_a_resumed_run_validates_on_the_ids_it_stored(tmp_path):
     (tmp_path / "log" / "run" / "run.json").write_text(json.dumps({"validation_split_ids": [[0, "row 3"],
                                                                                              [0, "row 7"]]}))
     args = _args(tmp_path, validation_split="0.5", resume=True, name="run")
-    train, val = sources.prepare(args, load_samples(data), [])
+    train, val, _ = sources.prepare(args, load_samples(data), [], runs.stored_split_ids(args))
     assert [s.id for s in val] == ["row 3", "row 7"] and len(train) == 38
 
 
 def test_mix_ratios_and_train_samples(tmp_path):
     a, b = _colours(tmp_path, 40, "a"), write_jsonl(tmp_path / "b.jsonl", ROWS)  # 40 and 8 samples
     args = _args(tmp_path, train_data=f"{a},{b}", mix="0.75,0.25")
-    train, _ = sources.prepare(args, load_samples(f"{a},{b}"), [])
-    assert args.data_sources == [{"source": str(a), "samples": 24}, {"source": str(b), "samples": 8}]
+    train, _, used = sources.prepare(args, load_samples(f"{a},{b}"), [])
+    assert used["data_sources"] == [{"source": str(a), "samples": 24}, {"source": str(b), "samples": 8}]
     assert len({s.document for s in train}) == 32  # no sample twice while the sources suffice
     args = _args(tmp_path, mix="1,1", train_samples=20)
-    train, _ = sources.prepare(args, load_samples(f"{a},{b}"), [])
-    assert [x["samples"] for x in args.data_sources] == [10, 10]  # b (8 samples) repeated to give its 10
+    train, _, used = sources.prepare(args, load_samples(f"{a},{b}"), [])
+    assert [x["samples"] for x in used["data_sources"]] == [10, 10]  # b (8 samples) repeated to give its 10
     assert len(train) == 20
     with pytest.raises(DataError, match="--mix: 3 ratios for 2 training sources"):
         sources.prepare(_args(tmp_path, mix="1,1,1"), load_samples(f"{a},{b}"), [])
     args = _args(tmp_path, train_samples=5)
-    train, _ = sources.prepare(args, load_samples(a), [])
-    assert len(train) == 5 and args.data_sources[0]["samples"] == 5
+    train, _, used = sources.prepare(args, load_samples(a), [])
+    assert len(train) == 5 and used["data_sources"][0]["samples"] == 5
 
 
 # ------------------------------------------------------------------------------------------------ tokenising tables

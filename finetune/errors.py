@@ -1,0 +1,6 @@
+"""The error every layer above the data raises for the user: a model, run folder or option combination that cannot
+be used. str(e) is the one line the CLIs print before exiting with status 2. (Bad data raises dataset.DataError.)"""
+
+
+class ModelError(Exception):
+    """A model, checkpoint or run that cannot be found or used: one line for the user."""
