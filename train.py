@@ -33,16 +33,17 @@ import argparse
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import rewards
 from dataset import DataError, Formatter
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import guards, launch, modes, monitor, options, precision, runs, training
+from finetune import config, guards, launch, modes, monitor, options, precision, runs, training
 from finetune.errors import ModelError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
-                               unsloth_wanted)
+                               special_token_list, unsloth_wanted)
 from finetune.options import fail
 
 MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
@@ -168,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None):
-    """Flags, with --config YAML values as defaults underneath them (TRL scripts' convention)."""
+def parse_args(argv=None) -> config.Options:
+    """Flags, with --config YAML values as defaults underneath them (TRL scripts' convention), checked, with the
+    defaults that follow from other options filled in: frozen from here on (finetune/config.py)."""
     parser = build_parser()
     defaults = {a.dest: a.default for a in parser._actions}  # before --config moves them: what the user set
     pre, _ = parser.parse_known_args(argv)
@@ -197,7 +199,7 @@ def parse_args(argv=None):
     bad = options.range_error(args) or options.train_option_error(args, given)
     if bad:
         fail(bad)
-    default_trainable(args)
+    notes = default_trainable(args)
     if args.lora_alpha is None:
         args.lora_alpha = 2 * args.lora_rank  # the usual scale: the update's size does not depend on the rank
     if args.lr is None:
@@ -207,7 +209,12 @@ def parse_args(argv=None):
     if args.suffix is None:
         args.suffix = "_aws"
     plan_batch_size(args)
-    return args
+    if not args.name and launch.world_size() > 1:  # each process would stamp its own clock into the default name
+        fail(f"give --name under torchrun / accelerate launch (WORLD_SIZE={launch.world_size()}): every process "
+             f"must write to the same run folder")
+    if not args.name:
+        args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return config.from_namespace(args, notes)
 
 
 def layout_defaults(args):
@@ -221,8 +228,9 @@ def layout_defaults(args):
         args.response_template = "### Classification:"
 
 
-def default_trainable(args):
-    """--trainable: QLoRA under -d where bitsandbytes runs it (an NVIDIA GPU), else LoRA."""
+def default_trainable(args) -> list[str]:
+    """--trainable: QLoRA under -d where bitsandbytes runs it (an NVIDIA GPU), else LoRA. Returns the notes to say
+    once the data is known to be good (create_run): bad input stays one line."""
     if args.trainable is None:
         args.trainable = "lora"
         if args.data is not None and args.trainer == "sft":
@@ -230,9 +238,10 @@ def default_trainable(args):
 
             if torch.cuda.is_available():
                 args.trainable = "qlora"
-            else:  # said once the data is known to be good (create_run): bad input stays one line
-                args.notes = ["note: -d trains QLoRA by default on an NVIDIA GPU; there is none here, so LoRA "
-                              "(16/32-bit base)"]
+            else:
+                return ["note: -d trains QLoRA by default on an NVIDIA GPU; there is none here, so LoRA "
+                        "(16/32-bit base)"]
+    return []
 
 
 def plan_batch_size(args):
@@ -254,7 +263,8 @@ def plan_batch_size(args):
 # ------------------------------------------------------------------------------------------------ lifecycle
 def prepare(args):
     """Data, classes, tokenizer, prompt format and token ids: everything checked before the run folder exists or a
-    model loads (bad input ends here with one line and exit status 2)."""
+    model loads (bad input ends here with one line and exit status 2). What the run decides from them (derive:
+    checkpointing, precision, unsloth, device fallbacks) is decided here, once. Returns (options, mode, setup)."""
     mode = modes.for_args(args)
     s = modes.Setup(args)
     try:
@@ -263,35 +273,47 @@ def prepare(args):
         mode.load_data(s, runs.stored_split_ids(args))
         if args.trainer == "grpo":  # the reward functions (rewards.py, or the user's module:function) go to the mode
             s.extras["rewards"] = rewards.load_rewards(args.rewards, args.reward_weights)
-        device_fallbacks(args)
         wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
         if not s.val and wanted and args.trainer != "grpo":
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
                  "folder); there is none")
         s.val = s.val[: args.val_samples] if args.val_samples else s.val
-        config = load_config(args.model, args.trust_remote_code)
-        s.vision = is_vision_model(config)
+        model_config = load_config(args.model, args.trust_remote_code)
+        s.vision = is_vision_model(model_config)
         s.tokenizer, s.processor = load_processing(args.model, s.vision, args.trust_remote_code)
         s.tokens = setup_tokens(s.tokenizer, s.processor, args.response_template,
                                 None if args.set_pad_token == "auto" else args.set_pad_token, args.add_special_tokens)
         s.fmt, s.val_fmt = (Formatter(s.tokenizer, s.processor, args.response_template, args.max_len, s.prompts,
                                       args.seed) for _ in range(2))
         mode.encode(s)
-        args.gradient_checkpointing = training.checkpointing_default(args, s.train_ds, config)
-        args.mixed_precision = precision.cpu_choice(args.mixed_precision, args.gradient_checkpointing)
+        args = derive(args, s.train_ds, model_config)
+        s.args = args
         s.extras["metric"] = mode.metric(s)
-        args.use_unsloth = unsloth_wanted(args.use_unsloth)
     except (DataError, ModelError, ValueError) as e:
         fail(str(e))
     if s.fmt.truncated or s.fmt.dropped:
         print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}"
               + (f", {s.fmt.dropped} conversations longer than it dropped" if s.fmt.dropped else ""), file=sys.stderr)
-    return mode, s
+    return args, mode, s
+
+
+def derive(args: config.Options, train_ds, model_config) -> config.Options:
+    """Every value the run decides rather than the user, in one place, in order: the device fallbacks of
+    --unsloth / --split-model, gradient checkpointing (from the longest batch's estimated activations), the CPU's
+    precision (which follows checkpointing), and unsloth (installed, a GPU, no --add-special-tokens)."""
+    use_unsloth, split_model = device_fallbacks(args)
+    checkpointing = training.checkpointing_default(args, train_ds, model_config)
+    use_unsloth = unsloth_wanted(use_unsloth)
+    if use_unsloth and special_token_list(args.add_special_tokens):
+        print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth")
+        use_unsloth = False
+    return args.derive(gradient_checkpointing=checkpointing, split_model=split_model, use_unsloth=use_unsloth,
+                       mixed_precision=precision.cpu_choice(args.mixed_precision, checkpointing))
 
 
 def create_run(args, s) -> tuple[Path, dict]:
     """log/NAME with run.json (rank 0 writes it), and the start-up report."""
-    for note in args.__dict__.pop("notes", []):
+    for note in args.notes:
         print(note, file=sys.stderr)
     out = runs.run_dir(args)
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
@@ -339,8 +361,8 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     guard = guards.StopGuard()
     trainer.add_callback(guard.callback())
     if args.auto_batch_size:
-        training.auto_batch_size(args, trainer, fail)
-    return trainer, guard, save, metric, history
+        args = training.auto_batch_size(args, trainer, fail)
+    return args, trainer, guard, save, metric, history
 
 
 def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
@@ -385,16 +407,13 @@ def main(argv=None):
     args = parse_args(argv)
     if launch.split_model_error(args.split_model):
         fail(launch.split_model_error(args.split_model))
-    if not args.name and launch.world_size() > 1:  # each process would stamp its own clock into the default name
-        fail(f"give --name under torchrun / accelerate launch (WORLD_SIZE={launch.world_size()}): every process "
-             f"must write to the same run folder")
     if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     configure_environment(args)
-    mode, s = prepare(args)
+    args, mode, s = prepare(args)
     out, cfg = create_run(args, s)
     model = build_model(args, mode, s)
-    trainer, guard, save, metric, history = build_trainer(args, mode, s, model, out, cfg)
+    args, trainer, guard, save, metric, history = build_trainer(args, mode, s, model, out, cfg)
     seconds = run_training(args, trainer, guard, out, s.val_ds is not None)
     finish(args, trainer, guard, save, metric, history, out, seconds, cfg["plan"])
 
@@ -410,22 +429,21 @@ def configure_environment(args):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-def device_fallbacks(args):
-    """--unsloth and --split-model where they cannot run: without a CUDA GPU, one warning each and the plain path,
-    so a command line written for a GPU machine runs here as written. (With a GPU but no unsloth installed,
+def device_fallbacks(args) -> tuple[bool | None, bool]:
+    """(--unsloth, --split-model) where they can run: without a CUDA GPU, one warning each and the plain path, so a
+    command line written for a GPU machine runs here as written. (With a GPU but no unsloth installed,
     modeling.unsloth_wanted stops with the install command.)"""
     import torch
 
     if torch.cuda.is_available():
-        return
+        return args.use_unsloth, args.split_model
     if args.use_unsloth:
         print("warning: --unsloth needs an NVIDIA GPU and there is none here: training with transformers + PEFT",
               file=sys.stderr)
-        args.use_unsloth = False
     if args.split_model:
         print("warning: --split-model spreads the model over GPUs and there is none here: training on the CPU",
               file=sys.stderr)
-        args.split_model = False
+    return False if args.use_unsloth else args.use_unsloth, False
 
 
 if __name__ == "__main__":

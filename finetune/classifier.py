@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataset import DataError, normalize
 from finetune import launch, precision
 from finetune.modeling import (QUANTIZE, finish_token_training, fit_vocabulary, load_base, lora_config,
-                               new_tokens_for, sync_special_tokens, token_training)
+                               sync_special_tokens, token_training)
 from finetune.predict import batch_done, classification_metrics, length_batches, pad_batch
 
 
@@ -38,7 +38,7 @@ def encode(fmt, samples, classes: list[str], train=False):
 def load_for_training(args, classes, tokenizer, class_ids=None):
     """The classification model: unsloth where it works on NVIDIA GPUs, else transformers + PEFT. class_ids: the
     class names' tokens (class_token_ids) for the head's starting point (start_head)."""
-    new_tokens = new_tokens_for(args)
+    new_tokens = args.add_special_tokens  # with them train.derive turned unsloth off
     if args.use_unsloth:
         model = _load_unsloth(args, classes, tokenizer, class_ids)
         if model is not None:

@@ -332,19 +332,9 @@ def lora_config(args, task_type="CAUSAL_LM", modules_to_save=None, trainable_tok
 QUANTIZE = {"qlora": "4bit", "qlora8": "8bit"}  # --trainable -> load_base's quantize
 
 
-def new_tokens_for(args):
-    """--add-special-tokens, which turns unsloth off: its loaders do not take PEFT's trainable token rows."""
-    new_tokens = getattr(args, "add_special_tokens", None)
-    if args.use_unsloth and special_token_list(new_tokens):
-        print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth",
-              flush=True)
-        args.use_unsloth = False
-    return new_tokens
-
-
 def load_for_training(args, vision, tokenizer):
     """The model ready for the trainer: a PEFT model for lora/qlora, the plain model for full."""
-    new_tokens = new_tokens_for(args)
+    new_tokens = args.add_special_tokens  # with them train.derive turned unsloth off: it takes no token rows
     if args.use_unsloth:
         return _load_unsloth(args, vision, precision.resolve(args.mixed_precision))
     dtype = precision.training_dtype(args.trainable, args.mixed_precision)

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from finetune import launch, precision, sources
@@ -35,8 +34,6 @@ EXPORT_CONFIG = "finetune_run.json"
 
 def run_dir(args) -> Path:
     """log/NAME for this run, checked: a new name, or --resume of an existing run."""
-    if not args.name:  # one process here: train.py asks a distributed launch for --name
-        args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(args.log_dir) / args.name
     # rank 0 alone checks: it may already have written run.json when another rank gets here
     if launch.is_main_process() and out.exists() and any(out.iterdir()) and not args.resume:
@@ -51,7 +48,8 @@ def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenize
     loading the data decided (`derived`: data_sources, validation_split_ids).
     longest_answer_tokens (the longest training answer, end-of-turn included) sets eval.py's and generate.py's
     default generation budget (predict.generation_budget)."""
-    cfg = {k: v for k, v in vars(args).items() if k not in SECRET_OPTIONS}
+    options = args.record() if hasattr(args, "record") else vars(args)  # config.Options, or a plain Namespace
+    cfg = {k: v for k, v in options.items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",
                train_samples=n_train, validation_samples=n_val, format="plain" if args.response_template else "chat",
                **(derived or {}))

@@ -211,22 +211,24 @@ def batch_line(args) -> str:
 
 def auto_batch_size(args, trainer, fail):
     """--auto-batch-size: the largest per-device batch (<= --max-batch-size-per-device) whose worst-case step fits
-    in GPU memory, with accumulation raised to keep --total-batch-size; every rank takes the smallest found."""
+    in GPU memory, with accumulation raised to keep --total-batch-size; every rank takes the smallest found.
+    Returns the options with that batch derived (config.Options.derive), set on the trainer too."""
     import torch
 
     if not torch.cuda.is_available():
         print("warning: --auto-batch-size probes GPU memory; without a CUDA device -b is kept", file=sys.stderr)
-        return
+        return args
     groups = launch.batch_candidates(args.total_batch_size, args.max_batch_size_per_device, launch.world_size())
     fits = launch.memory_probe(trainer.model, trainer.data_collator, trainer.train_dataset, trainer.args.device)
     try:
         p = launch.across_ranks(launch.largest_fitting(groups, fits), "min")
     except ValueError as e:
         fail(str(e))
-    args.batch_size, args.grad_accum = p, args.total_batch_size // (launch.world_size() * p)
+    args = args.derive(batch_size=p, grad_accum=args.total_batch_size // (launch.world_size() * p))
     trainer.args.per_device_train_batch_size = trainer._train_batch_size = p
     trainer.args.gradient_accumulation_steps = args.grad_accum
     print(batch_line(args) + " (--auto-batch-size)")
+    return args
 
 
 def summarize(history, trainer, seconds, metric, out, plan=None, extra=()):
