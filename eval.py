@@ -42,7 +42,7 @@ def build_parser():
     a("-c", "--checkpoint", help="log/NAME (its best/), or log/NAME/best|latest|checkpoint-N")
     a("-m", "--model", help="base model to score zero-shot (no checkpoint), or to override the run's base model")
     a("--test-data", help="TSV of sample JSON files, a folder of them, or a .json/.jsonl file; a Hub id or a "
-      "table (README: Data)")
+      "table (docs/data.md)")
     a("--columns", help="map a table's columns to our fields: text=article,answer=category (default: the run's)")
     a("--split", choices=["validation"], help="score the samples the run held out with --validation-split")
     a("-d", "--data", help="RVL-CDIP OCR folder: scores its test_* files")

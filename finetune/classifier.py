@@ -109,7 +109,7 @@ def start_head(model, class_ids: list[list[int]] | None = None):
     """The new head's starting point. The head reads the same final hidden state the language-model head reads, so
     where the output layer is the input embedding (tied: SmolLM2, Qwen2.5 up to 3B, Llama 3.2 1B/3B) each class's
     row starts at the mean embedding of the tokens its name is written with: the head starts as the language model's
-    own zero-shot guess instead of transformers' random one (measured in docs/training.md: on SmolLM2 the random
+    own zero-shot guess instead of transformers' random one (figures in docs/benchmarks.md: on SmolLM2 the random
     head at lr 2e-4 fell from 0.30 to 0.15 in an epoch). Untied models keep transformers' small random start, whose
     gradients reach the LoRA body from the first step (a zero head would block them)."""
     import torch
@@ -125,7 +125,7 @@ def start_head(model, class_ids: list[list[int]] | None = None):
 
 def split_head_lr(optimizer, model, head_lr: float):
     """Moves the head's parameters into param groups of their own at `head_lr` (the rest keep --lr): a fresh
-    head learns from zero and needs a larger rate than the LoRA body (measured: see README, classifier head)."""
+    head learns from zero and needs a larger rate than the LoRA body (figures: docs/benchmarks.md, classifier head)."""
     head = {id(p) for n, p in model.named_parameters() if p.requires_grad and _is_head(n)}
     moved = []
     for group in optimizer.param_groups:

@@ -18,7 +18,7 @@ The peak-memory estimate (bytes; on CPU it includes the process as it stands bef
                  checkpointing each layer's input plus one layer's activations
     logits       the answer tokens' float32 logits (TRL computes them at answer tokens only, in blocks of 1,024
                  rows on CPU: finetune/trl_cpu.py), with their softmax and gradient
-bench/memory_estimate.py compares it with measured peaks; docs/training.md states the error. The same
+bench/memory_estimate.py compares it with measured peaks; docs/benchmarks.md gives the error. The same
 activation_bytes() decides the CPU default of --gradient-checkpointing (training.checkpointing_default).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import re
 
 from dataset import normalize
 
-# How --predict score compares classes (bench/zero_shot.py measures each; figures in the README):
+# How --predict score compares classes (bench/zero_shot.py measures each; figures in docs/benchmarks.md):
 #   sum              the summed log-probability of the class tokens: favours classes of few tokens
 #   mean             per token (length-normalised): the sum divided by the class's token count
 #   calibrated       contextual calibration (Zhao et al. 2021, "Calibrate before use"): the sum minus the log of
@@ -28,7 +28,7 @@ SCORE_RULES = ("sum", "mean", "calibrated", "calibrated-mean")
 DEFAULT_SCORE_RULE = "calibrated-mean"  # best with prompt ensembling on both tasks of bench/zero_shot.py
 CONTENT_FREE = ("N/A", "[MASK]", "")
 # --score-prompts: "first" question of the prompts file, or "all" of them with the class log-probabilities averaged
-# (prompt ensembling: K passes for K questions). eval.py defaults to "all" (the best zero-shot figures, README);
+# (prompt ensembling: K passes for K questions). eval.py defaults to "all" zero-shot (docs/benchmarks.md);
 # predict() itself, and so train.py's validation, to "first": one pass, run after run.
 PROMPT_SETS = ("first", "all")
 DEFAULT_PROMPT_SET, EVAL_PROMPT_SET = "first", "all"

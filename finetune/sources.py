@@ -38,8 +38,8 @@ formats (so a mapped CSV mixes with an alpaca JSON); so is a table with no colum
 Rows are validated by dataset.parse_sample / parse_preference, so every rule of dataset.py holds; an error names
 the file, `row N` (data rows counted from 1, the header not counted) and the column. A table is read memory-mapped
 (Arrow) and parsed on demand (`Samples`): validation streams over it once, and tokenise.encode_cached tokenises it
-with `datasets.map` into Arrow files, keyed on the dataset's fingerprint, so memory stays bounded (README,
-Benchmarks: bench/data_bench.py).
+with `datasets.map` into Arrow files, keyed on the dataset's fingerprint, so memory stays bounded (bench/data_bench.py; figures in
+docs/benchmarks.md).
 
 Training only (`prepare`, after loading): --mix ratios (seeded; the mix is as large as the sources allow without
 repeating a sample, or --train-samples), --validation-split F|N (a seeded split, stratified by answer for closed-set

@@ -132,8 +132,8 @@ def converter(request):
 # to one worker, in collection order (--no-loadscope-reorder in pyproject.toml), so a long module collected last
 # would leave the other worker idle at the end. Modules not listed keep their order after these.
 LONG_FIRST = ("test_distributed", "test_seed_commands", "test_monitor", "test_smollm2", "test_reliability",
-              "test_sources_e2e", "test_e2e", "test_batching", "test_export", "test_gpu_bench", "test_sources",
-              "test_export_gguf", "test_cli", "test_rl")
+              "test_sources_e2e", "test_e2e", "test_batching", "test_export", "test_promises", "test_gpu_bench",
+              "test_sources", "test_export_gguf", "test_cli", "test_rl")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -273,3 +273,18 @@ def test_generate_cli_data_jsonl(trained, reference):
         assert set(o) == {"id", "prompt", "answer", "reference"} and o["reference"] == "red"
         assert o["prompt"].endswith("<|im_start|>assistant\n") and QUESTIONS[i] in o["prompt"]
         assert o["answer"] == tok.decode(ref_ids[i], skip_special_tokens=True)
+
+
+def test_check_prompts_and_check_data_choose_the_prompts(trained, capsys):
+    """export.py check OUT --check-prompts N / --check-data FILE: how many prompts, and from where (the line says)."""
+    import export
+
+    assert trained.merge_cli.result().returncode == 0
+    out = trained.tmp / "m"
+    export.main(["check", str(out), "--check-prompts", "2"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("parity: 2/2 greedy identical") and line.endswith("(merge float32, 2 training prompts)")
+    export.main(["check", str(out), "--check-data", str(trained.tmp / "q.jsonl")])  # 3 questions, not 16
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("parity: 3/3 greedy identical") and line.endswith("(merge float32, 3 check prompts)")
+    assert json.loads((out / "parity.json").read_text())["line"] == line

@@ -1,5 +1,6 @@
-"""Nothing lost: a SIGKILLed run resumes to the same weights and loss as an uninterrupted one, Ctrl-C saves and
-exits (SIGTERM alike; a second signal stops at once), a NaN loss stops the run with a clear message. Real subprocesses, real signals."""
+"""Nothing lost: a SIGKILLed run resumes to the same weights and loss as an uninterrupted one, Ctrl-C (SIGINT) and
+SIGTERM save and exit 130 (a second signal stops at once), a NaN loss stops the run with a clear message. Real
+subprocesses, real signals."""
 import json
 import os
 import shutil
@@ -102,6 +103,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llm, tmp_path):
     assert more.returncode == 0, more.stderr[-3000:]
     steps = [x["step"] for x in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in x]
     assert steps[-2:] == [stopped + 1, stopped + 2]
+
+
+def test_ctrl_c_stops_at_the_step_with_a_checkpoint_and_exits_130(tiny_llm, tmp_path):
+    """A real SIGINT (Ctrl-C) to a running train.py: the line docs/training.md promises, exit status 130, and the
+    checkpoint of the step it names."""
+    run = tmp_path / "log" / "ctrl-c"
+    proc = _start(_args(tiny_llm, _data(tmp_path), tmp_path, "ctrl-c", 10_000))
+    _wait_for(run / "checkpoint-5" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = next(x for x in out.splitlines() if x.startswith("SIGINT: stopped at step "))
+    stopped = int(line.split("stopped at step ")[1].split()[0])
+    assert line == (f"SIGINT: stopped at step {stopped} with a checkpoint saved; continue with the same command and "
+                    "--resume")
+    assert stopped >= 5 and (run / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_llm, tmp_path):
