@@ -307,10 +307,12 @@ def load_done(out: Path, samples) -> dict:
             continue
         rows = []
         with open(path, newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
             try:
-                rows.extend(csv.reader(f, delimiter="\t"))
-            except csv.Error:  # a quoted field cut off at the end of the file
-                pass
+                for row in reader:
+                    rows.append(row)
+            except csv.Error:  # a quoted field cut off by the kill, at the end of the file: the rows before it stand
+                print(f"note: {path}: its last line was cut off; that sample is scored again", file=sys.stderr)
         for row in rows[1:]:
             if len(row) != 5 or row[0] not in wanted:
                 continue

@@ -85,7 +85,9 @@ def _load_unsloth(args, classes, tokenizer, class_ids=None):
         return FastModel.get_peft_model(model, r=args.lora_rank, lora_alpha=args.lora_alpha,
                                         lora_dropout=args.lora_dropout, task_type="SEQ_CLS",
                                         modules_to_save=["score"], random_state=args.seed)
-    except Exception as e:  # unsupported architecture or version: the transformers path always works
+    # what unsloth raises for an architecture or version its classifier path does not cover; out-of-memory and
+    # CUDA errors (RuntimeError) are real failures and propagate
+    except (NotImplementedError, ValueError, KeyError, TypeError, ImportError) as e:
         print(f"warning: unsloth's classifier path did not apply ({type(e).__name__}: {e}); using transformers "
               "+ PEFT", flush=True)
         return None
