@@ -164,10 +164,10 @@ def table(arms: dict, gpu: bool, peak_tflops: float) -> dict:
     rows = {}
     for name, s in arms.items():
         rows[name] = {
-            "wall s": s["wall"], "train-step s": s["step_seconds"], "real tokens": s["real_tokens"],
-            "padding": 1 - s["real_tokens"] / s["processed_tokens"],
-            "real tok/s": s["real_tokens"] / s["step_seconds"],
-            "peak GiB": s["cuda_peak_gib"] if gpu else s["max_rss_gib"]}
+            "wall s": s["wall"], "train-step s": s["step_seconds"], "real tokens": s["tokens"],
+            "padding": 1 - s["tokens"] / s["processed"],
+            "real tok/s": s["tokens"] / s["step_seconds"],
+            "peak GiB": s["peak_gib"] if gpu else s["max_rss_gib"]}
         if gpu:
             rows[name]["MFU"] = 4 * s["linear_params"] * rows[name]["real tok/s"] / (peak_tflops * 1e12)
     for name in [n for n in arms if n != "plain"]:
@@ -191,8 +191,7 @@ def report(args, steps: int, arms: dict, rows: dict, gpu: bool):
         cells = [("{:.2f}" if name.endswith("/plain") else fmt[c]).format(r[c]) for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
     own = [line for line in arms["ours"]["output"].splitlines() if line.startswith("throughput:")]
-    print(f"train.py's own report: {own[-1] if own else '(none)'}"
-          + ("" if args.sequential else " (its step timer includes the lockstep waits)"))
+    print(f"train.py's own report: {own[-1] if own else '(none)'}")  # lockstep waits fall outside its timer
     if args.plain_set:
         print(f"plain arm overrides: {', '.join(args.plain_set)}")
     memory = "GPU max_memory_allocated" if gpu else "process max RSS"
