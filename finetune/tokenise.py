@@ -201,7 +201,7 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
     if root is not None:
         try:
             entry = root / "tokenised" / cache_key(fmt, samples, train)
-        except Exception as e:  # an unhashable tokenizer or processor: tokenise as without a cache
+        except (TypeError, ValueError) as e:  # an unhashable tokenizer or processor: tokenise as without a cache
             _warn(f"tokenisation cache off for this run ({type(e).__name__}: {e})")
         if entry is not None and (entry / "meta.json").is_file():
             try:
@@ -213,7 +213,8 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
                     fmt.dropped += meta["dropped"]
                     log(f"tokenised: {meta['samples']} samples from cache ({entry})")
                     return ds
-            except Exception as e:
+            except (OSError, ValueError, KeyError) as e:  # a file missing, cut off or unreadable (pyarrow's errors
+                # are OSErrors or ValueErrors)
                 _warn(f"ignoring a damaged tokenisation cache entry {entry} ({type(e).__name__})")
             shutil.rmtree(entry, ignore_errors=True)  # damaged: tokenise again and store it anew
     truncated, dropped, start = fmt.truncated, fmt.dropped, time.perf_counter()
