@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import re
 import shutil
@@ -225,8 +226,6 @@ def _vocab_sizes(cfg, weights) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ GGUF
 def gguf(run, out, quant: str | None = None, say=print) -> Path:
     """OUT/model.gguf (+ Modelfile): llama.cpp's converter on CPU (finetune/llamacpp.py), unsloth's exporter on a GPU."""
-    import importlib.util
-
     cfg, weights = find_run(run)
     if importlib.util.find_spec("unsloth") is not None and _cuda():
         return _gguf_unsloth(run, out, quant or "q4_k_m", cfg, weights)

@@ -22,6 +22,7 @@ way before the adapter goes on (fit_vocabulary).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -300,8 +301,6 @@ def finish_token_training(model):
       mean-initialised new ones, which the saved trainable_tokens_delta rows replace on load; load_for_inference grows
       the base again first (fit_vocabulary). So the Trainer's and our save_pretrained calls get
       save_embedding_layers=False."""
-    import functools
-
     from peft.utils.other import TrainableTokensWrapper
 
     out = model.get_base_model().get_output_embeddings()

@@ -11,6 +11,8 @@ never silently dropped, and a clash is reported before the model loads, so no ru
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
 import sys
 
@@ -117,9 +119,6 @@ TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"} 
 def trackers(text: str) -> list[str]:
     """--report-to: 'none' or comma-separated tracker names, each installed (argparse turns the error into one
     line and exit 2)."""
-    import argparse
-    import importlib.util
-
     names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
     for n in names:
         if n not in TRACKERS:

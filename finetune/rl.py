@@ -16,6 +16,8 @@ lose precision, so there the SFT adapter itself is trained further and the refer
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 
 from dataset import Sample
@@ -47,8 +49,6 @@ def dpo_dataset(fmt, prefs):
 def logged_rewards(funcs, out: Path, keep: int = 4):
     """Wraps reward functions so each call also appends (completion, columns, reward) to completions.jsonl:
     what was generated and how it was scored, for the user (and the tests) to check."""
-    import functools
-
     def wrap(fn):
         @functools.wraps(fn)
         def logged(completions, **kw):
@@ -84,8 +84,6 @@ def dpo_config(args, common: dict):
 
 def vllm_available() -> bool:
     """--vllm: colocated vLLM generation needs an NVIDIA GPU and the vllm package."""
-    import importlib.util
-
     import torch
 
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None

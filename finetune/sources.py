@@ -48,10 +48,12 @@ them), --train-samples N (a seeded subset, after the split). run.json and the st
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import random
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,8 +192,6 @@ def _read(k, path, config):
 
 def _csv_options(p: Path) -> dict:
     """Every cell as text (a CSV has no types: pandas would read '007' as 7), empty cells as ''."""
-    import csv
-
     import datasets
 
     sep = "\t" if p.suffix == ".tsv" else ","
@@ -347,8 +347,6 @@ def _image_file(value: dict, file, sid) -> tuple[str, bool]:
         return path, False
     root = tokenise.cache_root()
     if root is None:
-        import tempfile
-
         root = Path(tempfile.gettempdir()) / "finetune-images"
     digest = hashlib.sha256(data).hexdigest()
     out = root / "images" / f"{digest}{Path(path or '').suffix or '.img'}"

@@ -13,12 +13,15 @@ disables it. Sets of MAP_PROCESSES_FROM samples or more are tokenised in --num-p
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -108,9 +111,6 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
 
 def _scratch() -> Path:
     """A fresh folder for one map's Arrow file, removed when the process ends (the cache keeps its own copy)."""
-    import atexit
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="finetune-encode-"))
     atexit.register(shutil.rmtree, folder, True)
     return folder
@@ -135,8 +135,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything the tokenizer does: its saved files (tokenizer.json with vocabulary, merges, normalizer,
     pre-tokenizer, post-processor and added tokens; tokenizer_config.json with special tokens and decode options;
     the chat template), less the keys that only say where it was loaded from."""
-    import tempfile
-
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     with tempfile.TemporaryDirectory(prefix="finetune-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
@@ -161,8 +159,6 @@ NOT_KEYED = {"file", "tokenizer", "processor", "truncated", "dropped"}  # error-
 
 def _fields(obj) -> dict:
     """A dataclass's fields (every field, so one added later is keyed too) less NOT_KEYED."""
-    import dataclasses
-
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in NOT_KEYED}
 
 
