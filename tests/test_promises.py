@@ -222,7 +222,7 @@ def test_free_text_validation_generates_on_up_to_32_samples(tokenizer, monkeypat
         seen.append((len(samples), classes, mode, max_new_tokens))
         return [{"reference": s.answer, "prediction": s.answer} for s in samples]
 
-    monkeypatch.setattr(predict, "predict", fake_predict)
+    monkeypatch.setattr(training, "predict", fake_predict)
     val = [Sample(id=str(i), file="v", turns=[("user", f"say {i}"), ("assistant", "red " * (1 + i % 3))])
            for i in range(40)]
     model = SimpleNamespace(training=False, eval=lambda: None, train=lambda: None)
@@ -248,7 +248,7 @@ def test_closed_set_validation_scores_the_whole_set_on_every_rank(monkeypatch):
         calls.append(([s.id for s in samples], kw.get("rule"), kw.get("prompt_set")))
         return [{"reference": s.answer, "prediction": "red"} for s in samples]
 
-    monkeypatch.setattr(predict, "predict", fake_predict)
+    monkeypatch.setattr(training, "predict", fake_predict)
     val = [Sample(id=str(i), file="v", turns=[("user", "q"), ("assistant", ["red", "blue"][i % 2])]) for i in range(10)]
     model = SimpleNamespace(training=False, eval=lambda: None, train=lambda: None)
     args = SimpleNamespace(predict="score", batch_size=4)
@@ -295,7 +295,7 @@ def test_classifier_head_starts_at_the_mean_embedding_of_each_class_name(tiny_ll
     train = _cli("train")
     for model_path, tied in ((_tied_llm(tiny_llm, tmp_path), True), (tiny_llm, False)):
         args = train.parse_args(["--classifier", "-m", str(model_path), "--train-data", "d", "-r", "4"])
-        args.use_unsloth, args.gradient_checkpointing, args.mixed_precision = False, False, "no"
+        args = args.derive(use_unsloth=False, gradient_checkpointing=False, mixed_precision="no")
         model = classifier.load_for_training(args, classes, tok, class_ids)
         emb = model.get_input_embeddings().weight
         head = next(p for n, p in model.named_parameters() if "score" in n and p.requires_grad and p.dim() == 2)
@@ -307,9 +307,10 @@ def test_classifier_head_starts_at_the_mean_embedding_of_each_class_name(tiny_ll
 def test_merge_dtype_defaults_to_the_runs_weights_dtype():
     """export.py merge --dtype: run.json's weights_dtype (a CPU run under bf16 autocast trained float32 weights)."""
     import export
+    from finetune import precision
 
-    assert export.run_dtype({"weights_dtype": "float32", "precision": "bf16"}) == "float32"
-    assert export.run_dtype({"weights_dtype": "bfloat16", "precision": "no"}) == "bfloat16"
+    assert precision.export_dtype({"weights_dtype": "float32", "precision": "bf16"}) == "float32"
+    assert precision.export_dtype({"weights_dtype": "bfloat16", "precision": "no"}) == "bfloat16"
     action = next(a for a in export.build_parser()._subparsers._group_actions[0].choices["merge"]._actions
                   if a.dest == "dtype")
     assert action.default is None and "weights_dtype" in action.help
@@ -324,11 +325,11 @@ def test_default_run_name_and_checkpoint_schedule(tmp_path):
 
     train = _cli("train")
     args = train.parse_args(["-m", "some/Model-1B", "--train-data", "d", "--log-dir", str(tmp_path)])
-    assert re.fullmatch(r"Model-1B-\d{8}-\d{6}", runs.run_dir(args).name)
+    assert re.fullmatch(r"Model-1B-\d{8}-\d{6}", args.name) and runs.run_dir(args).name == args.name
 
     def schedule(*flags):
         a = train.parse_args(["-m", "m", "--train-data", "d", *flags])
-        a.gradient_checkpointing, a.mixed_precision = False, "no"
+        a = a.derive(gradient_checkpointing=False, mixed_precision="no")
         t = training.training_arguments(a, tmp_path, validates=True)
         return str(t["eval_strategy"]), str(t["save_strategy"]), t["save_steps"] if t["save_strategy"] == "steps" \
             else None
