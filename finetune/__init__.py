@@ -1,25 +1,33 @@
 """The library behind the four commands (train.py, eval.py, generate.py, export.py at the top of the repository).
 
-Users run those scripts and edit dataset.py, prompts.json and rewards.py; the modules here are what the scripts are
-built from, one job each:
+Layers (tests/test_layers.py keeps them so):
+    entry scripts   train.py, eval.py, generate.py, export.py; rewards.py (the user's GRPO rewards: train.py loads
+                    them and hands the functions to the library)
+    finetune/       the modules below; they import dataset.py and each other, never an entry script
+    dataset.py      the data layouts, validation, the prompt format and the loss mask; imports no project module
 
+One job each; a concern has one owner:
+    config.py      train.py's options as frozen dataclasses grouped by concern, and what the run derives from them
     modes.py       the four training modes (SFT, classifier head, GRPO, DPO) behind one interface
     training.py    what we add to TRL's trainers: samplers, validation, saves, callbacks, the batch-size search
-    runs.py        the run folder log/NAME/: layout, atomic writes, finding and resuming a run
+    runs.py        the run folder log/NAME/ (owner): every file in it named and written here, finding and resuming
+    precision.py   every dtype decision (owner): training, weights, inference and export
+    predict.py     scoring and generation, metrics, and decoding (owner: defaults, the budget rule, the flags)
     modeling.py    loading models (hub ids, folders, GGUF), LoRA / QLoRA / full, unsloth when it applies
     classifier.py  the sequence-classification head
     batching.py    collators, length-bucketed batches, the padding-free choice
     tokenise.py    tokenising through datasets.map, and its on-disk cache
-    sources.py     Hub datasets, parquet / CSV / Arrow tables, column mapping, mixing, validation splits
-    predict.py     scoring and generation, metrics (train.py's validation and eval.py share it)
+    sources.py     reading any source: Hub datasets, tables, JSON in other formats, column mapping, mixing, splits
     rl.py          GRPO and DPO through TRL
     monitor.py     the plan before loading, the console line, curves.png, reward health
     guards.py      Ctrl-C / SIGTERM saves, NaN stops, out-of-memory advice
-    launch.py      torchrun / accelerate / one process, and the batch plan
+    launch.py      torchrun / accelerate / one process, the device, and the batch plan
     options.py     command-line checks made before anything loads
+    errors.py      ModelError: the one-line error of everything above the data (bad data: dataset.DataError)
     parity.py      does an export answer as the run did
     llamacpp.py    GGUF through llama.cpp's converter, Ollama Modelfile
     trl_cpu.py     TRL's Triton log-prob kernel replaced on CPU
 
-Modules import only the standard library at module level, so every script's --help stays instant.
+Modules import only the standard library and each other at module level (torch, transformers, TRL, PEFT and
+datasets inside the functions that use them), so every script's --help stays instant.
 """
