@@ -39,7 +39,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 RVL_CDIP_CLASSES = [
@@ -71,6 +71,10 @@ class Sample:
     image: str | None = None       # absolute path
     document: str | None = None    # the part --max-len may truncate (text/ocr)
     needs_prompt: bool = False     # a question/system must come from prompts.json
+    context: int = 0               # leading turns that are prompt only: no loss on their assistant replies (TRL's
+                                   # prompt-completion form, whose prompt may hold earlier replies)
+    lm: bool = False               # language-modelling text (--lm-text): the one assistant turn is the text itself,
+                                   # the loss on every token, no chat template
 
     @property
     def answer(self) -> str | None:
@@ -162,6 +166,34 @@ def read_records(path: str | Path, allow_outside=False) -> list[tuple[Path, str,
     for f, sid, rec in records:
         _check_utf8(rec, f, sid)
     _check_ids(records)
+    return records
+
+
+def is_listing(path: Path) -> bool:
+    """A .csv/.tsv/.txt whose first (or, after a header, second) non-blank line starts with a cell ending .json."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
+    except OSError:
+        return True  # read_records names the problem
+    return any(line.split("\t")[0].strip().endswith(".json") for line in lines)
+
+
+def text_records(path: Path) -> list[tuple[Path, str, dict]]:
+    """A .txt file of language-modelling text (--lm-text): one sample per paragraph (blocks between blank lines),
+    named by the line it starts on."""
+    records, block, start = [], [], 0
+    for n, line in enumerate(_lines(path) + [""], 1):
+        if line.strip():
+            start = start or n
+            block.append(line)
+        elif block:
+            records.append((path, f"line {start}", {"text": "\n".join(block)}))
+            block, start = [], 0
+    if not records:
+        raise DataError(path, None, None, "file holds no text")
+    for f, sid, rec in records:
+        _check_utf8(rec, f, sid)
     return records
 
 
@@ -310,14 +342,27 @@ def _turns(rec, key, file, sid, require_assistant=True):
     return turns
 
 
-def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | None = None) -> Sample:
-    """One validated sample; image paths must resolve inside root (None: anywhere)."""
+LM_HINT = "; for language-modelling text (the loss on every token) pass --lm-text"
+
+
+def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | None = None, lm=False) -> Sample:
+    """One validated sample; image paths must resolve inside root (None: anywhere). lm (--lm-text): a record that
+    holds only "text" (and an "id") is language-modelling text, not a document waiting for its answer."""
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
     for key in ("messages", "conversations"):
         if key in rec:
-            return Sample(id=sid, file=str(file), turns=_turns(rec, key, file, sid))
+            turns = _turns(rec, key, file, sid)
+            return Sample(id=sid, file=str(file), turns=turns, context=_context(rec, turns, file, sid))
+    if set(rec) - {"id"} == {"text"}:
+        if lm:
+            text = _str_field(rec, "text", file, sid, required=True)
+            if not text.strip():
+                raise DataError(file, sid, "text", "empty string")
+            return Sample(id=sid, file=str(file), turns=[("assistant", text)], lm=True)
+        if require_answer:
+            raise DataError(file, sid, "answer", "missing" + LM_HINT)
     answer = _str_field(rec, "answer", file, sid, required=require_answer)
     system = _str_field(rec, "system", file, sid)
     question = _str_field(rec, "question", file, sid)
@@ -335,6 +380,15 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
         turns.append(("assistant", answer))
     return Sample(id=sid, file=str(file), turns=turns, image=image, document=document,
                   needs_prompt=question is None or system is None)
+
+
+def _context(rec, turns, file, sid) -> int:
+    """"context_turns" (sources.py writes it for TRL's conversational prompt-completion form): how many leading
+    turns are the prompt; the completion after them must hold an assistant turn to learn from."""
+    n = rec.get("context_turns", 0)
+    if n and not any(r == "assistant" for r, _ in turns[n:]):
+        raise DataError(file, sid, "completion", "no assistant turn to learn from")
+    return n
 
 
 def _check_image(file: Path, sid: str, rel: str, root: Path | None) -> str:
@@ -360,13 +414,16 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False) -> list[Sample]:
+def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False,
+                 lm=False) -> list[Sample]:
     """Every sample of a TSV / folder / JSON / JSONL path in our own format, validated; prompts fill in missing
     questions. The plain format (--response-template) needs no question: pass require_question=False. Files and
     images the data names must lie inside its folder (data_root) unless allow_outside. Other sources and formats:
     finetune.sources.load_samples."""
     root = data_root(path, allow_outside)
-    samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
+    lm_file = lm and Path(path).suffix == ".txt" and not is_listing(Path(path))
+    records = text_records(Path(path)) if lm_file else read_records(path, allow_outside)
+    samples = [parse_sample(rec, f, sid, require_answer, root, lm) for f, sid, rec in records]
     check_samples(samples, prompts, require_question)
     return samples
 
@@ -491,6 +548,7 @@ class Formatter:
     prefill: str | None = None             # text the reply starts with, appended to inference prompts
     truncated: int = 0                     # counters for the warnings printed after preprocessing
     dropped: int = 0
+    dropped_ids: list = field(default_factory=list)  # the samples behind `dropped`, for run.json
 
     # --- text rendering
     def _user_content(self, sample, text):
@@ -526,9 +584,13 @@ class Formatter:
                 return [(prompt + (" " + self.prefill if self.prefill else ""), False)]
             return [(prompt, False), (" " + ans + (self.tokenizer.eos_token or ""), True)]
         msgs = self._messages(sample, turns, document)
+        # prompt-only turns (TRL's prompt-completion form): counted from the sample's turns, past a system prompt
+        # pick_prompt put in front of them
+        context = sample.context + len(pick_prompt(sample, self.prompts, None)) - len(sample.turns) \
+            if sample.context else 0
         segs, done = [], ""
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < context:
                 continue
             before = self._render(msgs[:i], add_generation_prompt=True)
             upto = self._render(msgs[: i + 1], add_generation_prompt=False)
@@ -551,8 +613,11 @@ class Formatter:
 
         For image samples the processor must expand the image tokens, so this returns the text pieces instead
         ({"prompt_text", "answer_text", "image"}) and the collator tokenises them. Returns None for a sample
-        that cannot fit (counted in self.dropped).
+        that cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids); a
+        prompt to answer (with_answer=False) that cannot fit is a DataError.
         """
+        if sample.lm:
+            return self._encode_text(sample)
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
         if not with_answer and turns[-1][0] == "assistant":
             turns = turns[:-1]
@@ -570,11 +635,14 @@ class Formatter:
             if excess <= 0:
                 break
             if not document:
-                if sample.document is None and sample.image is None:
-                    self.dropped += 1  # a conversation too long for --max-len: nothing to truncate
-                    return None
-                raise DataError(sample.file, sample.id, "answer", f"prompt and answer alone take {len(ids)} "
-                                f"tokens, more than --max-len {self.max_len}")
+                if not with_answer:  # a prompt to answer: leaving it out would lose a prediction without a word
+                    raise DataError(sample.file, sample.id, "question", f"the prompt alone takes {len(ids)} "
+                                    f"tokens, more than --max-len {self.max_len}")
+                # nothing left to truncate: one long sample is dropped and counted, not a reason to stop the run
+                # (the caller stops when too many are: too_many_dropped)
+                self.dropped += 1
+                self.dropped_ids.append(sample.id)
+                return None
             doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
             document = self.tokenizer.decode(doc_ids[: max(0, len(doc_ids) - excess - 2)])
         else:
@@ -588,6 +656,16 @@ class Formatter:
                 raise DataError(sample.file, sample.id, "image", "image samples must be single-turn")
             out.update(prompt_text=segs[0][0], answer_text=segs[1][0] if len(segs) > 1 else "", image=sample.image)
         return out
+
+    def _encode_text(self, sample) -> dict:
+        """Language-modelling text: the tokenizer's own special tokens, EOS after it, the loss on every token; cut at
+        --max-len (counted in self.truncated: continued pre-training keeps the start of a long text)."""
+        text = sample.answer
+        ids = self.tokenizer(text)["input_ids"] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token else [])
+        if self.max_len and len(ids) > self.max_len:
+            ids = ids[: self.max_len]
+            self.truncated += 1
+        return {"id": sample.id, "input_ids": ids, "labels": list(ids), "length": len(ids), "text": text}
 
     def prompt_text(self, sample, train: bool = False) -> str:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
@@ -615,6 +693,19 @@ class Formatter:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(self.answer_text(answer), False)
+
+
+MAX_DROPPED_SHARE = 0.1  # above this share of samples too long for --max-len, the run stops: --max-len is wrong
+
+
+def too_many_dropped(fmt: Formatter, total: int, what="--train-data") -> str | None:
+    """The one line that stops a run whose samples do not fit --max-len too often (over MAX_DROPPED_SHARE of
+    them), else None: a few long samples are dropped and counted, most of the data dropped is a wrong --max-len."""
+    if total and fmt.dropped > MAX_DROPPED_SHARE * total:
+        return (f"{what}: {fmt.dropped} of {total} samples do not fit --max-len {fmt.max_len} even with their "
+                f"document cut away (first: {', '.join(map(str, fmt.dropped_ids[:3]))}); more than "
+                f"{MAX_DROPPED_SHARE:.0%} of the data would be dropped: raise --max-len")
+    return None
 
 
 def msgs_has_user(msgs):

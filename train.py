@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 import rewards
-from dataset import DataError, Formatter
+from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
 from finetune import config, guards, launch, modes, monitor, options, precision, runs, training
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "several, comma-separated, to mix (docs/data.md)")
     g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
     g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
+    g.add_argument("--lm-text", action="store_true", help="records that hold only \"text\", and .txt files (one "
+                   "sample per paragraph), are language-modelling text: the loss on every token (continued "
+                   "pre-training); without it such a record is a document waiting for its answer")
     g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
                    "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
     g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
@@ -286,14 +289,22 @@ def prepare(args):
         s.fmt, s.val_fmt = (Formatter(s.tokenizer, s.processor, args.response_template, args.max_len, s.prompts,
                                       args.seed) for _ in range(2))
         mode.encode(s)
+        for fmt, data, what in ((s.fmt, s.train, "--train-data"), (s.val_fmt, s.val, "--validation-data")):
+            if (stop := too_many_dropped(fmt, len(data), what)) is not None:
+                fail(stop)
+        if s.fmt.dropped_ids or s.val_fmt.dropped_ids:
+            s.derived["dropped_ids"] = {"train": s.fmt.dropped_ids, "validation": s.val_fmt.dropped_ids}
         args = derive(args, s.train_ds, model_config)
         s.args = args
         s.extras["metric"] = mode.metric(s)
     except (DataError, ModelError, ValueError) as e:
         fail(str(e))
-    if s.fmt.truncated or s.fmt.dropped:
-        print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}"
-              + (f", {s.fmt.dropped} conversations longer than it dropped" if s.fmt.dropped else ""), file=sys.stderr)
+    if s.fmt.truncated:
+        print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}", file=sys.stderr)
+    for fmt, what in ((s.fmt, "training"), (s.val_fmt, "validation")):
+        if fmt.dropped:
+            print(f"warning: {fmt.dropped} {what} samples longer than --max-len {args.max_len} dropped (first: "
+                  f"{', '.join(map(str, fmt.dropped_ids[:3]))}; all in run.json: dropped_ids)", file=sys.stderr)
     return args, mode, s
 
 

@@ -62,9 +62,9 @@ class SFT:
                                   a.allow_outside_paths) if has_val else []
         else:
             s.train = sources.load_samples(a.train_data, s.prompts, require_question=need_q,
-                                           allow_outside=a.allow_outside_paths, columns=a.columns)
+                                           allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text)
             s.val = sources.load_samples(a.validation_data, s.prompts, require_question=need_q,
-                                         allow_outside=a.allow_outside_paths, columns=a.columns) \
+                                         allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text) \
                 if a.validation_data else []
         # --mix, --validation-split, --train-samples
         s.train, s.val, used = sources.prepare(a, s.train, s.val, stored_ids)

@@ -63,7 +63,7 @@ from finetune import tokenise
 
 FIELDS = ("text", "ocr", "answer", "question", "system", "image", "id", "messages", "conversations", "prompt",
           "chosen", "rejected", "instruction", "input", "output", "images", "prompt_messages", "chosen_messages",
-          "rejected_messages")
+          "rejected_messages", "completion", "label", "tools")
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}
 RECORD_SUFFIXES = (".json", ".jsonl", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
@@ -108,16 +108,6 @@ def split_spec(spec: str) -> tuple[str, str | None, str | None]:
     return path, config, split
 
 
-def is_listing(path: Path) -> bool:
-    """A .csv/.tsv/.txt whose first (or, after a header, second) non-blank line starts with a cell ending .json."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
-    except OSError:
-        return True  # dataset.read_records names the problem
-    return any(line.split("\t")[0].strip().endswith(".json") for line in lines)
-
-
 def kind(spec: str) -> str:
     """'hub', 'table', 'disk' (save_to_disk), 'json' (dataset.py reads it, formats converted here) or 'records'
     (dataset.py's own layouts: a listing TSV, a folder of JSON files, a path that is not there)."""
@@ -127,7 +117,7 @@ def kind(spec: str) -> str:
         return "disk" if any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")) \
             else "records"
     if p.is_file():
-        if p.suffix in (".parquet", ".arrow") or (p.suffix in (".csv", ".tsv") and not is_listing(p)):
+        if p.suffix in (".parquet", ".arrow") or (p.suffix in (".csv", ".tsv") and not dataset.is_listing(p)):
             return "table"
         return "json" if p.suffix in (".json", ".jsonl") else "records"
     if HUB_ID.match(path + (f":{config}" if config else "")) and p.suffix not in (*TABLE_SUFFIXES, *RECORD_SUFFIXES):
@@ -235,6 +225,8 @@ def detect(columns) -> str | None:
         return "sharegpt"
     if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:
         return "dpo"
+    if "completion" in cols:  # TRL's prompt-completion form; with a label: unpaired preferences (KTO)
+        return "kto" if "label" in cols else "completion"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if cols & {"text", "ocr", "answer", "question", "image", "prompt"}:
@@ -243,6 +235,8 @@ def detect(columns) -> str | None:
 
 
 ALPACA = {"question": "instruction", "text": "input", "answer": "output"}  # our field -> alpaca's
+COMPLETION = {"question": "prompt", "answer": "completion"}  # our field -> TRL's prompt-completion form's
+OWN_NAMES = {"alpaca": ALPACA, "completion": COMPLETION}
 
 
 class Converter:
@@ -251,7 +245,7 @@ class Converter:
 
     def __init__(self, fmt: str, names: dict, table: bool, blank_is_absent=False):
         self.fmt, self.table, self.blank_is_absent = fmt, table, blank_is_absent
-        self.names = {**({k: names.get(v, v) for k, v in ALPACA.items()} if fmt == "alpaca" else {}), **names}
+        self.names = {**{k: names.get(v, v) for k, v in OWN_NAMES.get(fmt, {}).items()}, **names}
 
     def clean(self, row: dict) -> dict:
         out = {}
@@ -274,6 +268,8 @@ class Converter:
             rec = {k: v for k, v in rec.items() if v is not None}
         elif self.fmt == "openai":
             rec = _openai(rec, file, sid)
+        elif self.fmt == "completion":
+            rec = _prompt_completion(rec, file, sid)
         elif self.fmt == "dpo":
             rec = {(f"{k}_messages" if k in ("prompt", "chosen", "rejected") and isinstance(v, list) else k): v
                    for k, v in rec.items()}
@@ -338,6 +334,20 @@ def _openai(rec, file, sid):
     return {k: v for k, v in new.items() if v is not None}
 
 
+def _prompt_completion(rec, file, sid):
+    """TRL's prompt-completion form: strings are our question and answer; message lists (its conversational form)
+    are one conversation whose prompt turns carry no loss (context_turns), the loss on the completion."""
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    rest = {k: v for k, v in rec.items() if k not in ("prompt", "completion")}
+    if not isinstance(prompt, list) and not isinstance(completion, list):
+        return {**rest, **({"question": prompt} if prompt is not None else {}), "answer": completion}
+    for key, v in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(v, list) or not v:
+            raise DataError(file, sid, key, "expected a non-empty list of messages (the other of prompt and "
+                            "completion is one)")
+    return _openai({**rest, "messages": prompt + completion, "context_turns": len(prompt)}, file, sid)
+
+
 def _image_file(value: dict, file, sid) -> tuple[str, bool]:
     """An Image feature's cell: its bytes written once to the cache (content-addressed), else its path."""
     data, path = value.get("bytes"), value.get("path")
@@ -373,7 +383,7 @@ def _mapping(have, file, columns) -> tuple[dict, dict]:
     return rename, names
 
 
-def _require(fmt, cols, file, preference, require_answer):
+def _require(fmt, cols, file, preference, require_answer, lm=False):
     """One line, with the columns the table has, when nothing in it can be read as samples."""
     has = f"the table has columns: {', '.join(cols)}"
     if fmt is None:
@@ -381,8 +391,9 @@ def _require(fmt, cols, file, preference, require_answer):
                         "text=COLUMN,answer=COLUMN")
     if preference and fmt != "dpo":
         raise DataError(file, None, None, f"--trainer dpo needs prompt, chosen and rejected columns; {has}")
-    if not preference and fmt == "ours" and require_answer and "answer" not in cols:
-        raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN")
+    if not preference and fmt == "ours" and require_answer and "answer" not in cols and not (lm and "text" in cols):
+        raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN"
+                        + (dataset.LM_HINT if "text" in cols else ""))
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -403,7 +414,7 @@ class Table:
     """One table source: a memory-mapped datasets.Dataset, each row parsed into a Sample (or Preference) when
     it is read, so a million rows cost their Arrow pages, not a million Python objects."""
 
-    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False, columns=None):
+    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False, columns=None, lm=False):
         ds, self.file, where = read_table(spec)
         ds = _undecoded(ds)
         rename, names = _mapping(ds.column_names, self.file, columns)
@@ -411,11 +422,11 @@ class Table:
             taken = [c for c in rename.values() if c in ds.column_names and c not in rename]
             ds = ds.remove_columns(taken).rename_columns(rename)
         self.format = detect(ds.column_names)
-        _require(self.format, ds.column_names, self.file, preference, require_answer)
+        _require(self.format, ds.column_names, self.file, preference, require_answer, lm)
         self.convert = Converter(self.format, names, table=True, blank_is_absent=Path(self.file).suffix in
                                  (".csv", ".tsv") and kind(spec) == "table")
         self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
-        self.ds, self.spec, self.preference, self.require_answer = ds, spec, preference, require_answer
+        self.ds, self.spec, self.preference, self.require_answer, self.lm = ds, spec, preference, require_answer, lm
         self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
         # a save_to_disk folder: image paths are relative to the folder itself, not to the folder it lies in
         self.base = Path(where) if kind(spec) == "disk" else None
@@ -432,7 +443,7 @@ class Table:
             root = None if trusted else self.root
             if self.preference:
                 return dataset.parse_preference(rec, self.path, sid, root)
-            return dataset.parse_sample(rec, self.path, sid, self.require_answer, root)
+            return dataset.parse_sample(rec, self.path, sid, self.require_answer, root, self.lm)
         except DataError as e:
             raise self.convert.error(e) from None
 
@@ -468,7 +479,7 @@ class Table:
         """The dataset's fingerprint (datasets: it changes with the files' content and every transform) and how
         rows become samples (format, mapping, checks, this module's code)."""
         code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-        return _hash([self.ds._fingerprint, self.spec, self.format, self.convert.names, self.require_answer,
+        return _hash([self.ds._fingerprint, self.spec, self.format, self.convert.names, self.require_answer, self.lm,
                       self.preference, str(self.root), code])
 
 
@@ -575,7 +586,7 @@ def _slice(items: list, path, split):
     return [r for i in instr for r in items[i.from_:i.to]]
 
 
-def _json_records(spec, preference, require_answer, allow_outside, columns):
+def _json_records(spec, preference, require_answer, allow_outside, columns, lm=False):
     """A JSON / JSONL source read by dataset.py, in the format detected from its first record, parsed."""
     path, _, split = split_spec(spec)
     records = _slice(dataset.read_records(path, allow_outside), path, split)
@@ -590,13 +601,13 @@ def _json_records(spec, preference, require_answer, allow_outside, columns):
             rec, trusted = convert(rec, f, sid)
             root_ = None if trusted else root
             out.append(dataset.parse_preference(rec, f, sid, root_) if preference else
-                       dataset.parse_sample(rec, f, sid, require_answer, root_))
+                       dataset.parse_sample(rec, f, sid, require_answer, root_, lm))
         except DataError as e:
             raise convert.error(e) from None
     return out
 
 
-def _load(spec, preference, prompts, require_answer, require_question, allow_outside, columns):
+def _load(spec, preference, prompts, require_answer, require_question, allow_outside, columns, lm=False):
     columns = parse_columns(columns)
     parts = []
     for s in specs(spec):
@@ -604,13 +615,13 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
         if k == "records":  # dataset.py's own layouts (the split, if any, cut here)
             path, _, split = split_spec(s)
             base = _slice(dataset.load_preferences(path, prompts, allow_outside) if preference else
-                          dataset.load_samples(path, prompts, require_answer, require_question, allow_outside),
+                          dataset.load_samples(path, prompts, require_answer, require_question, allow_outside, lm),
                           path, split)
         elif k == "json":
-            base = _json_records(s, preference, require_answer, allow_outside, columns)
+            base = _json_records(s, preference, require_answer, allow_outside, columns, lm)
             dataset.check_samples(base, prompts, require_question or preference)
         else:
-            base = Table(s, preference, require_answer, allow_outside, columns)
+            base = Table(s, preference, require_answer, allow_outside, columns, lm)
             if preference:
                 base = [base.parse(row, n) for n, row in base.rows()]  # DPO sets are small: TRL wants them whole
                 dataset.check_samples(base, prompts)
@@ -622,10 +633,12 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
     return Samples(parts)
 
 
-def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False, columns=None):
+def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False, columns=None,
+                 lm=False):
     """Every sample of any source (the module docstring), validated: a list, or a lazy Samples for tables and mixes.
-    columns: --columns as given (a 'text=article,...' string or a mapping)."""
-    return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns)
+    columns: --columns as given (a 'text=article,...' string or a mapping); lm (--lm-text): text-only records and
+    .txt files are language-modelling text."""
+    return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns, lm)
 
 
 def load_preferences(spec, prompts=None, allow_outside=False, columns=None):
@@ -729,7 +742,7 @@ def run_split(cfg, prompts, require_question, allow_outside=False) -> list:
     """eval.py --split validation: the samples a run held out with --validation-split, from its training data."""
     if not cfg.get("validation_split_ids"):
         raise DataError("--split validation", None, None, "the run was not trained with --validation-split")
-    train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question,
+    train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question, lm=bool(cfg.get("lm_text")),
                          allow_outside=allow_outside, columns=cfg.get("columns"))
     train = train if isinstance(train, Samples) else Samples([(cfg["train_data"], train, None)])
     return list(train.take(_held_out(train, cfg["validation_split_ids"])))
