@@ -47,6 +47,7 @@ RVL_CDIP_CLASSES = [
     "specification", "file folder", "news article", "budget", "invoice", "presentation", "questionnaire",
     "resume", "memo",
 ]
+IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                 "bot": "assistant", "system": "system"}
 
@@ -68,17 +69,23 @@ class Sample:
     id: str
     file: str                      # where it came from, for error messages
     turns: list[tuple[str, str]]   # (role, text) in order; the last assistant turn is the reference answer
-    image: str | None = None       # absolute path
+    image: str | None = None       # absolute path: the document's image, before the first user turn's text
     document: str | None = None    # the part --max-len may truncate (text/ocr)
     needs_prompt: bool = False     # a question/system must come from prompts.json
     context: int = 0               # leading turns that are prompt only: no loss on their assistant replies (TRL's
                                    # prompt-completion form, whose prompt may hold earlier replies)
+    images: tuple = ()             # absolute paths, one per IMAGE placeholder in the turns, in order
     lm: bool = False               # language-modelling text (--lm-text): the one assistant turn is the text itself,
                                    # the loss on every token, no chat template
 
     @property
     def answer(self) -> str | None:
         return next((t for r, t in reversed(self.turns) if r == "assistant"), None)
+
+    @property
+    def all_images(self) -> list[str]:
+        """Every image the model must see, in the order the rendered conversation shows them."""
+        return ([self.image] if self.image else []) + list(self.images)
 
 
 # ----------------------------------------------------------------------------------------------- reading files
@@ -324,9 +331,12 @@ def _str_field(rec, key, file, sid, required=False):
 
 def _turns(rec, key, file, sid, require_assistant=True):
     msgs = rec[key]
+    if isinstance(msgs, dict):  # one message (ShareGPT preference pairs: chosen / rejected)
+        msgs = [msgs]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(file, sid, key, "expected a non-empty list of messages")
-    rk, ck = ("from", "value") if key == "conversations" else ("role", "content")
+    sharegpt = key == "conversations" or (isinstance(msgs[0], dict) and "from" in msgs[0])
+    rk, ck = ("from", "value") if sharegpt else ("role", "content")
     turns = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or rk not in m or ck not in m:
@@ -354,7 +364,8 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
     for key in ("messages", "conversations"):
         if key in rec:
             turns = _turns(rec, key, file, sid)
-            return Sample(id=sid, file=str(file), turns=turns, context=_context(rec, turns, file, sid))
+            return Sample(id=sid, file=str(file), turns=turns, context=_context(rec, turns, file, sid),
+                          images=_placed_images(rec, turns, file, sid, root))
     if set(rec) - {"id"} == {"text"}:
         if lm:
             text = _str_field(rec, "text", file, sid, required=True)
@@ -382,6 +393,23 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
                   needs_prompt=question is None or system is None)
 
 
+def _placed_images(rec, turns, file, sid, root) -> tuple:
+    """The `images` list matched in order to the IMAGE placeholders of the turns: as many of one as of the other,
+    or the sample names what is missing (an image never goes unseen, a placeholder never stays literal text)."""
+    images = rec.get("images")
+    images = [] if images is None else images
+    if not isinstance(images, list):
+        raise DataError(file, sid, "images", f"expected a list of image paths, got {type(images).__name__}")
+    marks = sum(t.count(IMAGE) for _, t in turns)
+    if marks != len(images):
+        raise DataError(file, sid, "images", f"{marks} {IMAGE} placeholder(s) in the conversation but "
+                        f"{len(images)} image(s): each image needs its placeholder where the conversation shows it")
+    for i, path in enumerate(images):
+        if not isinstance(path, str) or not path.strip():
+            raise DataError(file, sid, f"images[{i}]", "expected an image path")
+    return tuple(_check_image(file, sid, path, root, f"images[{i}]") for i, path in enumerate(images))
+
+
 def _context(rec, turns, file, sid) -> int:
     """"context_turns" (sources.py writes it for TRL's conversational prompt-completion form): how many leading
     turns are the prompt; the completion after them must hold an assistant turn to learn from."""
@@ -391,22 +419,22 @@ def _context(rec, turns, file, sid) -> int:
     return n
 
 
-def _check_image(file: Path, sid: str, rel: str, root: Path | None) -> str:
+def _check_image(file: Path, sid: str, rel: str, root: Path | None, key="image") -> str:
     """The image's absolute path, once it is known to lie inside root and to be a readable image."""
     p = (Path(file).parent / rel).resolve()
     if not _inside(p, root):
-        raise DataError(file, sid, "image", f"path outside the data folder {root}: {rel!r}; {OUTSIDE_HINT}")
+        raise DataError(file, sid, key, f"path outside the data folder {root}: {rel!r}; {OUTSIDE_HINT}")
     if not p.is_file():
-        raise DataError(file, sid, "image", f"image file {rel!r} not found")
+        raise DataError(file, sid, key, f"image file {rel!r} not found")
     if p.stat().st_size == 0:
-        raise DataError(file, sid, "image", f"image file {rel!r} is empty (0 bytes)")
+        raise DataError(file, sid, key, f"image file {rel!r} is empty (0 bytes)")
     from PIL import Image  # only data with images pays for the import
 
     try:
         with Image.open(p) as im:
             im.verify()  # header and checksums without decoding the pixels: cheap enough for every sample
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for a damaged file
-        raise DataError(file, sid, "image", f"image file {rel!r} cannot be read: {_first_line(e)}") from None
+        raise DataError(file, sid, key, f"image file {rel!r} cannot be read: {_first_line(e)}") from None
     return str(p)
 
 
@@ -551,21 +579,32 @@ class Formatter:
     dropped_ids: list = field(default_factory=list)  # the samples behind `dropped`, for run.json
 
     # --- text rendering
-    def _user_content(self, sample, text):
-        if self.processor is not None and sample.image is not None:
-            return [{"type": "image"}, {"type": "text", "text": text}]
-        return text
+    def _content(self, text, image_first=False):
+        """A turn's content: its text, or (vision) image parts where the document's image and IMAGE placeholders
+        put them, as chat templates of vision-language models expect."""
+        if self.processor is None or not (image_first or IMAGE in text):
+            return text
+        parts = [{"type": "image"}] if image_first else []
+        for i, piece in enumerate(text.split(IMAGE)):
+            parts += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+        return parts
 
     def _messages(self, sample, turns, document):
         msgs = []
         for role, text in turns:
-            if role == "user" and sample.document is not None and document is not None and not msgs_has_user(msgs):
+            first_user = role == "user" and not msgs_has_user(msgs)
+            if first_user and sample.document is not None and document is not None:
                 text = f"{document}\n\n{text}" if text else document
-            if role == "user" and not msgs_has_user(msgs):
-                msgs.append({"role": role, "content": self._user_content(sample, text)})
-            else:
-                msgs.append({"role": role, "content": text})
+            msgs.append({"role": role, "content": self._content(text, first_user and sample.image is not None)})
         return msgs
+
+    def _check_seen(self, sample):
+        """A text-only model cannot see images: say so rather than train on the placeholders' text (a document's
+        own image next to its text, e.g. an OCR page, is the one exception: the model reads the text)."""
+        if self.processor is None and (sample.images or (sample.image and sample.document is None)):
+            raise DataError(sample.file, sample.id, "images" if sample.images else "image",
+                            "the model is text-only and cannot see images: use a vision-language model "
+                            "(e.g. Qwen2-VL), or drop the images from the data")
 
     def _render(self, msgs, add_generation_prompt):
         owner = self.processor if self.processor is not None and getattr(self.processor, "chat_template", None) \
@@ -611,13 +650,14 @@ class Formatter:
     def encode(self, sample: Sample, train: bool = False, with_answer: bool = True) -> dict | None:
         """input_ids + labels (-100 outside the answers), truncating the document to fit --max-len.
 
-        For image samples the processor must expand the image tokens, so this returns the text pieces instead
-        ({"prompt_text", "answer_text", "image"}) and the collator tokenises them. Returns None for a sample
+        For image samples the processor must expand the image tokens, so this also returns the text pieces
+        ({"segments": JSON [[text, trainable], ...], "images": JSON paths, "prompt_text"}) for the collator. Returns None for a sample
         that cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids); a
         prompt to answer (with_answer=False) that cannot fit is a DataError.
         """
         if sample.lm:
             return self._encode_text(sample)
+        self._check_seen(sample)
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
         if not with_answer and turns[-1][0] == "assistant":
             turns = turns[:-1]
@@ -651,10 +691,10 @@ class Formatter:
             self.truncated += 1
         out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
                "text": "".join(t for t, _ in segs)}
-        if self.processor is not None and sample.image is not None:
-            if len(segs) > 2:
-                raise DataError(sample.file, sample.id, "image", "image samples must be single-turn")
-            out.update(prompt_text=segs[0][0], answer_text=segs[1][0] if len(segs) > 1 else "", image=sample.image)
+        if self.processor is not None and sample.all_images:
+            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
+            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
+            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
         return out
 
     def _encode_text(self, sample) -> dict:
@@ -673,7 +713,7 @@ class Formatter:
         tokenizer adds its own, or it would appear twice."""
         probe = Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
                        image=getattr(sample, "image", None), document=getattr(sample, "document", None),
-                       needs_prompt=sample.needs_prompt)
+                       needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()))
         text = self.encode(probe, train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
@@ -731,6 +771,10 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
+    if "conversations" in rec or "messages" in rec:  # ShareGPT's pair form: chosen and rejected one message each
+        key = "conversations" if "conversations" in rec else "messages"
+        turns = _turns(rec, key, file, sid, require_assistant=False)
+        return Preference(sid, str(file), turns, *(_reply(rec, k, file, sid) for k in ("chosen", "rejected")))
     if "prompt_messages" in rec:
         turns = _turns(rec, "prompt_messages", file, sid, require_assistant=False)
         replies = []
@@ -749,6 +793,51 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
     turns = ([("system", system)] if system else []) + [("user", question or "")]
     return Preference(sid, str(file), turns, chosen, rejected, _check_image(file, sid, image, root) if image else None,
                       needs_prompt=question is None or system is None)
+
+
+def _reply(rec, key, file, sid) -> str:
+    """A reply given as a string, one message or a list of them (its assistant turns)."""
+    if key not in rec:
+        raise DataError(file, sid, key, "missing")
+    if isinstance(rec[key], str):
+        return _str_field(rec, key, file, sid, required=True)
+    return "".join(t for r, t in _turns(rec, key, file, sid) if r == "assistant")
+
+
+@dataclass
+class Feedback:
+    """One unpaired preference (KTO): the prompt turns, one reply and whether it is desirable."""
+    id: str
+    file: str
+    turns: list[tuple[str, str]]
+    completion: str
+    label: bool
+    needs_prompt: bool = False
+
+
+def parse_feedback(rec, file: Path, sid: str) -> Feedback:
+    """TRL's unpaired preference forms: {"prompt", "completion", "label"} (strings, or message lists) or
+    {"messages"|"conversations", "label"} whose last assistant turn is the reply; label true or false."""
+    if not isinstance(rec, dict):
+        raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
+    sid = _sample_id(rec, file, sid)
+    if "label" not in rec:
+        raise DataError(file, sid, "label", "missing: true for a desirable reply, false for an undesirable one")
+    if not isinstance(rec["label"], bool):
+        raise DataError(file, sid, "label", f"expected true or false, got {rec['label']!r}")
+    for key in ("messages", "conversations"):
+        if key in rec:
+            turns = _turns(rec, key, file, sid)
+            last = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
+            return Feedback(sid, str(file), turns[:last], turns[last][1], rec["label"])
+    if isinstance(rec.get("prompt"), list):
+        turns = _turns(rec, "prompt", file, sid, require_assistant=False)
+        return Feedback(sid, str(file), turns, _reply(rec, "completion", file, sid), rec["label"])
+    question = _str_field(rec, "prompt", file, sid)
+    system = _str_field(rec, "system", file, sid)
+    turns = ([("system", system)] if system else []) + [("user", question or "")]
+    return Feedback(sid, str(file), turns, _reply(rec, "completion", file, sid), rec["label"],
+                    needs_prompt=question is None or system is None)
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:

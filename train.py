@@ -46,7 +46,7 @@ from finetune.modeling import (check_quantisable, is_vision_model, load_config, 
                                special_token_list, unsloth_wanted)
 from finetune.options import fail
 
-MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
+MODES = ("sft", "grpo", "dpo", "kto")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "must be a multiple)")
     g.add_argument("--max-completion-len", type=int, default=256, help="GRPO: max generated tokens (default 256)")
     g.add_argument("--temperature", type=float, default=1.0, help="GRPO: sampling temperature (default 1.0)")
-    g.add_argument("--beta", type=float, help="KL / DPO strength (default: 0.0 for GRPO as in TRL, 0.1 for DPO)")
+    g.add_argument("--beta", type=float, help="KL / DPO / KTO strength (default: 0.0 for GRPO as in TRL, 0.1 for DPO "
+                   "and KTO)")
     g.add_argument("--rewards", default="correct", help="GRPO rewards: names from rewards.py (structure, think, "
                    "correct) or module:function, comma-separated (default correct)")
     g.add_argument("--reward-weights", help="GRPO: one weight per reward, comma-separated (default all 1)")
     g.add_argument("--prefill", help="GRPO: text the reply starts with, e.g. '<reasoning>' (counted by the rewards)")
-    g.add_argument("--init-adapter", help="GRPO/DPO: start from an SFT run's adapter, e.g. log/SFT/best")
+    g.add_argument("--init-adapter", help="GRPO/DPO/KTO: start from an SFT run's adapter, e.g. log/SFT/best")
     g.add_argument("--vllm", action="store_true", help="GRPO: generate with vLLM, colocated (NVIDIA GPU + vllm)")
     g.add_argument("--dpo-loss", default="sigmoid", help="DPO loss type as TRL names it: sigmoid (default), ipo, "
                    "hinge, ...")

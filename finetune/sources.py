@@ -20,9 +20,12 @@ Formats, detected per source from its column names (or the first record's keys),
     ours        text|ocr, answer, question, system, image, id
     alpaca      instruction, input, output (+ system): instruction -> question, input -> text (the document,
                 placed before the question and truncated by --max-len), output -> answer
-    OpenAI      messages: [{role, content}], content a string or parts [{type: text, text}, {type: image, image}]
-                (an image part may also name the row's `images` column); a sample with an image is single-turn
-    ShareGPT    conversations: [{from, value}]  (FineTome-100k)
+    OpenAI      messages: [{role, content}], content a string or parts [{type: text, text}, {type: image, image}];
+                images where the conversation puts them: image parts and <image> placeholders in the text, matched
+                in order to the row's `images` column (several images, several turns)
+    ShareGPT    conversations: [{from, value}]  (FineTome-100k), <image> placeholders with an `images` column too
+    TRL         prompt, completion (strings, or message lists: the loss on the completion); text alone with --lm-text
+                (language modelling, the loss on every token; a .txt file: one sample per paragraph)
     DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
 Images: a path (relative to the table's file, or to a save_to_disk folder itself; inside that folder unless
 --allow-outside-paths), or a `datasets` Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>;
@@ -219,14 +222,16 @@ def _pick_split(ds, path, split):
 def detect(columns) -> str | None:
     """The format of a source from its column names (a table) or its first record's keys (JSON)."""
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:  # ShareGPT's pairs hold conversations too
+        return "dpo"
+    if "label" in cols and cols & {"completion", "messages", "conversations"}:
+        return "kto"  # TRL's unpaired preferences
     if "messages" in cols:
         return "openai"
     if "conversations" in cols:
         return "sharegpt"
-    if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:
-        return "dpo"
-    if "completion" in cols:  # TRL's prompt-completion form; with a label: unpaired preferences (KTO)
-        return "kto" if "label" in cols else "completion"
+    if "completion" in cols:  # TRL's prompt-completion form
+        return "completion"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if cols & {"text", "ocr", "answer", "question", "image", "prompt"}:
@@ -266,16 +271,19 @@ class Converter:
             rec = {"question": rec.get("instruction"), "text": rec.get("input") or None, "answer": rec.get("output"),
                    **{k: rec[k] for k in ("system", "id") if k in rec}}
             rec = {k: v for k, v in rec.items() if v is not None}
-        elif self.fmt == "openai":
+        elif self.fmt == "openai" or self.fmt == "kto":
             rec = _openai(rec, file, sid)
         elif self.fmt == "completion":
             rec = _prompt_completion(rec, file, sid)
-        elif self.fmt == "dpo":
+        elif self.fmt == "dpo" and not ({"messages", "conversations"} & set(rec)):
             rec = {(f"{k}_messages" if k in ("prompt", "chosen", "rejected") and isinstance(v, list) else k): v
                    for k, v in rec.items()}
         trusted = False
         if isinstance(rec.get("image"), dict):  # a datasets Image feature, undecoded: {"bytes", "path"}
             rec["image"], trusted = _image_file(rec["image"], file, sid)
+        if isinstance(rec.get("images"), list) and any(isinstance(v, dict) for v in rec["images"]):
+            files = [_image_file(v, file, sid) if isinstance(v, dict) else (v, False) for v in rec["images"]]
+            rec["images"], trusted = [f for f, _ in files], all(t for _, t in files)
         return rec, trusted
 
     def error(self, e):
@@ -296,42 +304,51 @@ def _error(message: str):
 
 
 def _openai(rec, file, sid):
-    """OpenAI messages whose content may be a list of text / image parts: text parts joined; a sample with an
-    image becomes our single-turn form (system, question, image, answer), the shape the Formatter renders."""
+    """OpenAI / TRL messages whose content may be a list of text and image parts: each becomes one string, an
+    image part written as dataset.IMAGE where it stood. The row's `images` are matched in order to the image
+    parts that name no image of their own and to the IMAGE placeholders of the text, so `images` ends up in the
+    order the conversation shows them (dataset.parse_sample checks the counts)."""
     msgs = rec.get("messages")
     if not isinstance(msgs, list):
         return rec
-    images, out, image = list(rec.get("images") or []), [], None
+    pool, ordered, out = list(rec.get("images") or []) if isinstance(rec.get("images"), list) else [], [], []
+
+    def take(where):
+        if not pool:
+            raise DataError(file, sid, where, f"an image placeholder without an image: the row's 'images' has "
+                            f"{len(ordered)}")
+        ordered.append(pool.pop(0))
+
     for i, m in enumerate(msgs):
         c = m.get("content") if isinstance(m, dict) else None
-        if isinstance(c, list):
+        if isinstance(c, str):
+            for _ in range(c.count(dataset.IMAGE)):
+                take(f"messages[{i}].content")
+        elif isinstance(c, list):
             texts = []
             for j, part in enumerate(c):
                 kind_ = part.get("type") if isinstance(part, dict) else None
                 if kind_ == "text":
                     texts.append(part.get("text") or "")
+                    for _ in range(texts[-1].count(dataset.IMAGE)):
+                        take(f"messages[{i}].content[{j}]")
                 elif kind_ in ("image", "image_url"):
                     url = part.get("image_url")
                     v = part.get("image") or part.get("path") or (url.get("url") if isinstance(url, dict) else url)
-                    v = v if v is not None else (images.pop(0) if images else None)
-                    if v is None or image is not None:
-                        raise DataError(file, sid, f"messages[{i}].content[{j}]", "no image for this part"
-                                             if v is None else "one image per sample is supported")
-                    image = v
+                    if v is None:
+                        take(f"messages[{i}].content[{j}]")
+                    else:
+                        ordered.append(v)
+                    texts.append(dataset.IMAGE)
                 else:
                     raise DataError(file, sid, f"messages[{i}].content[{j}].type",
-                                         f"expected 'text' or 'image', got {kind_!r}")
+                                    f"expected 'text' or 'image', got {kind_!r}")
             m = {**m, "content": "".join(texts)}
         out.append(m)
-    if image is None:
-        return {**rec, "messages": out}
-    turns = [(m.get("role"), m.get("content")) for m in out if isinstance(m, dict)]
-    if sum(r == "user" for r, _ in turns) != 1 or sum(r == "assistant" for r, _ in turns) > 1:
-        raise DataError(file, sid, "messages", "a sample with an image must be single-turn (one user turn)")
-    pick = {r: t for r, t in turns}
-    new = {"image": image, "question": pick.get("user") or None, "system": pick.get("system"),
-           "answer": pick.get("assistant"), "id": rec.get("id")}
-    return {k: v for k, v in new.items() if v is not None}
+    if pool:
+        raise DataError(file, sid, "images", f"{len(pool)} image(s) more than the conversation has placeholders "
+                        f"({dataset.IMAGE} or image parts) for")
+    return {**rec, "messages": out, **({"images": ordered} if ordered or "images" in rec else {})}
 
 
 def _prompt_completion(rec, file, sid):
@@ -389,7 +406,10 @@ def _require(fmt, cols, file, preference, require_answer, lm=False):
     if fmt is None:
         raise DataError(file, None, None, f"no column to read samples from; {has}; name them with --columns "
                         "text=COLUMN,answer=COLUMN")
-    if preference and fmt != "dpo":
+    if preference == "kto" and fmt != "kto":
+        raise DataError(file, None, None, f"--trainer kto needs a label column with prompt and completion (or "
+                        f"messages); {has}")
+    if preference and preference != "kto" and fmt != "dpo":
         raise DataError(file, None, None, f"--trainer dpo needs prompt, chosen and rejected columns; {has}")
     if not preference and fmt == "ours" and require_answer and "answer" not in cols and not (lm and "text" in cols):
         raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN"
@@ -438,14 +458,23 @@ class Table:
         sid = f"row {n + 1}"
         try:
             rec, trusted = self.convert(row, self.file, sid)
-            if self.base is not None and isinstance(rec.get("image"), str) and not Path(rec["image"]).is_absolute():
-                rec["image"] = str(self.base / rec["image"])
+            if self.base is not None:
+                rec = self._from_base(rec)
             root = None if trusted else self.root
-            if self.preference:
-                return dataset.parse_preference(rec, self.path, sid, root)
-            return dataset.parse_sample(rec, self.path, sid, self.require_answer, root, self.lm)
+            return _parse(rec, self.path, sid, self.preference, self.require_answer, root, self.lm)
         except DataError as e:
             raise self.convert.error(e) from None
+
+    def _from_base(self, rec: dict) -> dict:
+        """Relative image paths of a save_to_disk folder made relative to the folder itself."""
+        def move(p):
+            return str(self.base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+
+        if "image" in rec:
+            rec["image"] = move(rec["image"])
+        if isinstance(rec.get("images"), list):
+            rec["images"] = [move(p) for p in rec["images"]]
+        return rec
 
     def get(self, n: int):
         return self.parse(self.ds[int(n)], int(n))
@@ -586,6 +615,15 @@ def _slice(items: list, path, split):
     return [r for i in instr for r in items[i.from_:i.to]]
 
 
+def _parse(rec, file, sid, preference, require_answer, root, lm):
+    """One record as its mode trains on it: a Sample, a preference pair (True: DPO) or unpaired feedback ("kto")."""
+    if preference == "kto":
+        return dataset.parse_feedback(rec, file, sid)
+    if preference:
+        return dataset.parse_preference(rec, file, sid, root)
+    return dataset.parse_sample(rec, file, sid, require_answer, root, lm)
+
+
 def _json_records(spec, preference, require_answer, allow_outside, columns, lm=False):
     """A JSON / JSONL source read by dataset.py, in the format detected from its first record, parsed."""
     path, _, split = split_spec(spec)
@@ -600,8 +638,7 @@ def _json_records(spec, preference, require_answer, allow_outside, columns, lm=F
                 rec = {rename.get(k, k): v for k, v in rec.items()}
             rec, trusted = convert(rec, f, sid)
             root_ = None if trusted else root
-            out.append(dataset.parse_preference(rec, f, sid, root_) if preference else
-                       dataset.parse_sample(rec, f, sid, require_answer, root_, lm))
+            out.append(_parse(rec, f, sid, preference, require_answer, root_, lm))
         except DataError as e:
             raise convert.error(e) from None
     return out
@@ -614,7 +651,9 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
         k = kind(s)
         if k == "records":  # dataset.py's own layouts (the split, if any, cut here)
             path, _, split = split_spec(s)
-            base = _slice(dataset.load_preferences(path, prompts, allow_outside) if preference else
+            base = _slice([dataset.parse_feedback(r, f, sid) for f, sid, r in dataset.read_records(path, allow_outside)]
+                          if preference == "kto" else
+                          dataset.load_preferences(path, prompts, allow_outside) if preference else
                           dataset.load_samples(path, prompts, require_answer, require_question, allow_outside, lm),
                           path, split)
         elif k == "json":
@@ -641,8 +680,9 @@ def load_samples(spec, prompts=None, require_answer=True, require_question=True,
     return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns, lm)
 
 
-def load_preferences(spec, prompts=None, allow_outside=False, columns=None):
-    return list(_load(spec, True, prompts, True, True, allow_outside, columns))
+def load_preferences(spec, prompts=None, allow_outside=False, columns=None, unpaired=False):
+    """Preference pairs (DPO), or with unpaired unpaired preferences (KTO: dataset.Feedback), as a list."""
+    return list(_load(spec, "kto" if unpaired else True, prompts, True, True, allow_outside, columns))
 
 
 # ------------------------------------------------------------------------------------------------ training only

@@ -32,7 +32,7 @@ from dataset import DataError
 CACHE_VERSION = 2  # bump when the cached rows change meaning
 MAP_PROCESSES_FROM = 20000  # samples from which datasets.map tokenises in --num-preprocess-workers processes
 QUIET_BELOW = 10000  # samples below which tokenising shows no progress bar
-ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image", "truncated",
+ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "segments", "images", "truncated",
                    "dropped")
 
 

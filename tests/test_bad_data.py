@@ -283,6 +283,18 @@ def case_most_samples_too_long_for_max_len(tmp, llm):
         ["--train-data", "2 of 2 samples do not fit --max-len 8", "first: line 1, line 2", "raise --max-len"]
 
 
+def case_kto_label_not_a_boolean(tmp, llm):
+    rows = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "a", "label": "yes"}]
+    return train("--trainer", "kto", "-b", "2", "--train-data", _jsonl(tmp, rows)), \
+        ["data.jsonl", "sample line 2", "field 'label'", "expected true or false"]
+
+
+def case_image_placeholder_without_an_image(tmp, llm):
+    row = {"messages": [{"role": "user", "content": "<image>Which?"}, {"role": "assistant", "content": "red"}]}
+    return train("--train-data", _jsonl(tmp, [row])), \
+        ["data.jsonl", "sample line 1", "field 'messages[0].content'", "placeholder without an image"]
+
+
 def case_dpo_missing_rejected(tmp, llm):
     return train("--trainer", "dpo", "--train-data", _jsonl(tmp, [PREF, {"prompt": "q", "chosen": "a"}])), \
         ["data.jsonl", "sample line 2", "field 'rejected'", "missing"]
