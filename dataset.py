@@ -39,7 +39,7 @@ import hashlib
 import json
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 RVL_CDIP_CLASSES = [
@@ -47,6 +47,7 @@ RVL_CDIP_CLASSES = [
     "specification", "file folder", "news article", "budget", "invoice", "presentation", "questionnaire",
     "resume", "memo",
 ]
+IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                 "bot": "assistant", "system": "system"}
 
@@ -68,13 +69,23 @@ class Sample:
     id: str
     file: str                      # where it came from, for error messages
     turns: list[tuple[str, str]]   # (role, text) in order; the last assistant turn is the reference answer
-    image: str | None = None       # absolute path
+    image: str | None = None       # absolute path: the document's image, before the first user turn's text
     document: str | None = None    # the part --max-len may truncate (text/ocr)
     needs_prompt: bool = False     # a question/system must come from prompts.json
+    context: int = 0               # leading turns that are prompt only: no loss on their assistant replies (TRL's
+                                   # prompt-completion form, whose prompt may hold earlier replies)
+    images: tuple = ()             # absolute paths, one per IMAGE placeholder in the turns, in order
+    lm: bool = False               # language-modelling text (--lm-text): the one assistant turn is the text itself,
+                                   # the loss on every token, no chat template
 
     @property
     def answer(self) -> str | None:
         return next((t for r, t in reversed(self.turns) if r == "assistant"), None)
+
+    @property
+    def all_images(self) -> list[str]:
+        """Every image the model must see, in the order the rendered conversation shows them."""
+        return ([self.image] if self.image else []) + list(self.images)
 
 
 # ----------------------------------------------------------------------------------------------- reading files
@@ -162,6 +173,34 @@ def read_records(path: str | Path, allow_outside=False) -> list[tuple[Path, str,
     for f, sid, rec in records:
         _check_utf8(rec, f, sid)
     _check_ids(records)
+    return records
+
+
+def is_listing(path: Path) -> bool:
+    """A .csv/.tsv/.txt whose first (or, after a header, second) non-blank line starts with a cell ending .json."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
+    except OSError:
+        return True  # read_records names the problem
+    return any(line.split("\t")[0].strip().endswith(".json") for line in lines)
+
+
+def text_records(path: Path) -> list[tuple[Path, str, dict]]:
+    """A .txt file of language-modelling text (--lm-text): one sample per paragraph (blocks between blank lines),
+    named by the line it starts on."""
+    records, block, start = [], [], 0
+    for n, line in enumerate(_lines(path) + [""], 1):
+        if line.strip():
+            start = start or n
+            block.append(line)
+        elif block:
+            records.append((path, f"line {start}", {"text": "\n".join(block)}))
+            block, start = [], 0
+    if not records:
+        raise DataError(path, None, None, "file holds no text")
+    for f, sid, rec in records:
+        _check_utf8(rec, f, sid)
     return records
 
 
@@ -292,9 +331,12 @@ def _str_field(rec, key, file, sid, required=False):
 
 def _turns(rec, key, file, sid, require_assistant=True):
     msgs = rec[key]
+    if isinstance(msgs, dict):  # one message (ShareGPT preference pairs: chosen / rejected)
+        msgs = [msgs]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(file, sid, key, "expected a non-empty list of messages")
-    rk, ck = ("from", "value") if key == "conversations" else ("role", "content")
+    sharegpt = key == "conversations" or (isinstance(msgs[0], dict) and "from" in msgs[0])
+    rk, ck = ("from", "value") if sharegpt else ("role", "content")
     turns = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or rk not in m or ck not in m:
@@ -310,14 +352,28 @@ def _turns(rec, key, file, sid, require_assistant=True):
     return turns
 
 
-def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | None = None) -> Sample:
-    """One validated sample; image paths must resolve inside root (None: anywhere)."""
+LM_HINT = "; for language-modelling text (the loss on every token) pass --lm-text"
+
+
+def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | None = None, lm=False) -> Sample:
+    """One validated sample; image paths must resolve inside root (None: anywhere). lm (--lm-text): a record that
+    holds only "text" (and an "id") is language-modelling text, not a document waiting for its answer."""
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
     for key in ("messages", "conversations"):
         if key in rec:
-            return Sample(id=sid, file=str(file), turns=_turns(rec, key, file, sid))
+            turns = _turns(rec, key, file, sid)
+            return Sample(id=sid, file=str(file), turns=turns, context=_context(rec, turns, file, sid),
+                          images=_placed_images(rec, turns, file, sid, root))
+    if set(rec) - {"id"} == {"text"}:
+        if lm:
+            text = _str_field(rec, "text", file, sid, required=True)
+            if not text.strip():
+                raise DataError(file, sid, "text", "empty string")
+            return Sample(id=sid, file=str(file), turns=[("assistant", text)], lm=True)
+        if require_answer:
+            raise DataError(file, sid, "answer", "missing" + LM_HINT)
     answer = _str_field(rec, "answer", file, sid, required=require_answer)
     system = _str_field(rec, "system", file, sid)
     question = _str_field(rec, "question", file, sid)
@@ -337,22 +393,48 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
                   needs_prompt=question is None or system is None)
 
 
-def _check_image(file: Path, sid: str, rel: str, root: Path | None) -> str:
+def _placed_images(rec, turns, file, sid, root) -> tuple:
+    """The `images` list matched in order to the IMAGE placeholders of the turns: as many of one as of the other,
+    or the sample names what is missing (an image never goes unseen, a placeholder never stays literal text)."""
+    images = rec.get("images")
+    images = [] if images is None else images
+    if not isinstance(images, list):
+        raise DataError(file, sid, "images", f"expected a list of image paths, got {type(images).__name__}")
+    marks = sum(t.count(IMAGE) for _, t in turns)
+    if marks != len(images):
+        raise DataError(file, sid, "images", f"{marks} {IMAGE} placeholder(s) in the conversation but "
+                        f"{len(images)} image(s): each image needs its placeholder where the conversation shows it")
+    for i, path in enumerate(images):
+        if not isinstance(path, str) or not path.strip():
+            raise DataError(file, sid, f"images[{i}]", "expected an image path")
+    return tuple(_check_image(file, sid, path, root, f"images[{i}]") for i, path in enumerate(images))
+
+
+def _context(rec, turns, file, sid) -> int:
+    """"context_turns" (sources.py writes it for TRL's conversational prompt-completion form): how many leading
+    turns are the prompt; the completion after them must hold an assistant turn to learn from."""
+    n = rec.get("context_turns", 0)
+    if n and not any(r == "assistant" for r, _ in turns[n:]):
+        raise DataError(file, sid, "completion", "no assistant turn to learn from")
+    return n
+
+
+def _check_image(file: Path, sid: str, rel: str, root: Path | None, key="image") -> str:
     """The image's absolute path, once it is known to lie inside root and to be a readable image."""
     p = (Path(file).parent / rel).resolve()
     if not _inside(p, root):
-        raise DataError(file, sid, "image", f"path outside the data folder {root}: {rel!r}; {OUTSIDE_HINT}")
+        raise DataError(file, sid, key, f"path outside the data folder {root}: {rel!r}; {OUTSIDE_HINT}")
     if not p.is_file():
-        raise DataError(file, sid, "image", f"image file {rel!r} not found")
+        raise DataError(file, sid, key, f"image file {rel!r} not found")
     if p.stat().st_size == 0:
-        raise DataError(file, sid, "image", f"image file {rel!r} is empty (0 bytes)")
+        raise DataError(file, sid, key, f"image file {rel!r} is empty (0 bytes)")
     from PIL import Image  # only data with images pays for the import
 
     try:
         with Image.open(p) as im:
             im.verify()  # header and checksums without decoding the pixels: cheap enough for every sample
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for a damaged file
-        raise DataError(file, sid, "image", f"image file {rel!r} cannot be read: {_first_line(e)}") from None
+        raise DataError(file, sid, key, f"image file {rel!r} cannot be read: {_first_line(e)}") from None
     return str(p)
 
 
@@ -360,13 +442,16 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False) -> list[Sample]:
+def load_samples(path, prompts=None, require_answer=True, require_question=True, allow_outside=False,
+                 lm=False) -> list[Sample]:
     """Every sample of a TSV / folder / JSON / JSONL path in our own format, validated; prompts fill in missing
     questions. The plain format (--response-template) needs no question: pass require_question=False. Files and
     images the data names must lie inside its folder (data_root) unless allow_outside. Other sources and formats:
     finetune.sources.load_samples."""
     root = data_root(path, allow_outside)
-    samples = [parse_sample(rec, f, sid, require_answer, root) for f, sid, rec in read_records(path, allow_outside)]
+    lm_file = lm and Path(path).suffix == ".txt" and not is_listing(Path(path))
+    records = text_records(Path(path)) if lm_file else read_records(path, allow_outside)
+    samples = [parse_sample(rec, f, sid, require_answer, root, lm) for f, sid, rec in records]
     check_samples(samples, prompts, require_question)
     return samples
 
@@ -491,23 +576,35 @@ class Formatter:
     prefill: str | None = None             # text the reply starts with, appended to inference prompts
     truncated: int = 0                     # counters for the warnings printed after preprocessing
     dropped: int = 0
+    dropped_ids: list = field(default_factory=list)  # the samples behind `dropped`, for run.json
 
     # --- text rendering
-    def _user_content(self, sample, text):
-        if self.processor is not None and sample.image is not None:
-            return [{"type": "image"}, {"type": "text", "text": text}]
-        return text
+    def _content(self, text, image_first=False):
+        """A turn's content: its text, or (vision) image parts where the document's image and IMAGE placeholders
+        put them, as chat templates of vision-language models expect."""
+        if self.processor is None or not (image_first or IMAGE in text):
+            return text
+        parts = [{"type": "image"}] if image_first else []
+        for i, piece in enumerate(text.split(IMAGE)):
+            parts += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+        return parts
 
     def _messages(self, sample, turns, document):
         msgs = []
         for role, text in turns:
-            if role == "user" and sample.document is not None and document is not None and not msgs_has_user(msgs):
+            first_user = role == "user" and not msgs_has_user(msgs)
+            if first_user and sample.document is not None and document is not None:
                 text = f"{document}\n\n{text}" if text else document
-            if role == "user" and not msgs_has_user(msgs):
-                msgs.append({"role": role, "content": self._user_content(sample, text)})
-            else:
-                msgs.append({"role": role, "content": text})
+            msgs.append({"role": role, "content": self._content(text, first_user and sample.image is not None)})
         return msgs
+
+    def _check_seen(self, sample):
+        """A text-only model cannot see images: say so rather than train on the placeholders' text (a document's
+        own image next to its text, e.g. an OCR page, is the one exception: the model reads the text)."""
+        if self.processor is None and (sample.images or (sample.image and sample.document is None)):
+            raise DataError(sample.file, sample.id, "images" if sample.images else "image",
+                            "the model is text-only and cannot see images: use a vision-language model "
+                            "(e.g. Qwen2-VL), or drop the images from the data")
 
     def _render(self, msgs, add_generation_prompt):
         owner = self.processor if self.processor is not None and getattr(self.processor, "chat_template", None) \
@@ -526,9 +623,13 @@ class Formatter:
                 return [(prompt + (" " + self.prefill if self.prefill else ""), False)]
             return [(prompt, False), (" " + ans + (self.tokenizer.eos_token or ""), True)]
         msgs = self._messages(sample, turns, document)
+        # prompt-only turns (TRL's prompt-completion form): counted from the sample's turns, past a system prompt
+        # pick_prompt put in front of them
+        context = sample.context + len(pick_prompt(sample, self.prompts, None)) - len(sample.turns) \
+            if sample.context else 0
         segs, done = [], ""
         for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < context:
                 continue
             before = self._render(msgs[:i], add_generation_prompt=True)
             upto = self._render(msgs[: i + 1], add_generation_prompt=False)
@@ -549,10 +650,14 @@ class Formatter:
     def encode(self, sample: Sample, train: bool = False, with_answer: bool = True) -> dict | None:
         """input_ids + labels (-100 outside the answers), truncating the document to fit --max-len.
 
-        For image samples the processor must expand the image tokens, so this returns the text pieces instead
-        ({"prompt_text", "answer_text", "image"}) and the collator tokenises them. Returns None for a sample
-        that cannot fit (counted in self.dropped).
+        For image samples the processor must expand the image tokens, so this also returns the text pieces
+        ({"segments": JSON [[text, trainable], ...], "images": JSON paths, "prompt_text"}) for the collator. Returns None for a sample
+        that cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids); a
+        prompt to answer (with_answer=False) that cannot fit is a DataError.
         """
+        if sample.lm:
+            return self._encode_text(sample)
+        self._check_seen(sample)
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
         if not with_answer and turns[-1][0] == "assistant":
             turns = turns[:-1]
@@ -570,11 +675,14 @@ class Formatter:
             if excess <= 0:
                 break
             if not document:
-                if sample.document is None and sample.image is None:
-                    self.dropped += 1  # a conversation too long for --max-len: nothing to truncate
-                    return None
-                raise DataError(sample.file, sample.id, "answer", f"prompt and answer alone take {len(ids)} "
-                                f"tokens, more than --max-len {self.max_len}")
+                if not with_answer:  # a prompt to answer: leaving it out would lose a prediction without a word
+                    raise DataError(sample.file, sample.id, "question", f"the prompt alone takes {len(ids)} "
+                                    f"tokens, more than --max-len {self.max_len}")
+                # nothing left to truncate: one long sample is dropped and counted, not a reason to stop the run
+                # (the caller stops when too many are: too_many_dropped)
+                self.dropped += 1
+                self.dropped_ids.append(sample.id)
+                return None
             doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
             document = self.tokenizer.decode(doc_ids[: max(0, len(doc_ids) - excess - 2)])
         else:
@@ -583,11 +691,21 @@ class Formatter:
             self.truncated += 1
         out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
                "text": "".join(t for t, _ in segs)}
-        if self.processor is not None and sample.image is not None:
-            if len(segs) > 2:
-                raise DataError(sample.file, sample.id, "image", "image samples must be single-turn")
-            out.update(prompt_text=segs[0][0], answer_text=segs[1][0] if len(segs) > 1 else "", image=sample.image)
+        if self.processor is not None and sample.all_images:
+            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
+            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
+            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
         return out
+
+    def _encode_text(self, sample) -> dict:
+        """Language-modelling text: the tokenizer's own special tokens, EOS after it, the loss on every token; cut at
+        --max-len (counted in self.truncated: continued pre-training keeps the start of a long text)."""
+        text = sample.answer
+        ids = self.tokenizer(text)["input_ids"] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token else [])
+        if self.max_len and len(ids) > self.max_len:
+            ids = ids[: self.max_len]
+            self.truncated += 1
+        return {"id": sample.id, "input_ids": ids, "labels": list(ids), "length": len(ids), "text": text}
 
     def prompt_text(self, sample, train: bool = False) -> str:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
@@ -595,7 +713,7 @@ class Formatter:
         tokenizer adds its own, or it would appear twice."""
         probe = Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
                        image=getattr(sample, "image", None), document=getattr(sample, "document", None),
-                       needs_prompt=sample.needs_prompt)
+                       needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()))
         text = self.encode(probe, train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
@@ -615,6 +733,19 @@ class Formatter:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(self.answer_text(answer), False)
+
+
+MAX_DROPPED_SHARE = 0.1  # above this share of samples too long for --max-len, the run stops: --max-len is wrong
+
+
+def too_many_dropped(fmt: Formatter, total: int, what="--train-data") -> str | None:
+    """The one line that stops a run whose samples do not fit --max-len too often (over MAX_DROPPED_SHARE of
+    them), else None: a few long samples are dropped and counted, most of the data dropped is a wrong --max-len."""
+    if total and fmt.dropped > MAX_DROPPED_SHARE * total:
+        return (f"{what}: {fmt.dropped} of {total} samples do not fit --max-len {fmt.max_len} even with their "
+                f"document cut away (first: {', '.join(map(str, fmt.dropped_ids[:3]))}); more than "
+                f"{MAX_DROPPED_SHARE:.0%} of the data would be dropped: raise --max-len")
+    return None
 
 
 def msgs_has_user(msgs):
@@ -640,6 +771,10 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
+    if "conversations" in rec or "messages" in rec:  # ShareGPT's pair form: chosen and rejected one message each
+        key = "conversations" if "conversations" in rec else "messages"
+        turns = _turns(rec, key, file, sid, require_assistant=False)
+        return Preference(sid, str(file), turns, *(_reply(rec, k, file, sid) for k in ("chosen", "rejected")))
     if "prompt_messages" in rec:
         turns = _turns(rec, "prompt_messages", file, sid, require_assistant=False)
         replies = []
@@ -658,6 +793,51 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
     turns = ([("system", system)] if system else []) + [("user", question or "")]
     return Preference(sid, str(file), turns, chosen, rejected, _check_image(file, sid, image, root) if image else None,
                       needs_prompt=question is None or system is None)
+
+
+def _reply(rec, key, file, sid) -> str:
+    """A reply given as a string, one message or a list of them (its assistant turns)."""
+    if key not in rec:
+        raise DataError(file, sid, key, "missing")
+    if isinstance(rec[key], str):
+        return _str_field(rec, key, file, sid, required=True)
+    return "".join(t for r, t in _turns(rec, key, file, sid) if r == "assistant")
+
+
+@dataclass
+class Feedback:
+    """One unpaired preference (KTO): the prompt turns, one reply and whether it is desirable."""
+    id: str
+    file: str
+    turns: list[tuple[str, str]]
+    completion: str
+    label: bool
+    needs_prompt: bool = False
+
+
+def parse_feedback(rec, file: Path, sid: str) -> Feedback:
+    """TRL's unpaired preference forms: {"prompt", "completion", "label"} (strings, or message lists) or
+    {"messages"|"conversations", "label"} whose last assistant turn is the reply; label true or false."""
+    if not isinstance(rec, dict):
+        raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
+    sid = _sample_id(rec, file, sid)
+    if "label" not in rec:
+        raise DataError(file, sid, "label", "missing: true for a desirable reply, false for an undesirable one")
+    if not isinstance(rec["label"], bool):
+        raise DataError(file, sid, "label", f"expected true or false, got {rec['label']!r}")
+    for key in ("messages", "conversations"):
+        if key in rec:
+            turns = _turns(rec, key, file, sid)
+            last = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
+            return Feedback(sid, str(file), turns[:last], turns[last][1], rec["label"])
+    if isinstance(rec.get("prompt"), list):
+        turns = _turns(rec, "prompt", file, sid, require_assistant=False)
+        return Feedback(sid, str(file), turns, _reply(rec, "completion", file, sid), rec["label"])
+    question = _str_field(rec, "prompt", file, sid)
+    system = _str_field(rec, "system", file, sid)
+    turns = ([("system", system)] if system else []) + [("user", question or "")]
+    return Feedback(sid, str(file), turns, _reply(rec, "completion", file, sid), rec["label"],
+                    needs_prompt=question is None or system is None)
 
 
 def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference]:

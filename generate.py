@@ -64,13 +64,14 @@ def generate_one(model, fmt, sample, max_new_tokens=256, temperature=0.0, stream
 
     tok = fmt.tokenizer
     dev = next(model.parameters()).device
-    if sample.image and fmt.processor is not None:
-        # the processor expands the image into its tokens, so it gets the prompt text; rendered from the segments
-        # (not Formatter.encode, which handles a single turn for images) so a chat about an image can go on
+    if sample.all_images and fmt.processor is not None:
+        # the processor expands the images into their tokens, so it gets the prompt text; rendered from the segments
+        # (no --max-len cut) so a chat about an image can go on
         from PIL import Image
 
         text = "".join(t for t, _ in fmt.segments(sample, pick_prompt(sample, fmt.prompts, None), sample.document))
-        enc = fmt.processor(text=[text], images=[Image.open(sample.image).convert("RGB")], return_tensors="pt").to(dev)
+        enc = fmt.processor(text=[text], images=[Image.open(p).convert("RGB") for p in sample.all_images],
+                            return_tensors="pt").to(dev)
     else:
         encoded = fmt.encode(sample, with_answer=False)
         if encoded is None:

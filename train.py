@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 import rewards
-from dataset import DataError, Formatter
+from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
 from finetune import config, guards, launch, modes, monitor, options, precision, runs, training
@@ -46,7 +46,7 @@ from finetune.modeling import (check_quantisable, is_vision_model, load_config, 
                                special_token_list, unsloth_wanted)
 from finetune.options import fail
 
-MODES = ("sft", "grpo", "dpo")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
+MODES = ("sft", "grpo", "dpo", "kto")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "several, comma-separated, to mix (docs/data.md)")
     g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
     g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
+    g.add_argument("--lm-text", action="store_true", help="records that hold only \"text\", and .txt files (one "
+                   "sample per paragraph), are language-modelling text: the loss on every token (continued "
+                   "pre-training); without it such a record is a document waiting for its answer")
     g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
                    "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
     g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
@@ -149,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "must be a multiple)")
     g.add_argument("--max-completion-len", type=int, default=256, help="GRPO: max generated tokens (default 256)")
     g.add_argument("--temperature", type=float, default=1.0, help="GRPO: sampling temperature (default 1.0)")
-    g.add_argument("--beta", type=float, help="KL / DPO strength (default: 0.0 for GRPO as in TRL, 0.1 for DPO)")
+    g.add_argument("--beta", type=float, help="KL / DPO / KTO strength (default: 0.0 for GRPO as in TRL, 0.1 for DPO "
+                   "and KTO)")
     g.add_argument("--rewards", default="correct", help="GRPO rewards: names from rewards.py (structure, think, "
                    "correct) or module:function, comma-separated (default correct)")
     g.add_argument("--reward-weights", help="GRPO: one weight per reward, comma-separated (default all 1)")
     g.add_argument("--prefill", help="GRPO: text the reply starts with, e.g. '<reasoning>' (counted by the rewards)")
-    g.add_argument("--init-adapter", help="GRPO/DPO: start from an SFT run's adapter, e.g. log/SFT/best")
+    g.add_argument("--init-adapter", help="GRPO/DPO/KTO: start from an SFT run's adapter, e.g. log/SFT/best")
     g.add_argument("--vllm", action="store_true", help="GRPO: generate with vLLM, colocated (NVIDIA GPU + vllm)")
     g.add_argument("--dpo-loss", default="sigmoid", help="DPO loss type as TRL names it: sigmoid (default), ipo, "
                    "hinge, ...")
@@ -286,14 +290,22 @@ def prepare(args):
         s.fmt, s.val_fmt = (Formatter(s.tokenizer, s.processor, args.response_template, args.max_len, s.prompts,
                                       args.seed) for _ in range(2))
         mode.encode(s)
+        for fmt, data, what in ((s.fmt, s.train, "--train-data"), (s.val_fmt, s.val, "--validation-data")):
+            if (stop := too_many_dropped(fmt, len(data), what)) is not None:
+                fail(stop)
+        if s.fmt.dropped_ids or s.val_fmt.dropped_ids:
+            s.derived["dropped_ids"] = {"train": s.fmt.dropped_ids, "validation": s.val_fmt.dropped_ids}
         args = derive(args, s.train_ds, model_config)
         s.args = args
         s.extras["metric"] = mode.metric(s)
     except (DataError, ModelError, ValueError) as e:
         fail(str(e))
-    if s.fmt.truncated or s.fmt.dropped:
-        print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}"
-              + (f", {s.fmt.dropped} conversations longer than it dropped" if s.fmt.dropped else ""), file=sys.stderr)
+    if s.fmt.truncated:
+        print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}", file=sys.stderr)
+    for fmt, what in ((s.fmt, "training"), (s.val_fmt, "validation")):
+        if fmt.dropped:
+            print(f"warning: {fmt.dropped} {what} samples longer than --max-len {args.max_len} dropped (first: "
+                  f"{', '.join(map(str, fmt.dropped_ids[:3]))}; all in run.json: dropped_ids)", file=sys.stderr)
     return args, mode, s
 
 

@@ -24,9 +24,10 @@ flash-attention implementation loaded; everything else pads.
 """
 from __future__ import annotations
 
+import json
 import random
 
-RL_TRAINERS = ("GRPOTrainer", "DPOTrainer", "RLOOTrainer", "OnlineDPOTrainer")  # their own samplers matter
+RL_TRAINERS = ("GRPOTrainer", "DPOTrainer", "KTOTrainer", "RLOOTrainer", "OnlineDPOTrainer")  # their own samplers matter
 
 
 # ------------------------------------------------------------------------------------------------ collation
@@ -34,34 +35,60 @@ TOKEN_ALIGNED = ("mm_token_type_ids", "token_type_ids")
 
 
 class VisionCollator:
-    """Pads prompt + answer for vision-language models: the processor expands each image into its tokens, so
-    this tokenises at batch time (prompt through the processor, answer through the tokenizer: the loss mask is
-    exact). Text-only rows use their pre-computed ids."""
+    """Pads rows for vision-language models: the processor expands each image into its tokens, so this tokenises
+    image rows at batch time, segment by segment as dataset.Formatter cut them (a segment that shows images
+    through the processor with those images, in order; the others through the tokenizer), so the loss mask stays
+    exact over any number of images and turns. Text-only rows use their pre-computed ids."""
 
     def __init__(self, processor, pad_id):
         self.processor, self.pad_id = processor, pad_id
 
-    def __call__(self, rows):
+    def encode(self, segments, paths):
+        """(ids, labels, {key: tensors}) of one row: token-aligned keys as one tensor over the row."""
         import torch
         from PIL import Image
 
+        images = [Image.open(p).convert("RGB") for p in paths]
+        token = getattr(self.processor, "image_token", None) or "<|image_pad|>"
+        ids, labels, extra, aligned, used = [], [], {}, {}, 0
+        for text, trainable in segments:
+            n = text.count(token)
+            if n:
+                enc = self.processor(text=[text], images=images[used:used + n], return_tensors="pt",
+                                     add_special_tokens=False)
+                t = enc["input_ids"][0].tolist()
+                for k, v in enc.items():
+                    if k in TOKEN_ALIGNED:  # one value per token: placed at this segment's tokens
+                        aligned.setdefault(k, []).append((len(ids), v[0]))
+                    elif k not in ("input_ids", "attention_mask"):
+                        extra.setdefault(k, []).append(v)
+                used += n
+            else:
+                t = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += t
+            labels += t if trainable else [-100] * len(t)
+        if used != len(images):  # dataset.py matched them: a template that drops an image part must not pass
+            raise ValueError(f"the chat template shows {used} of a sample's {len(images)} images")
+        for k, pieces in aligned.items():
+            row = pieces[0][1].new_zeros(len(ids))
+            for start, v in pieces:
+                row[start:start + len(v)] = v
+            extra[k] = [row]
+        return ids, labels, {k: v if k in TOKEN_ALIGNED else [torch.cat(v)] for k, v in extra.items()}
+
+    def __call__(self, rows):
+        import torch
+
         ids, labels, extra = [], [], {}
         for r in rows:
-            if r.get("image"):
-                enc = self.processor(text=[r["prompt_text"]], images=[Image.open(r["image"]).convert("RGB")],
-                                     return_tensors="pt")
-                p = enc["input_ids"][0].tolist()
-                a = self.processor.tokenizer(r["answer_text"], add_special_tokens=False)["input_ids"]
-                ids.append(p + a)
-                labels.append([-100] * len(p) + a)
-                for k, v in enc.items():
-                    if k in TOKEN_ALIGNED:  # one value per token: extended over the answer, padded below
-                        v = torch.cat([v[0], v.new_zeros(len(a))])
-                    if k != "input_ids" and k != "attention_mask":
-                        extra.setdefault(k, []).append(v)
+            if r.get("images"):
+                x, y, more = self.encode(json.loads(r["segments"]), json.loads(r["images"]))
+                for k, v in more.items():
+                    extra.setdefault(k, []).extend(v)
             else:
-                ids.append(r["input_ids"])
-                labels.append(r["labels"])
+                x, y = r["input_ids"], r["labels"]
+            ids.append(x)
+            labels.append(y)
         width = max(len(x) for x in ids)
         batch = {"input_ids": torch.full((len(ids), width), self.pad_id), "labels": torch.full((len(ids), width), -100),
                  "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}

@@ -23,6 +23,7 @@ class DataOptions:
     train_data: str | None = None
     validation_data: str | None = None
     columns: str | dict | None = None
+    lm_text: bool = False
     validation_split: str | None = None
     train_samples: int | None = None
     mix: str | None = None

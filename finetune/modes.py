@@ -62,9 +62,9 @@ class SFT:
                                   a.allow_outside_paths) if has_val else []
         else:
             s.train = sources.load_samples(a.train_data, s.prompts, require_question=need_q,
-                                           allow_outside=a.allow_outside_paths, columns=a.columns)
+                                           allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text)
             s.val = sources.load_samples(a.validation_data, s.prompts, require_question=need_q,
-                                         allow_outside=a.allow_outside_paths, columns=a.columns) \
+                                         allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text) \
                 if a.validation_data else []
         # --mix, --validation-split, --train-samples
         s.train, s.val, used = sources.prepare(a, s.train, s.val, stored_ids)
@@ -87,7 +87,7 @@ class SFT:
 
         collator = batching.VisionCollator(s.processor, s.tokenizer.pad_token_id) if s.vision else \
             DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id)
-        keep = ["input_ids", "labels", "length"] + (["prompt_text", "answer_text", "image"] if s.vision else [])
+        keep = ["input_ids", "labels", "length"] + (["segments", "images"] if s.vision else [])
         flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (finetune/batching.py)
         trainer = training.make_trainer_class(SFTTrainer)(
             model=model, args=SFTConfig(**common, max_length=None, padding_free=flat,
@@ -168,32 +168,48 @@ class GRPO(SFT):
 class DPO(SFT):
     """DPO on preference pairs (TRL's DPOTrainer): finetune/rl.py."""
     name = "dpo"
+    unpaired = False                 # KTO reads unpaired preferences
+    trainer, config, rows = "DPOTrainer", staticmethod(rl.dpo_config), staticmethod(rl.dpo_dataset)
 
     def load_data(self, s: Setup, stored_ids=None):
         a = s.args
         sources.check_preference_options(a)
         s.prompts = load_prompts(a.prompts)
-        s.train = sources.load_preferences(a.train_data, s.prompts, a.allow_outside_paths, a.columns)
-        s.val = sources.load_preferences(a.validation_data, s.prompts, a.allow_outside_paths, a.columns) \
-            if a.validation_data else []
+        s.train = sources.load_preferences(a.train_data, s.prompts, a.allow_outside_paths, a.columns, self.unpaired)
+        s.val = sources.load_preferences(a.validation_data, s.prompts, a.allow_outside_paths, a.columns,
+                                         self.unpaired) if a.validation_data else []
 
     def encode(self, s: Setup):
-        s.train_ds = rl.dpo_dataset(s.fmt, s.train)
-        s.val_ds = rl.dpo_dataset(s.val_fmt, s.val) if s.val else None
+        s.train_ds = self.rows(s.fmt, s.train)
+        s.val_ds = self.rows(s.val_fmt, s.val) if s.val else None
 
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
-        from trl import DPOTrainer
+        import trl
 
-        return training.make_trainer_class(DPOTrainer)(
-            model=model, args=rl.dpo_config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
+        return training.make_trainer_class(getattr(trl, self.trainer))(
+            model=model, args=self.config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
             processing_class=s.tokenizer)
 
     def metrics(self, s: Setup) -> list[str]:
         return ["loss"]
 
 
+class KTO(DPO):
+    """KTO on unpaired preferences, a reply and whether it is desirable (TRL's KTOTrainer): finetune/rl.py. Model
+    loading, resume, curves and export are DPO's."""
+    name = "kto"
+    unpaired = True
+    trainer, config, rows = "KTOTrainer", staticmethod(rl.kto_config), staticmethod(rl.kto_dataset)
+
+    def encode(self, s: Setup):
+        if s.args.batch_size < 2:
+            raise ModelError("--trainer kto needs -b 2 or more: its KL estimate pairs each completion with another "
+                             "prompt of the same batch")
+        super().encode(s)
+
+
 def for_args(args):
     """The mode the options ask for (their clashes were checked in options.train_option_error)."""
     if args.head == "classifier":
         return Classifier()
-    return {"sft": SFT, "grpo": GRPO, "dpo": DPO}[args.trainer]()
+    return {"sft": SFT, "grpo": GRPO, "dpo": DPO, "kto": KTO}[args.trainer]()

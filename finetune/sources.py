@@ -20,9 +20,12 @@ Formats, detected per source from its column names (or the first record's keys),
     ours        text|ocr, answer, question, system, image, id
     alpaca      instruction, input, output (+ system): instruction -> question, input -> text (the document,
                 placed before the question and truncated by --max-len), output -> answer
-    OpenAI      messages: [{role, content}], content a string or parts [{type: text, text}, {type: image, image}]
-                (an image part may also name the row's `images` column); a sample with an image is single-turn
-    ShareGPT    conversations: [{from, value}]  (FineTome-100k)
+    OpenAI      messages: [{role, content}], content a string or parts [{type: text, text}, {type: image, image}];
+                images where the conversation puts them: image parts and <image> placeholders in the text, matched
+                in order to the row's `images` column (several images, several turns)
+    ShareGPT    conversations: [{from, value}]  (FineTome-100k), <image> placeholders with an `images` column too
+    TRL         prompt, completion (strings, or message lists: the loss on the completion); text alone with --lm-text
+                (language modelling, the loss on every token; a .txt file: one sample per paragraph)
     DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
 Images: a path (relative to the table's file, or to a save_to_disk folder itself; inside that folder unless
 --allow-outside-paths), or a `datasets` Image feature (bytes are written once to $FINETUNE_CACHE/images/<sha256>;
@@ -63,7 +66,7 @@ from finetune import tokenise
 
 FIELDS = ("text", "ocr", "answer", "question", "system", "image", "id", "messages", "conversations", "prompt",
           "chosen", "rejected", "instruction", "input", "output", "images", "prompt_messages", "chosen_messages",
-          "rejected_messages")
+          "rejected_messages", "completion", "label", "tools")
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}
 RECORD_SUFFIXES = (".json", ".jsonl", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
@@ -108,16 +111,6 @@ def split_spec(spec: str) -> tuple[str, str | None, str | None]:
     return path, config, split
 
 
-def is_listing(path: Path) -> bool:
-    """A .csv/.tsv/.txt whose first (or, after a header, second) non-blank line starts with a cell ending .json."""
-    try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            lines = [line for line in (f.readline() for _ in range(50)) if line.strip()][:2]
-    except OSError:
-        return True  # dataset.read_records names the problem
-    return any(line.split("\t")[0].strip().endswith(".json") for line in lines)
-
-
 def kind(spec: str) -> str:
     """'hub', 'table', 'disk' (save_to_disk), 'json' (dataset.py reads it, formats converted here) or 'records'
     (dataset.py's own layouts: a listing TSV, a folder of JSON files, a path that is not there)."""
@@ -127,7 +120,7 @@ def kind(spec: str) -> str:
         return "disk" if any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")) \
             else "records"
     if p.is_file():
-        if p.suffix in (".parquet", ".arrow") or (p.suffix in (".csv", ".tsv") and not is_listing(p)):
+        if p.suffix in (".parquet", ".arrow") or (p.suffix in (".csv", ".tsv") and not dataset.is_listing(p)):
             return "table"
         return "json" if p.suffix in (".json", ".jsonl") else "records"
     if HUB_ID.match(path + (f":{config}" if config else "")) and p.suffix not in (*TABLE_SUFFIXES, *RECORD_SUFFIXES):
@@ -229,12 +222,16 @@ def _pick_split(ds, path, split):
 def detect(columns) -> str | None:
     """The format of a source from its column names (a table) or its first record's keys (JSON)."""
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:  # ShareGPT's pairs hold conversations too
+        return "dpo"
+    if "label" in cols and cols & {"completion", "messages", "conversations"}:
+        return "kto"  # TRL's unpaired preferences
     if "messages" in cols:
         return "openai"
     if "conversations" in cols:
         return "sharegpt"
-    if {"chosen", "rejected"} <= cols or "chosen_messages" in cols:
-        return "dpo"
+    if "completion" in cols:  # TRL's prompt-completion form
+        return "completion"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if cols & {"text", "ocr", "answer", "question", "image", "prompt"}:
@@ -243,6 +240,8 @@ def detect(columns) -> str | None:
 
 
 ALPACA = {"question": "instruction", "text": "input", "answer": "output"}  # our field -> alpaca's
+COMPLETION = {"question": "prompt", "answer": "completion"}  # our field -> TRL's prompt-completion form's
+OWN_NAMES = {"alpaca": ALPACA, "completion": COMPLETION}
 
 
 class Converter:
@@ -251,7 +250,7 @@ class Converter:
 
     def __init__(self, fmt: str, names: dict, table: bool, blank_is_absent=False):
         self.fmt, self.table, self.blank_is_absent = fmt, table, blank_is_absent
-        self.names = {**({k: names.get(v, v) for k, v in ALPACA.items()} if fmt == "alpaca" else {}), **names}
+        self.names = {**{k: names.get(v, v) for k, v in OWN_NAMES.get(fmt, {}).items()}, **names}
 
     def clean(self, row: dict) -> dict:
         out = {}
@@ -272,14 +271,19 @@ class Converter:
             rec = {"question": rec.get("instruction"), "text": rec.get("input") or None, "answer": rec.get("output"),
                    **{k: rec[k] for k in ("system", "id") if k in rec}}
             rec = {k: v for k, v in rec.items() if v is not None}
-        elif self.fmt == "openai":
+        elif self.fmt == "openai" or self.fmt == "kto":
             rec = _openai(rec, file, sid)
-        elif self.fmt == "dpo":
+        elif self.fmt == "completion":
+            rec = _prompt_completion(rec, file, sid)
+        elif self.fmt == "dpo" and not ({"messages", "conversations"} & set(rec)):
             rec = {(f"{k}_messages" if k in ("prompt", "chosen", "rejected") and isinstance(v, list) else k): v
                    for k, v in rec.items()}
         trusted = False
         if isinstance(rec.get("image"), dict):  # a datasets Image feature, undecoded: {"bytes", "path"}
             rec["image"], trusted = _image_file(rec["image"], file, sid)
+        if isinstance(rec.get("images"), list) and any(isinstance(v, dict) for v in rec["images"]):
+            files = [_image_file(v, file, sid) if isinstance(v, dict) else (v, False) for v in rec["images"]]
+            rec["images"], trusted = [f for f, _ in files], all(t for _, t in files)
         return rec, trusted
 
     def error(self, e):
@@ -300,42 +304,65 @@ def _error(message: str):
 
 
 def _openai(rec, file, sid):
-    """OpenAI messages whose content may be a list of text / image parts: text parts joined; a sample with an
-    image becomes our single-turn form (system, question, image, answer), the shape the Formatter renders."""
+    """OpenAI / TRL messages whose content may be a list of text and image parts: each becomes one string, an
+    image part written as dataset.IMAGE where it stood. The row's `images` are matched in order to the image
+    parts that name no image of their own and to the IMAGE placeholders of the text, so `images` ends up in the
+    order the conversation shows them (dataset.parse_sample checks the counts)."""
     msgs = rec.get("messages")
     if not isinstance(msgs, list):
         return rec
-    images, out, image = list(rec.get("images") or []), [], None
+    pool, ordered, out = list(rec.get("images") or []) if isinstance(rec.get("images"), list) else [], [], []
+
+    def take(where):
+        if not pool:
+            raise DataError(file, sid, where, f"an image placeholder without an image: the row's 'images' has "
+                            f"{len(ordered)}")
+        ordered.append(pool.pop(0))
+
     for i, m in enumerate(msgs):
         c = m.get("content") if isinstance(m, dict) else None
-        if isinstance(c, list):
+        if isinstance(c, str):
+            for _ in range(c.count(dataset.IMAGE)):
+                take(f"messages[{i}].content")
+        elif isinstance(c, list):
             texts = []
             for j, part in enumerate(c):
                 kind_ = part.get("type") if isinstance(part, dict) else None
                 if kind_ == "text":
                     texts.append(part.get("text") or "")
+                    for _ in range(texts[-1].count(dataset.IMAGE)):
+                        take(f"messages[{i}].content[{j}]")
                 elif kind_ in ("image", "image_url"):
                     url = part.get("image_url")
                     v = part.get("image") or part.get("path") or (url.get("url") if isinstance(url, dict) else url)
-                    v = v if v is not None else (images.pop(0) if images else None)
-                    if v is None or image is not None:
-                        raise DataError(file, sid, f"messages[{i}].content[{j}]", "no image for this part"
-                                             if v is None else "one image per sample is supported")
-                    image = v
+                    if v is None:
+                        take(f"messages[{i}].content[{j}]")
+                    else:
+                        ordered.append(v)
+                    texts.append(dataset.IMAGE)
                 else:
                     raise DataError(file, sid, f"messages[{i}].content[{j}].type",
-                                         f"expected 'text' or 'image', got {kind_!r}")
+                                    f"expected 'text' or 'image', got {kind_!r}")
             m = {**m, "content": "".join(texts)}
         out.append(m)
-    if image is None:
-        return {**rec, "messages": out}
-    turns = [(m.get("role"), m.get("content")) for m in out if isinstance(m, dict)]
-    if sum(r == "user" for r, _ in turns) != 1 or sum(r == "assistant" for r, _ in turns) > 1:
-        raise DataError(file, sid, "messages", "a sample with an image must be single-turn (one user turn)")
-    pick = {r: t for r, t in turns}
-    new = {"image": image, "question": pick.get("user") or None, "system": pick.get("system"),
-           "answer": pick.get("assistant"), "id": rec.get("id")}
-    return {k: v for k, v in new.items() if v is not None}
+    if pool:
+        raise DataError(file, sid, "images", f"{len(pool)} image(s) more than the conversation has placeholders "
+                        f"({dataset.IMAGE} or image parts) for")
+    return {**rec, "messages": out, **({"images": ordered} if ordered or "images" in rec else {})}
+
+
+def _prompt_completion(rec, file, sid):
+    """TRL's prompt-completion form: strings are our question and answer; message lists (its conversational form)
+    are one conversation whose prompt turns carry no loss (context_turns), the loss on the completion."""
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    rest = {k: v for k, v in rec.items() if k not in ("prompt", "completion")}
+    if not isinstance(prompt, list) and not isinstance(completion, list):
+        return {**rest, **({"question": prompt} if prompt is not None else {}), "answer": completion}
+    for key, v in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(v, list) or not v:
+            raise DataError(file, sid, key, "expected a non-empty list of messages (the other of prompt and "
+                            "completion is one)")
+    return _openai({**rest, "messages": prompt + completion, "context_turns": len(prompt)}, file, sid)
 
 
 def _image_file(value: dict, file, sid) -> tuple[str, bool]:
@@ -373,16 +400,20 @@ def _mapping(have, file, columns) -> tuple[dict, dict]:
     return rename, names
 
 
-def _require(fmt, cols, file, preference, require_answer):
+def _require(fmt, cols, file, preference, require_answer, lm=False):
     """One line, with the columns the table has, when nothing in it can be read as samples."""
     has = f"the table has columns: {', '.join(cols)}"
     if fmt is None:
         raise DataError(file, None, None, f"no column to read samples from; {has}; name them with --columns "
                         "text=COLUMN,answer=COLUMN")
-    if preference and fmt != "dpo":
+    if preference == "kto" and fmt != "kto":
+        raise DataError(file, None, None, f"--trainer kto needs a label column with prompt and completion (or "
+                        f"messages); {has}")
+    if preference and preference != "kto" and fmt != "dpo":
         raise DataError(file, None, None, f"--trainer dpo needs prompt, chosen and rejected columns; {has}")
-    if not preference and fmt == "ours" and require_answer and "answer" not in cols:
-        raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN")
+    if not preference and fmt == "ours" and require_answer and "answer" not in cols and not (lm and "text" in cols):
+        raise DataError(file, None, None, f"no 'answer' column; {has}; map one with --columns answer=COLUMN"
+                        + (dataset.LM_HINT if "text" in cols else ""))
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -403,7 +434,7 @@ class Table:
     """One table source: a memory-mapped datasets.Dataset, each row parsed into a Sample (or Preference) when
     it is read, so a million rows cost their Arrow pages, not a million Python objects."""
 
-    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False, columns=None):
+    def __init__(self, spec, preference=False, require_answer=True, allow_outside=False, columns=None, lm=False):
         ds, self.file, where = read_table(spec)
         ds = _undecoded(ds)
         rename, names = _mapping(ds.column_names, self.file, columns)
@@ -411,11 +442,11 @@ class Table:
             taken = [c for c in rename.values() if c in ds.column_names and c not in rename]
             ds = ds.remove_columns(taken).rename_columns(rename)
         self.format = detect(ds.column_names)
-        _require(self.format, ds.column_names, self.file, preference, require_answer)
+        _require(self.format, ds.column_names, self.file, preference, require_answer, lm)
         self.convert = Converter(self.format, names, table=True, blank_is_absent=Path(self.file).suffix in
                                  (".csv", ".tsv") and kind(spec) == "table")
         self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
-        self.ds, self.spec, self.preference, self.require_answer = ds, spec, preference, require_answer
+        self.ds, self.spec, self.preference, self.require_answer, self.lm = ds, spec, preference, require_answer, lm
         self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
         # a save_to_disk folder: image paths are relative to the folder itself, not to the folder it lies in
         self.base = Path(where) if kind(spec) == "disk" else None
@@ -427,14 +458,23 @@ class Table:
         sid = f"row {n + 1}"
         try:
             rec, trusted = self.convert(row, self.file, sid)
-            if self.base is not None and isinstance(rec.get("image"), str) and not Path(rec["image"]).is_absolute():
-                rec["image"] = str(self.base / rec["image"])
+            if self.base is not None:
+                rec = self._from_base(rec)
             root = None if trusted else self.root
-            if self.preference:
-                return dataset.parse_preference(rec, self.path, sid, root)
-            return dataset.parse_sample(rec, self.path, sid, self.require_answer, root)
+            return _parse(rec, self.path, sid, self.preference, self.require_answer, root, self.lm)
         except DataError as e:
             raise self.convert.error(e) from None
+
+    def _from_base(self, rec: dict) -> dict:
+        """Relative image paths of a save_to_disk folder made relative to the folder itself."""
+        def move(p):
+            return str(self.base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+
+        if "image" in rec:
+            rec["image"] = move(rec["image"])
+        if isinstance(rec.get("images"), list):
+            rec["images"] = [move(p) for p in rec["images"]]
+        return rec
 
     def get(self, n: int):
         return self.parse(self.ds[int(n)], int(n))
@@ -468,7 +508,7 @@ class Table:
         """The dataset's fingerprint (datasets: it changes with the files' content and every transform) and how
         rows become samples (format, mapping, checks, this module's code)."""
         code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-        return _hash([self.ds._fingerprint, self.spec, self.format, self.convert.names, self.require_answer,
+        return _hash([self.ds._fingerprint, self.spec, self.format, self.convert.names, self.require_answer, self.lm,
                       self.preference, str(self.root), code])
 
 
@@ -575,7 +615,16 @@ def _slice(items: list, path, split):
     return [r for i in instr for r in items[i.from_:i.to]]
 
 
-def _json_records(spec, preference, require_answer, allow_outside, columns):
+def _parse(rec, file, sid, preference, require_answer, root, lm):
+    """One record as its mode trains on it: a Sample, a preference pair (True: DPO) or unpaired feedback ("kto")."""
+    if preference == "kto":
+        return dataset.parse_feedback(rec, file, sid)
+    if preference:
+        return dataset.parse_preference(rec, file, sid, root)
+    return dataset.parse_sample(rec, file, sid, require_answer, root, lm)
+
+
+def _json_records(spec, preference, require_answer, allow_outside, columns, lm=False):
     """A JSON / JSONL source read by dataset.py, in the format detected from its first record, parsed."""
     path, _, split = split_spec(spec)
     records = _slice(dataset.read_records(path, allow_outside), path, split)
@@ -589,28 +638,29 @@ def _json_records(spec, preference, require_answer, allow_outside, columns):
                 rec = {rename.get(k, k): v for k, v in rec.items()}
             rec, trusted = convert(rec, f, sid)
             root_ = None if trusted else root
-            out.append(dataset.parse_preference(rec, f, sid, root_) if preference else
-                       dataset.parse_sample(rec, f, sid, require_answer, root_))
+            out.append(_parse(rec, f, sid, preference, require_answer, root_, lm))
         except DataError as e:
             raise convert.error(e) from None
     return out
 
 
-def _load(spec, preference, prompts, require_answer, require_question, allow_outside, columns):
+def _load(spec, preference, prompts, require_answer, require_question, allow_outside, columns, lm=False):
     columns = parse_columns(columns)
     parts = []
     for s in specs(spec):
         k = kind(s)
         if k == "records":  # dataset.py's own layouts (the split, if any, cut here)
             path, _, split = split_spec(s)
-            base = _slice(dataset.load_preferences(path, prompts, allow_outside) if preference else
-                          dataset.load_samples(path, prompts, require_answer, require_question, allow_outside),
+            base = _slice([dataset.parse_feedback(r, f, sid) for f, sid, r in dataset.read_records(path, allow_outside)]
+                          if preference == "kto" else
+                          dataset.load_preferences(path, prompts, allow_outside) if preference else
+                          dataset.load_samples(path, prompts, require_answer, require_question, allow_outside, lm),
                           path, split)
         elif k == "json":
-            base = _json_records(s, preference, require_answer, allow_outside, columns)
+            base = _json_records(s, preference, require_answer, allow_outside, columns, lm)
             dataset.check_samples(base, prompts, require_question or preference)
         else:
-            base = Table(s, preference, require_answer, allow_outside, columns)
+            base = Table(s, preference, require_answer, allow_outside, columns, lm)
             if preference:
                 base = [base.parse(row, n) for n, row in base.rows()]  # DPO sets are small: TRL wants them whole
                 dataset.check_samples(base, prompts)
@@ -622,14 +672,17 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
     return Samples(parts)
 
 
-def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False, columns=None):
+def load_samples(spec, prompts=None, require_answer=True, require_question=True, allow_outside=False, columns=None,
+                 lm=False):
     """Every sample of any source (the module docstring), validated: a list, or a lazy Samples for tables and mixes.
-    columns: --columns as given (a 'text=article,...' string or a mapping)."""
-    return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns)
+    columns: --columns as given (a 'text=article,...' string or a mapping); lm (--lm-text): text-only records and
+    .txt files are language-modelling text."""
+    return _load(spec, False, prompts, require_answer, require_question, allow_outside, columns, lm)
 
 
-def load_preferences(spec, prompts=None, allow_outside=False, columns=None):
-    return list(_load(spec, True, prompts, True, True, allow_outside, columns))
+def load_preferences(spec, prompts=None, allow_outside=False, columns=None, unpaired=False):
+    """Preference pairs (DPO), or with unpaired unpaired preferences (KTO: dataset.Feedback), as a list."""
+    return list(_load(spec, "kto" if unpaired else True, prompts, True, True, allow_outside, columns))
 
 
 # ------------------------------------------------------------------------------------------------ training only
@@ -729,7 +782,7 @@ def run_split(cfg, prompts, require_question, allow_outside=False) -> list:
     """eval.py --split validation: the samples a run held out with --validation-split, from its training data."""
     if not cfg.get("validation_split_ids"):
         raise DataError("--split validation", None, None, "the run was not trained with --validation-split")
-    train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question,
+    train = load_samples(cfg["train_data"], prompts, require_answer=True, require_question=require_question, lm=bool(cfg.get("lm_text")),
                          allow_outside=allow_outside, columns=cfg.get("columns"))
     train = train if isinstance(train, Samples) else Samples([(cfg["train_data"], train, None)])
     return list(train.take(_held_out(train, cfg["validation_split_ids"])))

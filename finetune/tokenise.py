@@ -7,7 +7,7 @@ samples (what was read from the data files, prompts included), the tokenizer (it
 added tokens, chat template, special tokens), the processor's chat template, the Formatter's options (response
 template, max_len, prompts, seed, prefill, train/validation), dataset.py's source (the formatting code itself), the
 transformers and tokenizers versions, and CACHE_VERSION. A run with the same inputs loads the rows (memory-mapped
-Arrow) instead of tokenising; the Formatter's truncated / dropped counts are stored with them. FINETUNE_CACHE=off
+Arrow) instead of tokenising; the Formatter's truncated / dropped counts (and the dropped ids) are stored with them. FINETUNE_CACHE=off
 disables it. Sets of MAP_PROCESSES_FROM samples or more are tokenised in --num-preprocess-workers processes
 (datasets.map's num_proc); below that, starting the workers costs more than it saves.
 """
@@ -29,10 +29,11 @@ from pathlib import Path
 import dataset
 from dataset import DataError
 
-CACHE_VERSION = 1  # bump when the cached rows change meaning
+CACHE_VERSION = 2  # bump when the cached rows change meaning
 MAP_PROCESSES_FROM = 20000  # samples from which datasets.map tokenises in --num-preprocess-workers processes
 QUIET_BELOW = 10000  # samples below which tokenising shows no progress bar
-ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image", "truncated")
+ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "segments", "images", "truncated",
+                   "dropped")
 
 
 def default_workers() -> int:
@@ -68,15 +69,16 @@ def _encode_batch(batch, positions, source, fmt, train, idx):
         n = j if idx is None else int(idx[j])
         try:
             s = source.parse(dict(zip(keys, values)), n)
-            truncated, dropped = fmt.truncated, fmt.dropped
+            truncated, dropped, named = fmt.truncated, fmt.dropped, len(fmt.dropped_ids)
             r = fmt.encode(s, train=train)
         except DataError as e:
             raise _Carried(str(e)) from None
         # counted from the rows afterwards (encode_source), the same in one process or in map's workers
         truncated, fmt.truncated, fmt.dropped = fmt.truncated > truncated, truncated, dropped
-        if r is None:
-            continue
-        r["truncated"] = truncated
+        del fmt.dropped_ids[named:]
+        if r is None:  # too long for --max-len: a row that says so, so its id survives map's worker processes
+            r = {"id": s.id, "input_ids": [], "labels": [], "length": 0, "dropped": True}
+        r["truncated"], r["dropped"] = truncated, r.get("dropped", False)
         for k in ENCODED_COLUMNS:
             out[k].append(r.get(k))
     return out
@@ -91,7 +93,7 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
     ds = source.ds if idx is None else source.ds.select(idx)
     procs = workers if workers > 1 and len(ds) >= MAP_PROCESSES_FROM else None
     kinds = {"input_ids": datasets.List(datasets.Value("int64")), "labels": datasets.List(datasets.Value("int64")),
-             "length": datasets.Value("int64"), "truncated": datasets.Value("bool")}
+             "length": datasets.Value("int64"), "truncated": datasets.Value("bool"), "dropped": datasets.Value("bool")}
     features = datasets.Features({k: kinds.get(k, datasets.Value("string")) for k in ENCODED_COLUMNS})
     try:
         with quiet_datasets() if len(ds) < QUIET_BELOW else contextlib.nullcontext():  # a bar only for long waits
@@ -104,9 +106,14 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
         err = DataError.__new__(DataError)  # the finished one-line message, as raised in the worker
         Exception.__init__(err, str(e))
         raise err from None
-    fmt.dropped += len(ds) - len(out)
     fmt.truncated += sum(out["truncated"])
-    return out.remove_columns("truncated"), procs or 1
+    gone = [i for i, d in enumerate(out["dropped"]) if d]
+    if gone:
+        fmt.dropped += len(gone)
+        fmt.dropped_ids += out.select(gone)["id"]
+        keep = sorted(set(range(len(out))) - set(gone))
+        out = out.select(keep).flatten_indices()  # the kept rows written out: later maps and the cache see no holes
+    return out.remove_columns(["truncated", "dropped"]), procs or 1
 
 
 def _scratch() -> Path:
@@ -154,7 +161,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-NOT_KEYED = {"file", "tokenizer", "processor", "truncated", "dropped"}  # error-message paths, hashed apart, counters
+NOT_KEYED = {"file", "tokenizer", "processor", "truncated", "dropped", "dropped_ids"}  # error-message paths, hashed apart, counters
 
 
 def _fields(obj) -> dict:
@@ -207,6 +214,7 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
                 if len(ds) == meta["rows"]:
                     fmt.truncated += meta["truncated"]
                     fmt.dropped += meta["dropped"]
+                    fmt.dropped_ids += meta.get("dropped_ids", [])
                     log(f"tokenised: {meta['samples']} samples from cache ({entry})")
                     return ds
             except (OSError, ValueError, KeyError) as e:  # a file missing, cut off or unreadable (pyarrow's errors
@@ -214,6 +222,7 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
                 _warn(f"ignoring a damaged tokenisation cache entry {entry} ({type(e).__name__})")
             shutil.rmtree(entry, ignore_errors=True)  # damaged: tokenise again and store it anew
     truncated, dropped, start = fmt.truncated, fmt.dropped, time.perf_counter()
+    first_dropped = len(fmt.dropped_ids)
     if hasattr(samples, "encode"):  # sources.Samples: its parts, tables read from their Arrow files
         ds, used = samples.encode(fmt, train, workers)
     else:
@@ -221,7 +230,8 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
     seconds = time.perf_counter() - start
     stored = entry is not None and len(ds) > 0 and _store(entry, ds, {
         "rows": len(ds), "samples": len(samples), "truncated": fmt.truncated - truncated,
-        "dropped": fmt.dropped - dropped, "train": bool(train), "created": time.time()})
+        "dropped": fmt.dropped - dropped, "dropped_ids": fmt.dropped_ids[first_dropped:], "train": bool(train),
+        "created": time.time()})
     log(f"tokenised: {len(samples)} samples in {seconds:.1f} s" + (f" ({used} worker processes)" if used > 1 else "")
         + ("; cached for the next run" if stored else ""))
     return ds

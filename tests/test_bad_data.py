@@ -277,10 +277,22 @@ def case_rvl_missing_ocr(tmp, llm):
         ["train_0001_2_aws.json", "sample train_0001_2_aws", "field 'ocr'", "missing"]
 
 
-def case_answer_truncated_away_by_max_len(tmp, llm):
+def case_most_samples_too_long_for_max_len(tmp, llm):
     long_answer = " ".join(["computers food law love"] * 10)
-    return train("--train-data", _jsonl(tmp, [{**GOOD, "answer": long_answer}]), "--max-len", 8), \
-        ["data.jsonl", "sample line 1", "field 'answer'", "more than --max-len 8"]
+    return train("--train-data", _jsonl(tmp, [{**GOOD, "answer": long_answer}, GOOD]), "--max-len", 8), \
+        ["--train-data", "2 of 2 samples do not fit --max-len 8", "first: line 1, line 2", "raise --max-len"]
+
+
+def case_kto_label_not_a_boolean(tmp, llm):
+    rows = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "a", "label": "yes"}]
+    return train("--trainer", "kto", "-b", "2", "--train-data", _jsonl(tmp, rows)), \
+        ["data.jsonl", "sample line 2", "field 'label'", "expected true or false"]
+
+
+def case_image_placeholder_without_an_image(tmp, llm):
+    row = {"messages": [{"role": "user", "content": "<image>Which?"}, {"role": "assistant", "content": "red"}]}
+    return train("--train-data", _jsonl(tmp, [row])), \
+        ["data.jsonl", "sample line 1", "field 'messages[0].content'", "placeholder without an image"]
 
 
 def case_dpo_missing_rejected(tmp, llm):
@@ -361,7 +373,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, tiny_llm):
     for part in expected:
         assert part in lines[0], (part, lines[0])
     assert not out.exists()  # nothing half-written
-    assert r.stdout == ""
+    assert all(line.startswith("tokenised: ") for line in r.stdout.splitlines())  # (the --max-len share case)
 
 
 # ------------------------------------------------------------------------------------------------ handled, not errors
@@ -433,5 +445,7 @@ def test_documents_longer_than_max_len_are_a_warning_with_a_count(tokenizer, tmp
     fmt = Formatter(tokenizer, max_len=48)
     encoded = [fmt.encode(s, train=True) for s in samples]
     assert all(len(e["input_ids"]) <= 48 for e in encoded[:3])
-    assert encoded[3] is None  # a conversation has no document to cut: dropped and counted
-    assert (fmt.truncated, fmt.dropped) == (2, 1)
+    assert encoded[3] is None  # a conversation has no document to cut: dropped, counted and named
+    assert (fmt.truncated, fmt.dropped, fmt.dropped_ids) == (2, 1, ["line 4"])
+    with pytest.raises(DataError, match="sample line 4: field 'question': the prompt alone takes"):
+        fmt.encode(samples[3], with_answer=False)  # a prompt to answer is never dropped without a word

@@ -2,6 +2,7 @@
 resumes through accelerate as the Trainer drives them) and the tokenisation cache (a hit never calls the tokenizer,
 keeps the truncation counts, and misses when data, tokenizer or format change; train.py re-runs from it)."""
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -201,7 +202,7 @@ def test_cache_hit_never_calls_the_tokenizer_and_keeps_the_counts(tmp_path, cach
     assert again.to_list() == first.to_list()
     assert (fmt2.truncated, fmt2.dropped) == (fmt.truncated, fmt.dropped)
     assert lines == [f"tokenised: {len(samples)} samples from cache ({next(cache.iterdir())})"]
-    assert first.column_names == ["id", "input_ids", "labels", "length", "prompt_text", "answer_text", "image"]
+    assert first.column_names == ["id", "input_ids", "labels", "length", "prompt_text", "segments", "images"]
     monkeypatch.setattr(Formatter, "encode", encode)
     entry = next(cache.iterdir())
     (entry / "meta.json").write_text(json.dumps({**json.loads((entry / "meta.json").read_text()), "rows": 1}))
@@ -257,8 +258,14 @@ def test_worker_processes_give_the_serial_result(tmp_path, tokenizer, monkeypatc
     assert pds.to_list() == ds.to_list() and [r["input_ids"] for r in ds] == [r["input_ids"] for r in want]
     assert (par.truncated, par.dropped) == (serial.truncated, serial.dropped) == (direct.truncated, direct.dropped)
     assert serial.truncated > 0
+    long = _samples(tmp_path, n=40, name="long.jsonl")
+    long[30].turns[-1] = ("assistant", "law " * 200)  # prompt + answer longer than --max-len: dropped and named
+    one, two = _fmt(tokenizer), _fmt(tokenizer)
+    a, _ = tokenise.encode_source(tokenise.SampleList(long), None, one, True, 1, "long1")
+    b, _ = tokenise.encode_source(tokenise.SampleList(long), None, two, True, 2, "long2")
+    assert a.to_list() == b.to_list() and len(a) == 39 and one.dropped_ids == two.dropped_ids == ["s30"]
     bad = _samples(tmp_path, n=40, name="bad.jsonl")
-    bad[30].turns[-1] = ("assistant", "law " * 200)  # prompt + answer longer than --max-len: a DataError
+    bad[30] = dataclasses.replace(bad[30], images=("x.png",))  # images a text model cannot see: a DataError
     with pytest.raises(DataError) as serial_err:
         tokenise.encode_source(tokenise.SampleList(bad), None, _fmt(tokenizer), True, 1, "bad1")
     with pytest.raises(DataError) as worker_err:  # raised in a worker, the same one line in the parent

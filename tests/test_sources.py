@@ -133,8 +133,8 @@ def test_openai_messages_with_images_as_paths_and_as_bytes(tmp_path):
             {"role": "user", "content": [{"type": "image", "image": "red.png"}, {"type": "text", "text": "Colour?"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
     s = load_samples(write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs}]))[0]
-    assert (s.turns, s.image) == ([("system", "Be short."), ("user", "Colour?"), ("assistant", "red")],
-                                  str(tmp_path / "red.png"))
+    assert (s.turns, s.images) == ([("system", "Be short."), ("user", "<image>Colour?"), ("assistant", "red")],
+                                   (str(tmp_path / "red.png"),))  # the image part where it stood
     import datasets
 
     rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
@@ -144,7 +144,7 @@ def test_openai_messages_with_images_as_paths_and_as_bytes(tmp_path):
         {"type": datasets.Value("string"), "text": datasets.Value("string")}]}], "images": [datasets.Image()]})
     rows[0]["messages"][1]["content"] = [{"type": "text", "text": "red"}]
     t = load_samples(_table(tmp_path, rows, "vlm.parquet", features=feats))[0]
-    assert t.answer == "red" and t.image.endswith(".img") and open(t.image, "rb").read() == \
+    assert t.answer == "red" and t.images[0].endswith(".img") and open(t.images[0], "rb").read() == \
         (tmp_path / "red.png").read_bytes()
 
 
