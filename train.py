@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="trade compute for memory (default: on without a GPU when the longest batch's activations "
-                   "in float32 would take over 5 GiB, else off; see training.checkpointing_default)")
+                   help="trade compute for memory (default: on without a GPU only when the plan's peak without it "
+                   "exceeds 80%% of the free memory, else off; see training.checkpointing_default)")
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
@@ -282,8 +282,7 @@ def prepare(args):
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
                  "folder); there is none")
         s.val = s.val[: args.val_samples] if args.val_samples else s.val
-        model_config = load_config(args.model, args.trust_remote_code)
-        s.vision = is_vision_model(model_config)
+        s.vision = is_vision_model(load_config(args.model, args.trust_remote_code))
         s.tokenizer, s.processor = load_processing(args.model, s.vision, args.trust_remote_code)
         s.tokens = setup_tokens(s.tokenizer, s.processor, args.response_template,
                                 None if args.set_pad_token == "auto" else args.set_pad_token, args.add_special_tokens)
@@ -295,7 +294,7 @@ def prepare(args):
                 fail(stop)
         if s.fmt.dropped_ids or s.val_fmt.dropped_ids:
             s.derived["dropped_ids"] = {"train": s.fmt.dropped_ids, "validation": s.val_fmt.dropped_ids}
-        args = derive(args, s.train_ds, model_config)
+        args = derive(args, s)
         s.args = args
         s.extras["metric"] = mode.metric(s)
     except (DataError, ModelError, ValueError) as e:
@@ -309,12 +308,21 @@ def prepare(args):
     return args, mode, s
 
 
-def derive(args: config.Options, train_ds, model_config) -> config.Options:
+def derive(args: config.Options, s) -> config.Options:
     """Every value the run decides rather than the user, in one place, in order: the device fallbacks of
-    --unsloth / --split-model, gradient checkpointing (from the longest batch's estimated activations), the CPU's
-    precision (which follows checkpointing), and unsloth (installed, a GPU, no --add-special-tokens)."""
+    --unsloth / --split-model, gradient checkpointing (on a CPU when the plan's peak without it would not fit),
+    the CPU's precision (which follows checkpointing), and unsloth (installed, a GPU, no --add-special-tokens).
+    The plan of the fast setting is kept in s.extras["plan"] when it is the one chosen (create_run prints it)."""
     use_unsloth, split_model = device_fallbacks(args)
-    checkpointing = training.checkpointing_default(args, train_ds, model_config)
+    peak = None
+    if args.gradient_checkpointing is None:
+        fast = args.derive(gradient_checkpointing=False, split_model=split_model,
+                           mixed_precision=precision.cpu_choice(args.mixed_precision, False))
+        s.extras["plan"] = monitor.make_plan(fast, s)
+        peak = s.extras["plan"].get("memory_gib", {}).get("peak")
+    checkpointing = training.checkpointing_default(args, peak and peak * 2**30, monitor.available_bytes())
+    if checkpointing:
+        s.extras.pop("plan", None)  # planned again with checkpointing
     use_unsloth = unsloth_wanted(use_unsloth)
     if use_unsloth and special_token_list(args.add_special_tokens):
         print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth")
@@ -330,7 +338,7 @@ def create_run(args, s) -> tuple[Path, dict]:
     out = runs.run_dir(args)
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
                           s.derived)
-    cfg["plan"] = monitor.make_plan(args, s)
+    cfg["plan"] = s.extras.pop("plan", None) or monitor.make_plan(args, s)
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, cfg)

@@ -89,7 +89,7 @@ class SFT:
             DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id)
         keep = ["input_ids", "labels", "length"] + (["segments", "images"] if s.vision else [])
         flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (finetune/batching.py)
-        trainer = training.make_trainer_class(SFTTrainer)(
+        trainer = training.make_trainer_class(SFTTrainer, s.args.gradient_checkpointing)(
             model=model, args=SFTConfig(**common, max_length=None, padding_free=flat,
                                         dataset_kwargs={"skip_prepare_dataset": True}),
             train_dataset=s.train_ds.select_columns(keep),
@@ -157,7 +157,7 @@ class GRPO(SFT):
         from trl import GRPOTrainer
 
         funcs, weights = s.extras["rewards"]
-        return training.make_trainer_class(GRPOTrainer)(
+        return training.make_trainer_class(GRPOTrainer, s.args.gradient_checkpointing)(
             model=model, reward_funcs=rl.logged_rewards(funcs, out),
             args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
 
@@ -186,7 +186,7 @@ class DPO(SFT):
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
         import trl
 
-        return training.make_trainer_class(getattr(trl, self.trainer))(
+        return training.make_trainer_class(getattr(trl, self.trainer), s.args.gradient_checkpointing)(
             model=model, args=self.config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
             processing_class=s.tokenizer)
 

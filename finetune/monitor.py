@@ -17,9 +17,10 @@ The peak-memory estimate (bytes; on CPU it includes the process as it stands bef
                  longest sample, capped by --max-len), from SAVED_BYTES, times BACKWARD_PEAK; with gradient
                  checkpointing each layer's input plus one layer's activations
     logits       the answer tokens' float32 logits (TRL computes them at answer tokens only, in blocks of 1,024
-                 rows on CPU: finetune/trl_cpu.py), with their softmax and gradient
-bench/memory_estimate.py compares it with measured peaks; docs/benchmarks.md gives the error. The same
-activation_bytes() decides the CPU default of --gradient-checkpointing (training.checkpointing_default).
+                 rows on CPU: finetune/trl_cpu.py), with their softmax and gradient: one block at a time when the
+                 run checkpoints (recomputed in the backward pass), else kept for every answer token
+bench/memory_estimate.py compares it with measured peaks; docs/benchmarks.md gives the error. The plan's peak
+decides the CPU default of --gradient-checkpointing (training.checkpointing_default).
 """
 from __future__ import annotations
 
@@ -186,7 +187,10 @@ def estimate_memory(args, params, trainable, quantised, arch, longest, answer_to
     rows = args.batch_size * (2 if args.trainer in ("dpo", "kto") else 1)  # DPO: chosen and rejected; KTO: its KL pair
     activations = activation_bytes(args, (layers, hidden, intermediate), rows * longest, args.gradient_checkpointing)
     answers = rows * (answer_tokens if answer_tokens is not None else longest)
-    logits = min(answers, LOGIT_ROWS) * vocab * 4 * LOGIT_COPIES
+    if args.gradient_checkpointing or args.head == "classifier":  # one block's logits at a time (trl_cpu)
+        logits = min(answers, LOGIT_ROWS) * vocab * 4 * LOGIT_COPIES
+    else:  # autograd keeps every answer token's logits and log-softmax, plus one block's gradient
+        logits = (2 * answers + min(answers, LOGIT_ROWS)) * vocab * 4
     cuda = torch.cuda.is_available()
     base = 0 if cuda else _rss_bytes()  # CUDA counts tensors only; CPU measures the whole process
     total = base + weights + optimiser + activations + logits
@@ -215,6 +219,18 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     one_layer = tokens * (a * hidden + b * intermediate)
     saved = tokens * hidden * CHECKPOINTED_BYTES * layers + one_layer if checkpointing else one_layer * layers
     return saved * BACKWARD_PEAK
+
+
+def available_bytes() -> int | None:
+    """Memory this process can grow into: what it holds plus the machine's available memory (Linux
+    /proc/meminfo MemAvailable); None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 + _rss_bytes()
+    except OSError:
+        pass
+    return None
 
 
 def _rss_bytes() -> int:

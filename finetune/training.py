@@ -12,15 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import batching, classifier, launch, monitor, precision, runs, trl_cpu
+from finetune import batching, classifier, launch, precision, runs, trl_cpu
 from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict, text_metrics
 
 
-def make_trainer_class(base):
+def make_trainer_class(base, recompute_head: bool = True):
     """`base` (TRL's SFT/GRPO/DPO trainer, or transformers' Trainer for the classifier head) plus closed-set
     validation accuracy and real-token throughput. Without a GPU, TRL's Triton loss kernel is swapped for a
-    torch one first (finetune/trl_cpu.py)."""
-    trl_cpu.install()
+    torch one first (finetune/trl_cpu.py; recompute_head: the run checkpoints, so the LM head's logits are
+    recomputed in the backward pass too rather than kept)."""
+    trl_cpu.install(recompute_head)
 
     class FinetuneTrainer(base):
         validation = None  # callable -> dict of extra eval metrics (closed_set_validation)
@@ -128,30 +129,26 @@ def training_arguments(args, out: Path, validates: bool) -> dict:
     )
 
 
-# Above this estimate of the longest batch's float32 activations (monitor.activation_bytes), the CPU default turns
-# gradient checkpointing on, and with it bf16 autocast where the CPU has it (precision.cpu_choice). The cut-over
-# is where it was before the estimate was measured: about 200 tokens a sample at -b 8 on SmolLM2, so the
-# quickstart's short batches (8 x 135 tokens, 3.2 GiB) keep float32 without recomputation, its fastest setting,
-# and long documents (bench/train_bench.py: 4 x 812 tokens) train at plain TRL's peak.
-CHECKPOINT_ABOVE = 5 * 2**30
+# The share of the memory free at start-up that a CPU run may plan to fill before the default trades speed for
+# memory: the rest is headroom for the estimate's error (docs/benchmarks.md, memory plan) and for the other
+# programs of the machine.
+MEMORY_SHARE = 0.8
 
 
-def checkpointing_default(args, train_ds, config) -> bool:
-    """--gradient-checkpointing when not given: on a CPU (RAM shared with everything else) on when the longest
-    training batch's activations (monitor.activation_bytes, from -b, its longest sample and the model's shape)
-    would exceed CHECKPOINT_ABOVE, while tiny batches keep the speed of no recomputation; off on a GPU (an
-    out-of-memory error names the flag)."""
+def checkpointing_default(args, peak_without: float | None, available: float | None) -> bool:
+    """--gradient-checkpointing when not given. On a CPU: on only when the run would not fit otherwise, that is when
+    the plan's peak without it (monitor.make_plan: float32, the LM head's logits kept) exceeds MEMORY_SHARE of the
+    memory free for this process (monitor.available_bytes); memory is only worth buying with speed then. With it
+    come bf16 autocast where the CPU has it (precision.cpu_choice) and the LM head's recomputation (trl_cpu). Off
+    on a GPU (an out-of-memory error names the flag) and where either figure is unknown."""
     if args.gradient_checkpointing is not None:
         return args.gradient_checkpointing
-    import torch
-
-    if torch.cuda.is_available() or "length" not in getattr(train_ds, "column_names", ()):
+    if launch.device_kind() == "cuda" or not peak_without or not available:
         return False
-    tokens = args.batch_size * max(train_ds["length"], default=0)
-    need = monitor.activation_bytes(args, monitor.model_shape(config), tokens, checkpointing=False)
-    on = need > CHECKPOINT_ABOVE
-    print(f"gradient checkpointing: {'on' if on else 'off'} (longest batch {tokens} tokens, about "
-          f"{need / 2**30:.1f} GiB of activations without it; --gradient-checkpointing / --no-... to choose)")
+    on = peak_without > MEMORY_SHARE * available
+    print(f"gradient checkpointing: {'on' if on else 'off'} (planned peak without it {peak_without / 2**30:.1f} GiB, "
+          f"{'over' if on else 'within'} {MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB free; "
+          "--gradient-checkpointing / --no-... to choose)")
     return on
 
 

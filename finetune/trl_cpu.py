@@ -36,10 +36,14 @@ def _chunk(h, t, weight, bias, temperature, softcap, logit_scale, outputs):
 class TorchChunkedLogProb:
     """Same call and outputs as trl.kernels.ChunkedLogProbFunction.apply. `chunk_size` is the kernel's vocabulary
     tile width: taken for the same signature, unused, as each block of ROWS_PER_CHUNK tokens gets one
-    full-vocabulary log-softmax here. Like the kernel, it keeps no logits for the backward pass: each block runs
-    under activation checkpointing and is recomputed there (one more [rows, hidden] x [hidden, vocab] product per
-    block, against the ~3 fp32 [tokens, vocab] tensors autograd would hold: 1.8 GiB for 8 x 400 tokens of a
-    49k-token vocabulary)."""
+    full-vocabulary log-softmax here.
+
+    recompute (install's choice, from the run's plan): like the kernel, keep no logits for the backward pass: each
+    block runs under activation checkpointing and is recomputed there (one more [rows, hidden] x [hidden, vocab]
+    product per block, against the ~3 fp32 [tokens, vocab] tensors autograd would hold: 1.8 GiB for 8 x 400 tokens
+    of a 49k-token vocabulary). Off, autograd keeps them and the head runs once: the faster choice when the run
+    fits in memory without it (on a small model with a large vocabulary the head is most of the compute)."""
+    recompute = True
 
     @staticmethod
     def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
@@ -53,19 +57,22 @@ class TorchChunkedLogProb:
         for start in range(0, hidden.shape[0], ROWS_PER_CHUNK):
             h, t = hidden[start:start + ROWS_PER_CHUNK], targets[start:start + ROWS_PER_CHUNK]
             args = (h, t, weight, bias, temperature, final_logit_softcapping, logit_scale, outputs)
-            got = checkpoint(_chunk, *args, use_reentrant=False) if grad else _chunk(*args)
+            recompute = grad and TorchChunkedLogProb.recompute
+            got = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
             for k, v in zip(wanted, got):
                 parts[k].append(v)
         return tuple(torch.cat(parts[k]) if k in parts and parts[k] else
                      (hidden.new_zeros(0) if k == "log_probs" else None) for k in OUTPUTS)
 
 
-def install():
-    """Use the torch stand-in when no CUDA device is present (the only place TRL's kernel can run)."""
+def install(recompute: bool = True):
+    """Use the torch stand-in when no CUDA device is present (the only place TRL's kernel can run); recompute: see
+    TorchChunkedLogProb."""
     import torch
 
     if torch.cuda.is_available():
         return
+    TorchChunkedLogProb.recompute = recompute
     import trl.trainer.utils as trl_utils
 
     if not hasattr(trl_utils, "_ChunkedLogProbFunction"):

@@ -143,30 +143,39 @@ def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_checkpointing_default_follows_the_longest_batch(monkeypatch):
-    """Unset --gradient-checkpointing turns on (CPU) when monitor.activation_bytes for -b x the longest sample
-    exceeds CHECKPOINT_ABOVE; an explicit flag always wins; checkpointing keeps a small part of the activations."""
+GIB = 2**30
+
+
+@pytest.mark.parametrize("flag, peak, free, on", [
+    (None, 3 * GIB, 20 * GIB, False),     # fits: speed is kept (no recomputation, float32)
+    (None, 17 * GIB, 20 * GIB, True),     # over 80% of what is free: memory is bought with speed
+    (None, 16 * GIB, 20 * GIB, False),    # exactly the share: still fits
+    (None, 30 * GIB, None, False),        # free memory unknown (not Linux): off, as on a GPU
+    (None, None, 20 * GIB, False),        # no plan (a model that will not build empty): off
+    (True, 1 * GIB, 20 * GIB, True),      # an explicit flag always wins
+    (False, 30 * GIB, 20 * GIB, False),
+])
+def test_checkpointing_default_follows_the_plan(monkeypatch, capsys, flag, peak, free, on):
+    """Unset --gradient-checkpointing turns on (CPU) only when the plan's peak without it exceeds MEMORY_SHARE of
+    the free memory: memory is traded for speed only when the run would not fit otherwise."""
     from argparse import Namespace
 
-    import datasets
-    from transformers import LlamaConfig
-
-    from finetune import monitor
+    from finetune import launch
     from finetune import training as train  # the library module, not the entry script
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)  # SmolLM2-135M's shape
-    args = lambda flag: Namespace(gradient_checkpointing=flag, batch_size=8, mixed_precision="auto",  # noqa: E731
-                                  trainable="lora", lora_dropout=0.05)
-    per_token = monitor.activation_bytes(args(None), monitor.model_shape(config), 1, checkpointing=False)
-    fits = int(train.CHECKPOINT_ABOVE // (8 * per_token))     # the longest sample that stays under at -b 8
-    short = datasets.Dataset.from_dict({"length": [10, fits]})
-    long = datasets.Dataset.from_dict({"length": [10, fits + 1]})
-    assert train.checkpointing_default(args(None), short, config) is False
-    assert train.checkpointing_default(args(None), long, config) is True
-    assert train.checkpointing_default(args(False), long, config) is False
-    assert 135 < fits < 800  # SmolLM2 at -b 8: the quickstart (fortunes, up to 135 tokens) keeps full speed,
-    # the 812-token samples of bench/train_bench.py checkpoint
+    monkeypatch.setattr(launch, "device_kind", lambda: "cpu")
+    assert train.MEMORY_SHARE == 0.8
+    assert train.checkpointing_default(Namespace(gradient_checkpointing=flag), peak, free) is on
+    if flag is None and peak and free:
+        assert ("on" if on else "off") in capsys.readouterr().out.split("(")[0]
+
+
+def test_checkpointing_keeps_a_small_part_of_the_activations():
+    from argparse import Namespace
+
+    from finetune import monitor
+
+    args = Namespace(mixed_precision="no", trainable="lora", lora_dropout=0.05)
     tokens = 8 * 1024
-    full = monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=False)
-    assert monitor.activation_bytes(args(None), (30, 576, 1536), tokens, checkpointing=True) < full / 3
+    full = monitor.activation_bytes(args, (30, 576, 1536), tokens, checkpointing=False)
+    assert monitor.activation_bytes(args, (30, 576, 1536), tokens, checkpointing=True) < full / 3
