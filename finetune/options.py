@@ -5,6 +5,8 @@
     train_option_error(args, given)  the first pair of training options that cannot work together, or an option
                                      the chosen mode would silently ignore
     given_options(defaults, args)    the options whose value differs from their default (from flags or --config)
+    add_data_options(parser)         the data options, one definition for train.py and `dataset.py check`
+    layout_defaults(args)            the defaults that follow the data layout (-d: the classifier head)
 
 A user who passes an option expects it to do something: an option that the chosen mode ignores is reported,
 never silently dropped, and a clash is reported before the model loads, so no run folder is left behind.
@@ -29,6 +31,55 @@ def fail(message: str):
 
 def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+def add_data_options(p):
+    """The data options of train.py, also read by `dataset.py check` (finetune/datacheck.py): one definition."""
+    g = p.add_argument_group("data")
+    g.add_argument("--train-data", help="a Hub id (org/name[:config][@split]), a .parquet/.csv/.tsv/.arrow table, a "
+                   "save_to_disk folder, a .json/.jsonl file, a TSV of sample JSON files or a folder of them; "
+                   "several, comma-separated, to mix (docs/data.md)")
+    g.add_argument("--validation-data", help="same layouts; validation runs each epoch or every --eval-steps")
+    g.add_argument("--columns", help="map a table's columns to our fields: text=article,answer=category,image=img")
+    g.add_argument("--lm-text", action="store_true", help="records that hold only \"text\", and .txt files (one "
+                   "sample per paragraph), are language-modelling text: the loss on every token (continued "
+                   "pre-training); without it such a record is a document waiting for its answer")
+    g.add_argument("--validation-split", metavar="F|N", help="hold out a fraction F or N samples of the training "
+                   "data for validation (seeded, stratified for closed-set tasks; the ids go to run.json)")
+    g.add_argument("--train-samples", type=int, metavar="N", help="train on a seeded subset of N samples")
+    g.add_argument("--mix", metavar="R,R,...", help="sampling ratios of the comma-separated --train-data sources "
+                   "(seeded); the mix is as large as they allow, or --train-samples")
+    g.add_argument("-d", "--data", help="RVL-CDIP OCR folder: train_*/validation_*/test_* files")
+    g.add_argument("--suffix", help="RVL-CDIP file suffix before .json (default _aws)")
+    g.add_argument("--classes", help="class names: a JSON list or one per line (default for -d: RVL-CDIP's 16)")
+    g.add_argument("-p", "--prompts", help='prompts.json: {"system": [...], "question": [...]}, drawn per sample')
+    g.add_argument("--allow-outside-paths", action="store_true",
+                   help="let image / sample file paths in the data point outside its folder (off: a safety check)")
+    g.add_argument("--max-len", type=int, default=1024,
+                   help="max tokens per sample; the document is truncated, never the answer (default 1024)")
+    g.add_argument("--num-preprocess-workers", type=int, metavar="N",
+                   help="processes that tokenise a large data set (default min(4, CPU cores)); the result is cached "
+                   "in $FINETUNE_CACHE or ~/.cache/finetune, so a re-run with the same data starts at once")
+    g.add_argument("--response-template", help="plain completion format for base models, e.g. '### Classification:' "
+                   "(default: the model's chat template)")
+    g.add_argument("--head", choices=["generative", "classifier"],
+                   help="generative: the answer as text (default with --train-data); classifier: a classification "
+                   "head on the LLM (default with -d, as in the RVL-CDIP code; -d --generative uses the plain format "
+                   "with '### Classification:')")
+    g.add_argument("--generative", dest="head", action="store_const", const="generative", help="= --head generative")
+    g.add_argument("--classifier", dest="head", action="store_const", const="classifier", help="= --head classifier")
+    return g
+
+
+def layout_defaults(args):
+    """Defaults that follow the data layout. -d is the RVL-CDIP code's interface and keeps its semantics: the
+    classifier head unless --generative; --generative alone is the plain completion format with '### Classification:'
+    (and QLoRA on a GPU: train.py's default_trainable). --train-data: a generative head in the chat format."""
+    rvl = args.data is not None and args.trainer == "sft"
+    if args.head is None:
+        args.head = "classifier" if rvl else "generative"
+    if rvl and args.head == "generative" and args.response_template is None:
+        args.response_template = "### Classification:"
 
 
 # (dest, lowest, highest, lowest allowed itself?): None = unbounded on that side. Sizes and counts are >= 1.

@@ -92,6 +92,8 @@ def test_answers_spelled_differently_count_as_their_class(tiny_llm, tmp_path):
                 "-b", "4", "--name", "v", "--log-dir", tmp_path / "log")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "log/v/run.json").read_text())["classes"] == ["red", "blue"]
+    assert ("leakage: 0 exact duplicates within train; 8 validation documents also in train (ids line 1, line 2, "
+            "line 3, line 4, line 5, ...)") in r.stdout  # the validation file is the training file
     e = run_cli("eval.py", "-c", tmp_path / "log/v", "--test-data", data, "-o", tmp_path / "res")
     assert e.returncode == 0, e.stderr[-3000:]
     out = tmp_path / "res/1024-max-len/v"
@@ -110,7 +112,7 @@ def test_help_imports_no_ml_library():
 
     from conftest import ROOT
 
-    for script in ("train.py", "eval.py", "export.py", "generate.py"):
+    for script in ("train.py", "eval.py", "export.py", "generate.py", "dataset.py"):
         code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
                 f"try:\n    runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
                 "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
