@@ -38,12 +38,13 @@ import unicodedata
 import zlib
 from collections import Counter
 from contextlib import redirect_stdout
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
-from dataset import DataError, Formatter, load_rvl_cdip, load_samples, to_classes
+from dataset import DataError, Formatter, load_rvl_cdip, to_classes
 from finetune import batching, modes, options, sources, tokenise
-from finetune.modeling import ModelError
+from finetune.errors import ModelError
+from finetune.modeling import is_vision_model, load_config, load_processing, setup_tokens
 
 NEAR_THRESHOLD = 0.7   # estimated Jaccard similarity of word 3-gram sets from which two documents are near-duplicates
 NUM_PERM = 64          # MinHash permutations: the estimate's standard error at 0.7 is about 0.06
@@ -105,8 +106,8 @@ def load(args):
     need_q = args.response_template is None and args.head != "classifier"
     test = []
     if args.test_data:
-        test = load_samples(args.test_data, s.prompts, require_answer=False, require_question=need_q,
-                            allow_outside=args.allow_outside_paths)
+        test = sources.load_samples(args.test_data, s.prompts, require_answer=False, require_question=need_q,
+                                    allow_outside=args.allow_outside_paths, columns=args.columns)
     elif args.data and any(p.name.startswith("test_") for p in Path(args.data).iterdir()):
         test = load_rvl_cdip(args.data, "test", s.classes, args.suffix, s.prompts, need_q, args.allow_outside_paths)
     if s.classes and test:
@@ -407,8 +408,6 @@ def answer_section(rows: dict, classes) -> dict:
 
 def load_tokenizer(args):
     """(tokenizer, processor or None) as train.py prepares them: no weights are read."""
-    from finetune.modeling import is_vision_model, load_config, load_processing, setup_tokens
-
     vision = is_vision_model(load_config(args.model, args.trust_remote_code))
     tok, proc = load_processing(args.model, vision, args.trust_remote_code)
     setup_tokens(tok, proc, args.response_template)
