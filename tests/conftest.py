@@ -128,7 +128,7 @@ def converter(request):
     del os.environ["FINETUNE_LLAMACPP_DIR"]
 
 
-# The longest modules first (seconds each in a 2-worker run, session 5): pytest-xdist's loadscope gives each module
+# The longest modules first (seconds each in a 2-worker run): pytest-xdist's loadscope gives each module
 # to one worker, in collection order (--no-loadscope-reorder in pyproject.toml), so a long module collected last
 # would leave the other worker idle at the end. Modules not listed keep their order after these.
 LONG_FIRST = ("test_distributed", "test_seed_commands", "test_monitor", "test_smollm2", "test_reliability",

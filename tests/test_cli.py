@@ -105,7 +105,7 @@ def test_answers_spelled_differently_count_as_their_class(tiny_llm, tmp_path):
 
 
 def test_help_imports_no_ml_library():
-    """--help must answer at once (issue 8: under 2 s): no CLI imports torch / transformers to print it.
+    """--help must answer at once (under 2 s): no CLI imports torch / transformers to print it.
     Timing is measured, not asserted; what is asserted is the cause of slowness, the imports."""
     import subprocess
     import sys

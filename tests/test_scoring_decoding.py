@@ -1,4 +1,4 @@
-"""Issue 17: scoring rules of --predict score (calibration included), decoding options and the generation budget
+"""Scoring rules of --predict score (calibration included), decoding options and the generation budget
 that train.py records in run.json, checked against direct computations and through the CLIs."""
 import copy
 import json
