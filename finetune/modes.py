@@ -154,6 +154,10 @@ class GRPO(SFT):
 
     def encode(self, s: Setup):
         a = s.args
+        pictured = next((x for x in s.train + s.val if x.all_images), None)
+        if pictured is not None:  # TRL's GRPOTrainer takes images only with conversational (unrendered) prompts
+            raise ModelError(f"{pictured.file}: sample {pictured.id}: field 'image': --trainer grpo trains on text "
+                             "prompts (a vision-language model too), not on samples with images")
         s.fmt.prefill = s.val_fmt.prefill = a.prefill
         s.train_ds = rl.grpo_dataset(s.fmt, s.train, a.prefill)
         s.val_ds = rl.grpo_dataset(s.val_fmt, s.val, a.prefill) if s.val else None

@@ -126,3 +126,27 @@ def test_validation_without_answers_for_a_correctness_reward_stops_before_loadin
     import rewards
     samples = load_samples(val, json.loads(prompts.read_text()), require_answer=False)
     rl.check_rewards([rewards.structure], samples, "<reasoning>", "--validation-data")
+
+
+def test_a_vision_language_model_runs_the_same_line_on_text(tiny_vlm, tmp_path):
+    train, val, prompts = _listing(tmp_path, "train", 8, 0), _listing(tmp_path, "val", 2, 1), _prompts(tmp_path)
+    r = run_cli("train.py", "-m", tiny_vlm, "--train-data", train, "--validation-data", val, "-p", prompts, "-b", "8",
+                "--trainer", "grpo", "--prefill", "<reasoning>", "--max-completion-len", "4", "--max-steps", "1",
+                "--name", "vlm", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [x for x in _log(tmp_path / "log" / "vlm") if "eval_reward" in x]
+    assert [x["step"] for x in evals] == [0, 1] and all("eval_accuracy" in x for x in evals)
+    # image samples: one line before the model loads (TRL takes images only with unrendered chat prompts)
+    from tiny_models import make_images
+
+    images = make_images(tmp_path / "img", 2)
+    data = tmp_path / "pics.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "image": f"img/{name}", "question": "Which colour?",
+                                        "answer": colour}) + "\n" for i, (name, colour) in enumerate(images)))
+    r = run_cli("train.py", "-m", tiny_vlm, "--train-data", data, "-b", "8", "--trainer", "grpo",
+                "--name", "pics", "--log-dir", tmp_path / "log")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {data}: sample p0: field 'image': --trainer grpo trains on "
+                                                 "text prompts (a vision-language model too), not on samples with "
+                                                 "images"), r.stderr[-2000:]
+    assert not (tmp_path / "log" / "pics").exists()
