@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import random
 
-from finetune import launch, precision
-
 RL_TRAINERS = ("GRPOTrainer", "DPOTrainer", "KTOTrainer", "RLOOTrainer", "OnlineDPOTrainer")  # their own samplers matter
 
 
@@ -202,20 +200,6 @@ def eval_sampler(trainer, dataset, fallback):
     """For FinetuneTrainer._get_eval_sampler: longest first for datasets with a length column, else the fallback."""
     lengths = None if _is_rl(trainer) else _lengths(trainer, dataset)
     return fallback(dataset) if lengths is None else LengthSortedSampler(lengths)
-
-
-CPU_BF16_WIDTH = 64  # batch widths rounded up to a multiple of this under bf16 autocast on a CPU
-
-
-def width_multiple(mixed_precision: str) -> int | None:
-    """The collator's pad_to_multiple_of: CPU_BF16_WIDTH under bf16 autocast on a CPU, else None (each batch padded
-    to its longest row). oneDNN, which runs CPU bf16 matmuls, keeps state for every matrix shape it has run (a few
-    MB a shape, not returned by malloc_trim), so length-varied batches, each of a new width, grow the process
-    step after step (bench/step_growth.py); rounding the width bounds the shapes to max-len / 64 (16 at --max-len 1024). float32 (MKL)
-    keeps nothing per shape and GPUs are left as they are (docs/benchmarks.md, growth per step)."""
-    if mixed_precision == "bf16" and launch.device_kind() == "cpu" and precision.resolve(mixed_precision) == "bf16":
-        return CPU_BF16_WIDTH
-    return None
 
 
 def padding_fraction(lengths, order, batch_size: int) -> float:

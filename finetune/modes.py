@@ -86,8 +86,7 @@ class SFT:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         collator = batching.VisionCollator(s.processor, s.tokenizer.pad_token_id) if s.vision else \
-            DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id,
-                                            pad_to_multiple_of=batching.width_multiple(s.args.mixed_precision))
+            DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id)
         keep = ["input_ids", "labels", "length"] + (["segments", "images"] if s.vision else [])
         flat = batching.padding_free(model, s.vision)  # CUDA + flash-attention only; CPU pads (finetune/batching.py)
         trainer = training.make_trainer_class(SFTTrainer, s.args.gradient_checkpointing)(

@@ -51,22 +51,6 @@ def test_padding_share_on_the_benchmark_length_mix_is_pinned():
     assert batching.padding_fraction(lengths, shuffled, 8) == pytest.approx(0.581, abs=5e-4)
 
 
-def test_cpu_bf16_batches_come_in_a_bounded_set_of_widths(monkeypatch):
-    """Under bf16 autocast on a CPU the collator rounds each batch's width up to a multiple of 64, so that oneDNN
-    sees at most max-len / 64 matmul shapes (it keeps state for each); float32 batches stay at their longest row."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from finetune import launch
-
-    monkeypatch.setattr(launch, "device_kind", lambda: "cpu")
-    assert batching.width_multiple("no") is None
-    multiple = batching.width_multiple("bf16")
-    assert multiple == batching.CPU_BF16_WIDTH == 64
-    collate = DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=multiple)
-    widths = {collate([{"input_ids": list(range(1, n + 1))}])["input_ids"].shape[-1] for n in range(1, 1025)}
-    assert widths == {64 * k for k in range(1, 17)}
-
-
 def test_order_is_a_function_of_seed_and_epoch():
     lengths = realistic_lengths(300) + [100] * 40  # ties too: their order is drawn per epoch
     a, b = (batching.LengthBucketSampler(lengths, 8, seed=5) for _ in range(2))
