@@ -20,6 +20,7 @@ At exit, whatever happened (a crash included), it writes the stats file, JSON:
   batches, step_seconds, wait_seconds     [rows, padded width, seconds] per timed batch; their seconds summed;
                                           seconds spent waiting for the other arm
   linear_params  the weights of the model's nn.Linear layers (for a rough 4N MFU)
+  first_step_unix  time.time() when the first training step began (before any lockstep wait): start-up's end
   padding_free, attn_implementation       train.py's padding-free choice and the attention it ran on (--child)
   exit, exception                         the script's exit code; the exception that ended it, if one did
   peak_gib, reserved_gib, max_rss_gib, torch_threads   torch.cuda.max_memory_allocated / _reserved (null on CPU),
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def new_stats() -> dict:
     return {"steps": [], "tokens": 0, "sq_tokens": 0, "processed": 0, "counted": False, "batches": [],
-            "step_seconds": 0.0, "wait_seconds": 0.0, "linear_params": 0, "padding_free": None, "exit": None}
+            "step_seconds": 0.0, "wait_seconds": 0.0, "linear_params": 0, "padding_free": None, "exit": None,
+            "first_step_unix": None}
 
 
 # ------------------------------------------------------------------------------------------------ gpu.py --child
@@ -180,6 +182,8 @@ def counted_step(step, stats: dict, cuda: bool, time_batches: bool, turns):
     import torch
 
     def training_step(model, inputs, *args, **kwargs):
+        if stats.get("first_step_unix") is None:  # start-up ends here: the command's start to its first step
+            stats["first_step_unix"] = time.time()
         count_batch(stats, inputs)
         if not stats["linear_params"]:
             stats["linear_params"] = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

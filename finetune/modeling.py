@@ -22,6 +22,7 @@ way before the adapter goes on (fit_vocabulary).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -69,9 +70,27 @@ def check_quantisable(spec, trainable: str):
 
 
 def load_config(spec, trust_remote_code=False):
+    """The model's configuration. A local GGUF file's is read once per process and file version (a copy each call):
+    transformers parses the whole GGUF header for it, seconds for SmolLM2's, and a run asks twice (the data
+    preparation and the plan)."""
+    folder, gguf = resolve_model(spec)
+    local = Path(folder) / gguf if gguf else None
+    if local is not None and local.is_file():
+        stamp = local.stat()
+        return copy.deepcopy(_gguf_config(str(local.resolve()), stamp.st_size, stamp.st_mtime_ns, spec,
+                                          trust_remote_code))
+    return _read_config(spec, folder, gguf, trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int, spec, trust_remote_code: bool):
+    """load_config of a local GGUF file, keyed by its path, size and modification time."""
+    return _read_config(spec, str(Path(path).parent), Path(path).name, trust_remote_code)
+
+
+def _read_config(spec, folder, gguf, trust_remote_code):
     from transformers import AutoConfig
 
-    folder, gguf = resolve_model(spec)
     try:
         return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except OSError as e:

@@ -38,6 +38,19 @@ def test_every_index_once_per_epoch_and_near_uniform_batches():
     assert batching.padding_fraction(lengths, theirs, 8) > 2 * batching.padding_fraction(lengths, order, 8)
 
 
+def test_padding_share_on_the_benchmark_length_mix_is_pinned():
+    """bench/train_bench.py's length mix (256 samples, batches of 8): the share of padded positions in every epoch,
+    against a random order's (plain TRL's). A sampler change that moves it shows here, not only in a timing."""
+    lengths = realistic_lengths(256)
+    s = batching.LengthBucketSampler(lengths, batch_size=8, seed=0)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        assert batching.padding_fraction(lengths, list(s), 8) == pytest.approx(0.0403, abs=5e-4)
+    shuffled = list(range(256))
+    random.Random(0).shuffle(shuffled)
+    assert batching.padding_fraction(lengths, shuffled, 8) == pytest.approx(0.581, abs=5e-4)
+
+
 def test_order_is_a_function_of_seed_and_epoch():
     lengths = realistic_lengths(300) + [100] * 40  # ties too: their order is drawn per epoch
     a, b = (batching.LengthBucketSampler(lengths, 8, seed=5) for _ in range(2))

@@ -338,3 +338,20 @@ def test_default_run_name_and_checkpoint_schedule(tmp_path):
     assert schedule("--eval-steps", "7") == ("steps", "steps", 7)
     assert schedule("--eval-steps", "7", "--save-steps", "3") == ("steps", "steps", 3)
     assert schedule("--save-steps", "3") == ("epoch", "steps", 3)
+
+
+def test_a_gguf_files_configuration_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """A run asks for the configuration twice (data preparation, the plan); parsing a GGUF header takes seconds."""
+    from finetune import modeling
+
+    reads = []
+    monkeypatch.setattr(modeling, "_read_config", lambda spec, folder, gguf, trust: reads.append(gguf) or
+                        SimpleNamespace(model_type="llama", hidden_size=len(reads)))
+    modeling._gguf_config.cache_clear()
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    first, second = modeling.load_config(str(f)), modeling.load_config(str(f))
+    assert reads == ["m.gguf"] and first is not second and first.hidden_size == second.hidden_size == 1
+    f.write_bytes(b"GGUF, another version")
+    assert modeling.load_config(str(f)).hidden_size == 2 and len(reads) == 2
+    modeling._gguf_config.cache_clear()
