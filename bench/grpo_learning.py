@@ -8,9 +8,8 @@ The task: "Is A larger than B?" for two random numbers from 10 to 99, answered y
 defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for
 --grpo-steps with the `correct` reward, validating every --eval-steps on the validation prompts (one greedy
 completion each, finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at
-GRPO's step 0 (the
-SFT policy) and at each later validation, the training reward's first and last tenth, the command lines, the machine,
-the date and the commit.
+GRPO's step 0 (the SFT policy) and at each later validation, the training reward's first and last tenth, the
+command lines, the machine, the date and the commit.
 """
 import argparse
 import json
