@@ -150,7 +150,7 @@ def parse_args():
     p.add_argument("--sequential", action="store_true",
                    help="run the arms one after the other (default: at once, taking training steps in turns)")
     p.add_argument("--ours-no-checkpointing", action="store_true",
-                   help="a third arm: train.py with --no-gradient-checkpointing (its default before issue 17), to "
+                   help="a third arm: train.py with --no-gradient-checkpointing (the default before the memory plan chose it), to "
                    "see what the default's checkpointing saves and costs (implies --sequential)")
     p.add_argument("--shapes", help="comma-separated shapes, each run as its own pair with its own samples and batch "
                    f"size (-m, --samples and -b do not apply): {', '.join(SHAPES)}")

@@ -112,7 +112,7 @@ def test_generative_lines_use_the_plain_format_and_eval_takes_their_flags(seed):
 CLASHES = [
     (["--classifier", "--trainer", "grpo"], "--classifier trains a classification head with SFT; it cannot be "
      "combined with --trainer grpo"),
-    (["--generative", "--trainer", "dpo"], "--trainer dpo reads preference pairs from --train-data, not -d"),
+    (["--generative", "--trainer", "dpo"], "--trainer dpo reads preferences from --train-data, not -d"),
     (["--lr", "-1"], "--lr must be greater than 0.0, got -1.0"),
     (["--epochs", "0"], "--epochs must be greater than 0.0, got 0.0"),
     (["--lora-dropout", "1.5"], "--lora-dropout must be below 1.0, got 1.5"),
