@@ -150,8 +150,8 @@ def parse_args():
     p.add_argument("--sequential", action="store_true",
                    help="run the arms one after the other (default: at once, taking training steps in turns)")
     p.add_argument("--ours-no-checkpointing", action="store_true",
-                   help="a third arm: train.py with --no-gradient-checkpointing (the default before the memory plan chose it), to "
-                   "see what the default's checkpointing saves and costs (implies --sequential)")
+                   help="a third arm: train.py with --no-gradient-checkpointing, to see what checkpointing saves and "
+                   "costs (implies --sequential)")
     p.add_argument("--shapes", help="comma-separated shapes, each run as its own pair with its own samples and batch "
                    f"size (-m, --samples and -b do not apply): {', '.join(SHAPES)}")
     p.add_argument("--workdir", help="keep data, logs and stats (per-batch shapes and seconds) here (default: temp)")
