@@ -8,7 +8,7 @@ Layers (tests/test_layers.py keeps them so):
 
 One job each; a concern has one owner:
     config.py      train.py's options as frozen dataclasses grouped by concern, and what the run derives from them
-    modes.py       the four training modes (SFT, classifier head, GRPO, DPO) behind one interface
+    modes.py       the training modes (SFT, classifier head, GRPO, DPO, KTO) behind one interface
     training.py    what we add to TRL's trainers: samplers, validation, saves, callbacks, the batch-size search
     runs.py        the run folder log/NAME/ (owner): every file in it named and written here, finding and resuming
     precision.py   every dtype decision (owner): training, weights, inference and export
@@ -18,7 +18,8 @@ One job each; a concern has one owner:
     batching.py    collators, length-bucketed batches, the padding-free choice
     tokenise.py    tokenising through datasets.map, and its on-disk cache
     sources.py     reading any source: Hub datasets, tables, JSON in other formats, column mapping, mixing, splits
-    rl.py          GRPO and DPO through TRL
+    rl.py          GRPO (with its validation and reward checks), DPO and KTO through TRL
+    datacheck.py   `dataset.py check`: what a run will train on, token lengths, duplicates and leakage
     monitor.py     the plan before loading, the console line, curves.png, reward health
     guards.py      Ctrl-C / SIGTERM saves, NaN stops, out-of-memory advice
     launch.py      torchrun / accelerate / one process, the device, and the batch plan
