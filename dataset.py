@@ -853,10 +853,12 @@ def load_preferences(path, prompts=None, allow_outside=False) -> list[Preference
 
 
 if __name__ == "__main__":
-    # `uv run dataset.py check ...`: run as a script this file is an entry point, so it may use the library above
-    # it; as the module `dataset` it imports no project module (the layers: entry scripts -> finetune/ -> dataset.py)
+    # `uv run dataset.py check ...`: the check is the library's (finetune/datacheck.py), which imports this module.
+    # It runs in a process of its own, so that this file, the bottom layer, imports nothing of the project.
+    import os
+    import subprocess
     import sys
 
-    from finetune import datacheck
-
-    sys.exit(datacheck.main(sys.argv[1:]))
+    root = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    sys.exit(subprocess.call([sys.executable, "-m", "finetune.datacheck", *sys.argv[1:]], env=env))

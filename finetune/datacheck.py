@@ -610,3 +610,7 @@ def main(argv=None):
     else:
         print(text_report(r, sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
     return 0
+
+
+if __name__ == "__main__":  # run by `dataset.py check` (python -m finetune.datacheck check ...)
+    sys.exit(main())

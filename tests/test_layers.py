@@ -3,8 +3,8 @@
     entry scripts   train.py, eval.py, generate.py, export.py, and rewards.py (the user's GRPO rewards, which
                     train.py hands to the library)
     library         finetune/*.py: imports dataset.py and its own modules, never an entry script
-    bottom          dataset.py: imports no module of the project (run as `dataset.py check`, its __main__ block is
-                    an entry point and may reach the library)
+    bottom          dataset.py: imports no module of the project, not even in its __main__ block (`dataset.py check`
+                    hands over to finetune/datacheck.py in a process of its own)
 
 Imports are read with ast, so a violation anywhere in a file fails, whether or not that line ever runs. Heavy
 third-party libraries (torch, transformers, TRL, PEFT, datasets) may be imported inside functions to keep --help
@@ -27,22 +27,14 @@ def _file(module: str) -> Path:
     return ROOT / (module.replace(".", "/") + ".py") if module != "finetune" else ROOT / "finetune/__init__.py"
 
 
-def _is_main_block(node) -> bool:
-    t = node.test if isinstance(node, ast.If) else None
-    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
-            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in t.comparators))
-
-
 def project_imports(module: str):
-    """(imported project module, line, at top level?) for every import statement in the module's file; imports in
-    an `if __name__ == "__main__":` block are left out (the file is an entry point there)."""
+    """(imported project module, line, at top level?) for every import statement in the module's file; an
+    `if __name__ == "__main__":` block counts as top level."""
     tree = ast.parse(_file(module).read_text())
     found = []
 
     def visit(node, top):
         for child in ast.iter_child_nodes(node):
-            if _is_main_block(child):
-                continue
             inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 names = [a.name for a in child.names]
