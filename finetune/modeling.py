@@ -19,18 +19,29 @@ never split) before any data is encoded; the embedding matrix (and an untied out
 length, the new rows starting at the mean of the old ones; LoRA runs train just those rows (PEFT's
 trainable_token_indices, see token_training) and save them in the adapter; loading a run grows the base the same
 way before the adapter goes on (fit_vocabulary).
+
+GGUF files: transformers converts the configuration and the tokenizer out of the file at every load (seconds each
+for SmolLM2's 135M). Both are kept after the first conversion under $FINETUNE_CACHE (else $XDG_CACHE_HOME/finetune,
+else ~/.cache/finetune) /gguf/<key>/{config,tokenizer}/, keyed on the file's resolved path, size and modification
+time and the transformers and tokenizers versions (the converter is theirs); FINETUNE_CACHE=off turns it off.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
+import uuid
 import warnings
 from pathlib import Path
 
 from finetune import launch, precision, runs
 from finetune.errors import ModelError
+from finetune.tokenise import cache_root
 
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
 
@@ -92,7 +103,11 @@ def _read_config(spec, folder, gguf, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        if gguf:
+            return converted(Path(folder) / gguf, "config", AutoConfig,
+                             lambda: AutoConfig.from_pretrained(folder, gguf_file=gguf,
+                                                                trust_remote_code=trust_remote_code))
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{spec}: cannot load the model configuration ({first})") from None
@@ -113,7 +128,67 @@ def load_processing(spec, vision: bool, trust_remote_code=False, tokenizer_from=
     if vision:
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
         return processor.tokenizer, processor
-    return AutoTokenizer.from_pretrained(src, gguf_file=src_gguf, trust_remote_code=trust_remote_code), None
+    if src_gguf:
+        return converted(Path(src) / src_gguf, "tokenizer", AutoTokenizer,
+                         lambda: AutoTokenizer.from_pretrained(src, gguf_file=src_gguf,
+                                                               trust_remote_code=trust_remote_code)), None
+    return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code), None
+
+
+def gguf_cache_entry(gguf: Path, what: str) -> Path | None:
+    """Where `what` ("config" or "tokenizer") converted from this GGUF file is kept; None without a cache or a file."""
+    import tokenizers
+    import transformers
+
+    root = cache_root()
+    if root is None:
+        return None
+    try:
+        stamp = gguf.stat()
+    except OSError:
+        return None
+    key = json.dumps([str(gguf.resolve()), stamp.st_size, stamp.st_mtime_ns, transformers.__version__,
+                      tokenizers.__version__])
+    return root / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32] / what
+
+
+def converted(gguf: Path, what: str, cls, convert):
+    """convert() (transformers reading the GGUF file), or what an earlier call saved of it in the cache
+    (gguf_cache_entry), read back with cls.from_pretrained; the name it reports is the GGUF's folder either way."""
+    entry = gguf_cache_entry(gguf, what)
+    if entry is not None and entry.is_dir():
+        try:
+            obj = cls.from_pretrained(entry)
+        except (OSError, ValueError) as e:  # a damaged entry: convert again and replace it
+            print(f"warning: ignoring a damaged cache entry {entry} ({type(e).__name__})", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            return _named(obj, str(gguf.parent))
+    obj = convert()
+    if entry is not None:
+        _store(obj, entry)
+    return obj
+
+
+def _named(obj, name: str):
+    """The name transformers records for where a config or tokenizer came from: the GGUF's folder, not the cache."""
+    if hasattr(obj, "init_kwargs"):  # a tokenizer
+        obj.name_or_path = obj.init_kwargs["name_or_path"] = name
+    else:
+        obj._name_or_path = name
+    return obj
+
+
+def _store(obj, entry: Path):
+    """Saves next to the entry and renames it in, so a reader never sees half of one; a cache that cannot be
+    written, or an entry another process stored first, leaves the conversion as it is (the cache only saves time)."""
+    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        obj.save_pretrained(tmp)
+        os.rename(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def end_of_turn(tokenizer, processor=None, response_template=None) -> str:

