@@ -40,13 +40,11 @@ import rewards
 from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import config, datacheck, guards, launch, modes, monitor, options, precision, runs, training
+from finetune import config, guards, launch, leakage, modes, monitor, options, precision, runs, training
 from finetune.errors import ModelError, RewardError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
 from finetune.options import fail
-
-MODES = ("sft", "grpo", "dpo", "kto")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
-    g.add_argument("--trainer", default="sft", choices=MODES, help="training method (default sft)")
+    g.add_argument("--trainer", default="sft", choices=modes.TRAINERS, help="training method (default sft)")
     g.add_argument("-b", "--batch-size", type=int, default=8, help="per-device batch size (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     g.add_argument("--total-batch-size", type=int, help="samples per optimiser step over all processes: -b and "
@@ -303,7 +301,7 @@ def create_run(args, s) -> tuple[Path, dict]:
         runs.write_config(out, cfg)
     print(f"data: {len(s.train_ds)} training samples, {len(s.val)} validation samples; "
           f"{'classes: ' + ', '.join(s.classes) if s.classes else 'free-text answers'}")
-    print(datacheck.leakage_line(s.train, s.val))  # exact hashes of the normalised documents (dataset.py check)
+    print(leakage.leakage_line(s.train, s.val))  # exact hashes of the normalised documents (dataset.py check)
     print(f"tokens: eos={s.tokens['eos_token']!r} pad={s.tokens['pad_token']!r}; format: {cfg['format']}"
           f"{'; classifier head' if args.head == 'classifier' else ''}")
     print(monitor.plan_lines(cfg["plan"], args))
