@@ -38,7 +38,10 @@ def words(text: str) -> list[str]:
 
 
 def document_words(sample) -> list[str]:
-    """What the model reads, less the reference answer and the system prompt (shared by many samples)."""
+    """What the model reads, less the reference answer and the system prompt (shared by many samples); the whole
+    text of language-modelling samples (--lm-text), which are all answer."""
+    if getattr(sample, "lm", False):
+        return words(sample.answer)
     turns = sample.turns[:-1] if sample.turns and sample.turns[-1][0] == "assistant" else sample.turns
     parts = [getattr(sample, "document", None) or ""] + [t for r, t in turns if r != "system"]
     return words("\n".join(parts))

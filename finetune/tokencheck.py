@@ -64,12 +64,17 @@ def sections(args, s, tok, proc) -> tuple[dict, list[dict]]:
     else:
         body, shown = _sft(args, fmt, drawn, first)
     out = {"model": args.model, "trainer": args.trainer, "head": args.head, "tokenised": len(drawn),
-           "of": len(s.train), "max_len": args.max_len, "format": f"plain ({args.response_template!r})"
-           if args.response_template else "chat template", **body, "eos_token": tok.eos_token,
+           "of": len(s.train), "max_len": args.max_len, "format": _format(args), **body, "eos_token": tok.eos_token,
            "pad_token": tok.pad_token}
     if len(drawn) < len(s.train):
         out["over_max_len_estimate"] = round(out["over_max_len"] * len(s.train) / max(1, len(drawn)))
     return out, shown
+
+
+def _format(args) -> str:
+    if args.response_template:
+        return f"plain ({args.response_template!r})"
+    return "chat template; --lm-text: plain text, the loss on every token" if args.lm_text else "chat template"
 
 
 # ------------------------------------------------------------------------------------------------ sft

@@ -150,6 +150,17 @@ def test_validation_split_and_free_text(tmp_path):
     assert out["exact"]["validation in train"]["count"] == 0
 
 
+def test_language_modelling_text_is_its_own_document(tmp_path):
+    """--lm-text: the text is all answer and all document; a paragraph repeated is a duplicate."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join([doc(1, 30), doc(2, 30), doc(1, 30).upper(), doc(3, 30)]) + "\n")
+    r = check("--train-data", text, "--lm-text", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["empty_documents"] == {"train": 0}
+    assert out["exact"]["within train"] == {"count": 1, "ids": ["line 5 = line 1"]}
+
+
 def test_bad_data_one_line_exit_2(tmp_path, data):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "answer": "red", "question": "q"},
                                                {"text": 5, "answer": "red", "question": "q"}])
