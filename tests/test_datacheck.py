@@ -4,10 +4,11 @@ Preference and RL data: DPO pairs with planted noise and cross-split prompt leak
 DPOTrainer preparing the same rows; KTO labels; GRPO prompts and reference answers."""
 import json
 import re
+import shlex
 
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import ROOT, run_cli, write_jsonl
 
 FILLER = ("the river ran past the old stone mill where the miller kept his grain in a paper sack under a small "
           "window facing the garden road").split()
@@ -352,3 +353,13 @@ def test_preference_options_and_bad_pairs_refused_as_train_py_does(prefs, tmp_pa
     bad = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "chosen": "a"}])
     r = check("--train-data", bad, "--trainer", "dpo")
     assert r.returncode == 2 and r.stderr == f"error: {bad}: sample line 1: field 'rejected': missing\n", r.stderr
+
+
+def test_the_docs_commands_print_what_the_docs_show():
+    """docs/data.md's `dataset.py check` commands, run as written, print the report shown under each."""
+    page = (ROOT / "docs/data.md").read_text()
+    shown = re.findall(r"```bash\n(uv run dataset\.py check .*?)```\n\n```\n(.*?)```", page, re.S)
+    assert len(shown) == 2
+    for command, report in shown:
+        r = run_cli("dataset.py", *shlex.split(command.replace("\\\n", " "))[3:])
+        assert r.returncode == 0 and r.stdout == report, (command, r.stdout, r.stderr[-2000:])
