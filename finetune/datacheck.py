@@ -76,9 +76,9 @@ def parse_args(argv):
         options.fail("give --train-data or -d/--data")
     detected = None if args.trainer or args.data else preference_form(args)
     args.trainer_from = "--trainer" if args.trainer else "the data" if detected else None
+    args.trainer = args.trainer or detected or "sft"
     # what train.py's data path reads beyond the data options: never resumed, no GRPO prefill
-    args.trainer, args.resume, args.name, args.log_dir, args.prefill = args.trainer or detected or "sft", False, \
-        None, "log", None
+    args.resume, args.name, args.log_dir, args.prefill = False, None, "log", None
     options.layout_defaults(args)
     args.suffix = args.suffix or "_aws"
     bad = options.data_option_error(args) or options.range_error(args) or (
