@@ -18,6 +18,10 @@ A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}     loss on every assistant turn
     {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}       ShareGPT
+Tool calling (SFT): OpenAI's assistant {"tool_calls": [{"type": "function", "function": {"name", "arguments"}}]}
+and {"role": "tool"} results, or ShareGPT's "function_call" (value: the JSON of a call, or a list of them) and
+"observation" turns, with an optional "tools" list of function schemas (or its JSON text). The chat template renders
+them (its tools= argument: Qwen2.5, Llama 3.1 and later); the loss is on the calls and replies, never on results.
 Image paths are relative to the file that names them and, like the files a TSV lists, must resolve inside
 the data folder (the folder given, or the data file's folder) unless allow_outside (--allow-outside-paths).
 A UTF-8 BOM is accepted; a TSV's extra columns are ignored. A question comes from the sample or from the
