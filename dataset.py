@@ -479,7 +479,7 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
     if answer is not None:
         turns.append(("assistant", answer))
     return Sample(id=sid, file=str(file), turns=turns, image=image, document=document,
-                  needs_prompt=question is None or system is None)
+                  needs_prompt=question is None or system is None, tools=_tool_schemas(rec, file, sid))
 
 
 def _placed_images(rec, turns, file, sid, root) -> tuple:
@@ -738,6 +738,7 @@ class Formatter:
 
     def segments(self, sample, turns, document):
         """[(text, trainable)] whose concatenation is the whole conversation."""
+        self._check_tools(sample, turns)
         if self.response_template is not None:
             parts = [t for r, t in turns if r in ("system", "user") and t]
             if sample.document is not None and document is not None:
@@ -747,7 +748,6 @@ class Formatter:
             if ans is None:
                 return [(prompt + (" " + self.prefill if self.prefill else ""), False)]
             return [(prompt, False), (" " + ans + (self.tokenizer.eos_token or ""), True)]
-        self._check_tools(sample, turns)
         msgs = self._messages(sample, turns, document)
         # prompt-only turns (TRL's prompt-completion form): counted from the sample's turns, past a system prompt
         # pick_prompt put in front of them

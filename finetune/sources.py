@@ -271,7 +271,7 @@ class Converter:
             return rec, False
         if self.fmt == "alpaca":
             rec = {"question": rec.get("instruction"), "text": rec.get("input") or None, "answer": rec.get("output"),
-                   **{k: rec[k] for k in ("system", "id") if k in rec}}
+                   **{k: rec[k] for k in ("system", "id", "tools") if k in rec}}
             rec = {k: v for k, v in rec.items() if v is not None}
         elif self.fmt == "openai" or self.fmt == "kto":
             rec = _openai(rec, file, sid)

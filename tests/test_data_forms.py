@@ -226,6 +226,13 @@ def test_tool_calls_carry_the_loss_and_tool_results_none(tmp_path, qwen_tok):
     assert len({tuple(ids) for ids in encoded.values()}) == 1, list(encoded)
 
 
+def test_tools_beside_a_plain_question_reach_the_prompt(tmp_path, qwen_tok):
+    row = {"instruction": "Weather in Paris?", "input": "", "output": "Ask get_weather.", "tools": json.dumps([WEATHER])}
+    s = load_samples(write_jsonl(tmp_path / "alpaca.jsonl", [row]))[0]
+    learned, prompt = _masked(Formatter(qwen_tok), s)
+    assert learned == "Ask get_weather.<|im_end|>\n" and "The weather of a city" in prompt
+
+
 def test_a_template_without_tool_support_is_named(tmp_path, tokenizer):
     row, _ = _tool_forms()["openai, arguments a JSON string"]
     s = load_samples(write_jsonl(tmp_path / "tools.jsonl", [row]))[0]
