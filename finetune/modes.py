@@ -159,8 +159,8 @@ class GRPO(SFT):
     def encode(self, s: Setup):
         a = s.args
         s.extras["chat"] = chat = rl.conversational(s.fmt, s.train + s.val)
-        if any(x.all_images for x in s.train + s.val):  # the form of the completions is known once the model is
-            self.check_rewards(s, chat)
+        if any(x.all_images for x in s.train + s.val):  # left from load_data: with images, the completions' form
+            self.check_rewards(s, chat)                 # (chat or text) follows from the model, known here
         bare = next((x for x in s.train if not x.all_images), None)
         if chat and bare is not None and any(x.all_images for x in s.train):
             raise DataError(bare.file, bare.id, "image", "GRPO on images needs one in every training sample: "

@@ -69,8 +69,8 @@ def grpo_dataset(fmt, samples, prefill: str | None, chat: bool = False):
     rows = [{"prompt": grpo_prompt(fmt, s, chat, train=True), "answer": s.answer, "prefill": prefill or "",
              "id": str(s.id), **({"images": s.all_images} if chat else {})} for s in samples]
     ds = Dataset.from_list(rows)
-    return ds.cast_column("images", List(Image(mode="RGB"))) if chat else ds  # opened as batches are drawn, in RGB
-    # as predict opens them
+    # the images stay paths until a batch is drawn, then open in RGB as predict opens them
+    return ds.cast_column("images", List(Image(mode="RGB"))) if chat else ds
 
 
 def dpo_dataset(fmt, prefs):
@@ -273,6 +273,8 @@ def grpo_trainer_class(base):
             the prefill's turn and open another, and takes no option to do otherwise."""
             if not (prompts and isinstance(prompts[0], list) and prompts[0][-1]["role"] == "assistant"):
                 return super()._tokenize_prompts(prompts)
+            # TRL calls self.processing_class.apply_chat_template inside: an attribute of the instance shadows the
+            # method for this one call
             render = self.processing_class.apply_chat_template
             self.processing_class.apply_chat_template = functools.partial(_continue_final_message, render)
             try:
@@ -293,6 +295,7 @@ def grpo_trainer_class(base):
 
 
 def _continue_final_message(render, *args, add_generation_prompt=False, **kwargs):
+    """`render` (apply_chat_template) continuing the final message instead of adding a generation prompt."""
     return render(*args, add_generation_prompt=False, continue_final_message=True, **kwargs)
 
 
