@@ -785,9 +785,29 @@ class Formatter:
         if sample.lm:
             return self._encode_text(sample)
         self._check_seen(sample)
+        turns = self._turns(sample, train, with_answer)
+        fit = self._fit(sample, turns, with_answer)
+        if fit is None:
+            return None
+        segs, ids, labels, document = fit
+        if document != sample.document:
+            self.truncated += 1
+        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
+               "text": "".join(t for t, _ in segs)}
+        if self.processor is not None and sample.all_images:
+            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
+            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
+            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
+        return out
+
+    def _turns(self, sample, train, with_answer):
+        """The sample's turns with its system / question filled in (a prompt drawn per sample in training)."""
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
-        if not with_answer and turns[-1][0] == "assistant":
-            turns = turns[:-1]
+        return turns[:-1] if not with_answer and turns[-1][0] == "assistant" else turns
+
+    def _fit(self, sample, turns, with_answer):
+        """(segments, input_ids, labels, document) with the document cut to fit --max-len; None for a sample that
+        cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids)."""
         document = sample.document
         # Cutting `excess` tokens off the document nearly always fits at once; a few more rounds cover decode/encode
         # not round-tripping at the cut (merges across the new end), and the 2 extra tokens below leave room for it.
@@ -800,7 +820,7 @@ class Formatter:
                 labels += t if trainable else [-100] * len(t)
             excess = len(ids) - self.max_len if self.max_len else 0
             if excess <= 0:
-                break
+                return segs, ids, labels, document
             if not document:
                 if not with_answer:  # a prompt to answer: leaving it out would lose a prediction without a word
                     raise DataError(sample.file, sample.id, "question", f"the prompt alone takes {len(ids)} "
@@ -812,17 +832,7 @@ class Formatter:
                 return None
             doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
             document = self.tokenizer.decode(doc_ids[: max(0, len(doc_ids) - excess - 2)])
-        else:
-            raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
-        if document != sample.document:
-            self.truncated += 1
-        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
-               "text": "".join(t for t, _ in segs)}
-        if self.processor is not None and sample.all_images:
-            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
-            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
-            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
-        return out
+        raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
 
     def _encode_text(self, sample) -> dict:
         """Language-modelling text: the tokenizer's own special tokens, EOS after it, the loss on every token; cut at
@@ -838,15 +848,22 @@ class Formatter:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
         trainers that tokenise text themselves (GRPO, DPO). A BOS the chat template wrote is dropped when the
         tokenizer adds its own, or it would appear twice."""
-        probe = Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
-                       image=getattr(sample, "image", None), document=getattr(sample, "document", None),
-                       needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()),
-                       tools=getattr(sample, "tools", None))
-        text = self.encode(probe, train=train, with_answer=False)["text"]
+        text = self.encode(_prompt_only(sample), train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
             text = text[len(bos):]
         return text
+
+    def prompt_messages(self, sample, train: bool = False) -> list[dict]:
+        """The inference prompt as chat messages, for trainers that render it themselves (GRPO on images): what
+        prompt_text renders (the same prompt draw, the document cut to --max-len alike, image parts where the
+        chat template shows the images), the prefill as a final assistant message to continue. Chat format only."""
+        probe = _prompt_only(sample)
+        self._check_seen(probe)
+        turns = self._turns(probe, train, with_answer=False)
+        document = self._fit(probe, turns, with_answer=False)[3]
+        msgs = self._messages(probe, turns, document)
+        return msgs + ([{"role": "assistant", "content": self.prefill}] if self.prefill else [])
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """The inference prompt (first system/question prompt, generation prompt appended), truncated."""
@@ -861,6 +878,14 @@ class Formatter:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(self.answer_text(answer), False)
+
+
+def _prompt_only(sample) -> Sample:
+    """A sample (or a preference / feedback record) reduced to its prompt: its turns but the assistant's."""
+    return Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
+                  image=getattr(sample, "image", None), document=getattr(sample, "document", None),
+                  needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()),
+                  tools=getattr(sample, "tools", None))
 
 
 MAX_DROPPED_SHARE = 0.1  # above this share of samples too long for --max-len, the run stops: --max-len is wrong

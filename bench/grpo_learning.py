@@ -105,7 +105,7 @@ def main():
     k = max(1, len(rewards) // 10)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    print(f"\n| GRPO step | validation correct (mean) | validation accuracy |\n|---|---|---|")
+    print("\n| GRPO step | validation correct (mean) | validation accuracy |\n|---|---|---|")
     for h in evals:
         print(f"| {h['step']} | {h.get('eval_rewards/correct', float('nan')):.3f} | {h['eval_accuracy']:.3f} |")
     print(f"\ntraining reward: {sum(rewards[:k]) / k:.3f} (first {k} steps) -> {sum(rewards[-k:]) / k:.3f} "
