@@ -18,6 +18,10 @@ A sample is one of
     {"answer": str, "text"|"ocr"?: str, "image"?: path, "question"?: str, "system"?: str, "id"?: str}
     {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}     loss on every assistant turn
     {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}       ShareGPT
+Tool calling (SFT): OpenAI's assistant {"tool_calls": [{"type": "function", "function": {"name", "arguments"}}]}
+and {"role": "tool"} results, or ShareGPT's "function_call" (value: the JSON of a call, or a list of them) and
+"observation" turns, with an optional "tools" list of function schemas (or its JSON text). The chat template renders
+them (its tools= argument: Qwen2.5, Llama 3.1 and later); the loss is on the calls and replies, never on results.
 Image paths are relative to the file that names them and, like the files a TSV lists, must resolve inside
 the data folder (the folder given, or the data file's folder) unless allow_outside (--allow-outside-paths).
 A UTF-8 BOM is accepted; a TSV's extra columns are ignored. A question comes from the sample or from the
@@ -52,8 +56,10 @@ RVL_CDIP_CLASSES = [
     "resume", "memo",
 ]
 IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
+CALL, TOOL = "tool_call", "tool"  # roles of an assistant turn that calls tools and of a tool's result: their text is
+                                   # the message's JSON (tool_message), what the chat template renders
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                "bot": "assistant", "system": "system"}
+                "bot": "assistant", "system": "system", "function_call": CALL, "observation": TOOL, "tool": TOOL}
 
 
 class DataError(Exception):
@@ -81,6 +87,7 @@ class Sample:
     images: tuple = ()             # absolute paths, one per IMAGE placeholder in the turns, in order
     lm: bool = False               # language-modelling text (--lm-text): the one assistant turn is the text itself,
                                    # the loss on every token, no chat template
+    tools: list | None = None      # function schemas ({"type": "function", "function": {...}}), the chat template's tools=
 
     @property
     def answer(self) -> str | None:
@@ -333,7 +340,8 @@ def _str_field(rec, key, file, sid, required=False):
     return v
 
 
-def _turns(rec, key, file, sid, require_assistant=True):
+def _turns(rec, key, file, sid, require_assistant=True, tools=False):
+    """(role, text) turns of a message list; tools: tool calls and results are allowed (SFT), as CALL and TOOL turns."""
     msgs = rec[key]
     if isinstance(msgs, dict):  # one message (ShareGPT preference pairs: chosen / rejected)
         msgs = [msgs]
@@ -343,17 +351,94 @@ def _turns(rec, key, file, sid, require_assistant=True):
     rk, ck = ("from", "value") if sharegpt else ("role", "content")
     turns = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or rk not in m or ck not in m:
-            raise DataError(file, sid, f"{key}[{i}]", f"expected {{'{rk}': ..., '{ck}': ...}}")
+        where = f"{key}[{i}]"
+        calls = m.get("tool_calls") if isinstance(m, dict) and not sharegpt else None  # a table's null: no calls
+        if not isinstance(m, dict) or rk not in m or (ck not in m and not calls):
+            raise DataError(file, sid, where, f"expected {{'{rk}': ..., '{ck}': ...}}")
         role = ROLE_ALIASES.get(str(m[rk]).lower())
         if role is None:
-            raise DataError(file, sid, f"{key}[{i}].{rk}", f"unknown role {m[rk]!r}")
-        if not isinstance(m[ck], str):
-            raise DataError(file, sid, f"{key}[{i}].{ck}", f"expected a string, got {type(m[ck]).__name__}")
-        turns.append((role, m[ck]))
-    if require_assistant and not any(r == "assistant" for r, _ in turns):
+            raise DataError(file, sid, f"{where}.{rk}", f"unknown role {m[rk]!r}")
+        text = m.get(ck)
+        if calls and role == "assistant":  # OpenAI: an assistant message that calls tools, its content often null
+            role, text = CALL, _call_turn(text or "", calls, file, sid, f"{where}.tool_calls")
+        elif role == CALL:  # ShareGPT's function_call: its value the JSON of one call or a list of them
+            text = _call_turn("", _json_value(text, file, sid, f"{where}.{ck}", "tool call"), file, sid,
+                              f"{where}.{ck}")
+        elif not isinstance(text, str):
+            raise DataError(file, sid, f"{where}.{ck}", f"expected a string, got {type(text).__name__}")
+        elif role == TOOL:
+            if not any(r == CALL for r, _ in turns):
+                raise DataError(file, sid, where, "a tool result before any tool call")
+            meta = {k: m[k] for k in ("name", "tool_call_id") if isinstance(m.get(k), str)}
+            text = json.dumps({"content": text, **meta})
+        if role in (CALL, TOOL) and not tools:
+            raise DataError(file, sid, where, SFT_ONLY)
+        turns.append((role, text))
+    if require_assistant and not any(r in ("assistant", CALL) for r, _ in turns):
         raise DataError(file, sid, key, "no assistant turn to learn from")
     return turns
+
+
+# ----------------------------------------------------------------------------------------------- tool calling
+SFT_ONLY = "tool calls, results and schemas are for SFT (--trainer sft), not preference data"
+
+
+def _no_tools(rec, file, sid):
+    if rec.get("tools"):
+        raise DataError(file, sid, "tools", SFT_ONLY)
+
+
+def _json_value(v, file, sid, where, what):
+    """A JSON text parsed (ShareGPT and tables keep tool calls, arguments and schemas as text); other values as
+    they are."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError as e:
+        raise DataError(file, sid, where, f"{what} is not valid JSON: {e.msg} at column {e.colno}") from None
+
+
+def _call_turn(content, calls, file, sid, where) -> str:
+    """A CALL turn's text: the assistant message's content and its calls in OpenAI's form, arguments a dict (what
+    chat templates render: Qwen2.5's writes them with tojson, a JSON string would be quoted twice)."""
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise DataError(file, sid, where, "expected a tool call {\"name\": ..., \"arguments\": {...}} or a list of them")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]" if where.endswith("tool_calls") else where
+        fn = call.get("function", call) if isinstance(call, dict) else None  # OpenAI's {"type", "function"} or bare
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise DataError(file, sid, at, "a tool call without a 'name'")
+        args = _json_value(fn.get("arguments", {}), file, sid, f"{at}.arguments", "the tool call's arguments")
+        if not isinstance(args, dict):
+            raise DataError(file, sid, f"{at}.arguments", f"expected a JSON object, got {type(args).__name__}")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args},
+                    **({"id": call["id"]} if isinstance(call.get("id"), str) else {})})
+    return json.dumps({"content": content, "tool_calls": out})
+
+
+def _tool_schemas(rec, file, sid) -> list | None:
+    """The `tools` field: a list of function schemas (or its JSON text), each wrapped in OpenAI's
+    {"type": "function", "function": {...}} as chat templates expect; None when absent or empty."""
+    tools = _json_value(rec.get("tools"), file, sid, "tools", "the tools list")
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(file, sid, "tools", f"expected a list of function schemas, got {type(tools).__name__}")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise DataError(file, sid, f"tools[{i}]", "expected a function schema: a JSON object with a 'name'")
+        out.append(t if "function" in t else {"type": "function", "function": t})
+    return out
+
+
+def tool_message(role, text) -> dict:
+    """The chat-template message of a CALL or TOOL turn."""
+    return {"role": "assistant" if role == CALL else "tool", **json.loads(text)}
 
 
 LM_HINT = "; for language-modelling text (the loss on every token) pass --lm-text"
@@ -367,9 +452,9 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
     sid = _sample_id(rec, file, sid)
     for key in ("messages", "conversations"):
         if key in rec:
-            turns = _turns(rec, key, file, sid)
+            turns = _turns(rec, key, file, sid, tools=True)
             return Sample(id=sid, file=str(file), turns=turns, context=_context(rec, turns, file, sid),
-                          images=_placed_images(rec, turns, file, sid, root))
+                          images=_placed_images(rec, turns, file, sid, root), tools=_tool_schemas(rec, file, sid))
     if set(rec) - {"id"} == {"text"}:
         if lm:
             text = _str_field(rec, "text", file, sid, required=True)
@@ -394,7 +479,7 @@ def parse_sample(rec, file: Path, sid: str, require_answer=True, root: Path | No
     if answer is not None:
         turns.append(("assistant", answer))
     return Sample(id=sid, file=str(file), turns=turns, image=image, document=document,
-                  needs_prompt=question is None or system is None)
+                  needs_prompt=question is None or system is None, tools=_tool_schemas(rec, file, sid))
 
 
 def _placed_images(rec, turns, file, sid, root) -> tuple:
@@ -404,7 +489,7 @@ def _placed_images(rec, turns, file, sid, root) -> tuple:
     images = [] if images is None else images
     if not isinstance(images, list):
         raise DataError(file, sid, "images", f"expected a list of image paths, got {type(images).__name__}")
-    marks = sum(t.count(IMAGE) for _, t in turns)
+    marks = sum(t.count(IMAGE) for r, t in turns if r not in (CALL, TOOL))
     if marks != len(images):
         raise DataError(file, sid, "images", f"{marks} {IMAGE} placeholder(s) in the conversation but "
                         f"{len(images)} image(s): each image needs its placeholder where the conversation shows it")
@@ -418,7 +503,7 @@ def _context(rec, turns, file, sid) -> int:
     """"context_turns" (sources.py writes it for TRL's conversational prompt-completion form): how many leading
     turns are the prompt; the completion after them must hold an assistant turn to learn from."""
     n = rec.get("context_turns", 0)
-    if n and not any(r == "assistant" for r, _ in turns[n:]):
+    if n and not any(r in ("assistant", CALL) for r, _ in turns[n:]):
         raise DataError(file, sid, "completion", "no assistant turn to learn from")
     return n
 
@@ -596,6 +681,9 @@ class Formatter:
     def _messages(self, sample, turns, document):
         msgs = []
         for role, text in turns:
+            if role in (CALL, TOOL):
+                msgs.append(tool_message(role, text))
+                continue
             first_user = role == "user" and not msgs_has_user(msgs)
             if first_user and sample.document is not None and document is not None:
                 text = f"{document}\n\n{text}" if text else document
@@ -610,13 +698,47 @@ class Formatter:
                             "the model is text-only and cannot see images: use a vision-language model "
                             "(e.g. Qwen2-VL), or drop the images from the data")
 
-    def _render(self, msgs, add_generation_prompt):
-        owner = self.processor if self.processor is not None and getattr(self.processor, "chat_template", None) \
+    def _owner(self):
+        """Whose chat template renders the conversation: a vision model's processor, else the tokenizer."""
+        return self.processor if self.processor is not None and getattr(self.processor, "chat_template", None) \
             else self.tokenizer
-        return owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _render(self, msgs, add_generation_prompt, tools=None):
+        return self._owner().apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **({"tools": tools} if tools else {}))
+
+    def _check_tools(self, sample, turns):
+        """Tool calls, results and schemas need a chat template that renders them (TRL's supports_tool_calling
+        renders a call and its result and looks for both; the schemas are probed the same way), else one line
+        naming the template: a template that drops them would train on a conversation the data does not hold."""
+        calls = any(r in (CALL, TOOL) for r, _ in turns)
+        if not calls and not sample.tools:
+            return
+        field = "tools" if sample.tools else "tool_calls"
+        if self.response_template is not None:
+            raise DataError(sample.file, sample.id, field, "--response-template (the plain format) cannot show "
+                            "tool calls: leave it out to use the model's chat template")
+        support = self.__dict__.setdefault("_tool_support", {})  # per template, not a field: no part of the cache key
+        if not support:
+            from jinja2 import TemplateError
+            from trl.chat_template_utils import supports_tool_calling
+
+            support["calls"], probe = supports_tool_calling(self._owner()), "probe_tool_b5e1c7"
+            schema = {"type": "function", "function": {"name": probe, "parameters": {"type": "object"}}}
+            try:
+                support["schemas"] = probe in self._render([{"role": "user", "content": "hi"}], False, [schema])
+            except TemplateError:
+                support["schemas"] = False
+        lacks = "calls and results" if calls and not support["calls"] else \
+            "schemas (tools=)" if sample.tools and not support["schemas"] else None
+        if lacks:
+            name = getattr(self._owner(), "name_or_path", None) or type(self._owner()).__name__
+            raise DataError(sample.file, sample.id, field, f"the chat template of {name} cannot render tool {lacks}: "
+                            "train a model whose template does (Qwen2.5, Llama 3.1 and later)")
 
     def segments(self, sample, turns, document):
         """[(text, trainable)] whose concatenation is the whole conversation."""
+        self._check_tools(sample, turns)
         if self.response_template is not None:
             parts = [t for r, t in turns if r in ("system", "user") and t]
             if sample.document is not None and document is not None:
@@ -635,8 +757,8 @@ class Formatter:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant" or i < context:
                 continue
-            before = self._render(msgs[:i], add_generation_prompt=True)
-            upto = self._render(msgs[: i + 1], add_generation_prompt=False)
+            before = self._render(msgs[:i], add_generation_prompt=True, tools=sample.tools)
+            upto = self._render(msgs[: i + 1], add_generation_prompt=False, tools=sample.tools)
             if not before.startswith(done) or not upto.startswith(before):
                 raise DataError(sample.file, sample.id, "messages",
                                 "the chat template renders a conversation differently from its prefixes; "
@@ -644,7 +766,8 @@ class Formatter:
             segs += [(before[len(done):], False), (upto[len(before):], True)]
             done = upto
         if msgs[-1]["role"] != "assistant":  # a prompt for inference
-            segs.append((self._render(msgs, add_generation_prompt=True)[len(done):] + (self.prefill or ""), False))
+            segs.append((self._render(msgs, add_generation_prompt=True, tools=sample.tools)[len(done):]
+                         + (self.prefill or ""), False))
         return segs
 
     def _ids(self, text, first):
@@ -662,9 +785,29 @@ class Formatter:
         if sample.lm:
             return self._encode_text(sample)
         self._check_seen(sample)
+        turns = self._turns(sample, train, with_answer)
+        fit = self._fit(sample, turns, with_answer)
+        if fit is None:
+            return None
+        segs, ids, labels, document = fit
+        if document != sample.document:
+            self.truncated += 1
+        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
+               "text": "".join(t for t, _ in segs)}
+        if self.processor is not None and sample.all_images:
+            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
+            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
+            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
+        return out
+
+    def _turns(self, sample, train, with_answer):
+        """The sample's turns with its system / question filled in (a prompt drawn per sample in training)."""
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
-        if not with_answer and turns[-1][0] == "assistant":
-            turns = turns[:-1]
+        return turns[:-1] if not with_answer and turns[-1][0] == "assistant" else turns
+
+    def _fit(self, sample, turns, with_answer):
+        """(segments, input_ids, labels, document) with the document cut to fit --max-len; None for a sample that
+        cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids)."""
         document = sample.document
         # Cutting `excess` tokens off the document nearly always fits at once; a few more rounds cover decode/encode
         # not round-tripping at the cut (merges across the new end), and the 2 extra tokens below leave room for it.
@@ -677,7 +820,7 @@ class Formatter:
                 labels += t if trainable else [-100] * len(t)
             excess = len(ids) - self.max_len if self.max_len else 0
             if excess <= 0:
-                break
+                return segs, ids, labels, document
             if not document:
                 if not with_answer:  # a prompt to answer: leaving it out would lose a prediction without a word
                     raise DataError(sample.file, sample.id, "question", f"the prompt alone takes {len(ids)} "
@@ -689,17 +832,7 @@ class Formatter:
                 return None
             doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
             document = self.tokenizer.decode(doc_ids[: max(0, len(doc_ids) - excess - 2)])
-        else:
-            raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
-        if document != sample.document:
-            self.truncated += 1
-        out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
-               "text": "".join(t for t, _ in segs)}
-        if self.processor is not None and sample.all_images:
-            # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
-            # segment so the loss mask stays exact; prompt_text is the whole text, for inference
-            out.update(segments=json.dumps(segs), images=json.dumps(sample.all_images), prompt_text=out["text"])
-        return out
+        raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
 
     def _encode_text(self, sample) -> dict:
         """Language-modelling text: the tokenizer's own special tokens, EOS after it, the loss on every token; cut at
@@ -715,14 +848,22 @@ class Formatter:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
         trainers that tokenise text themselves (GRPO, DPO). A BOS the chat template wrote is dropped when the
         tokenizer adds its own, or it would appear twice."""
-        probe = Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
-                       image=getattr(sample, "image", None), document=getattr(sample, "document", None),
-                       needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()))
-        text = self.encode(probe, train=train, with_answer=False)["text"]
+        text = self.encode(_prompt_only(sample), train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
             text = text[len(bos):]
         return text
+
+    def prompt_messages(self, sample, train: bool = False) -> list[dict]:
+        """The inference prompt as chat messages, for trainers that render it themselves (GRPO on images): what
+        prompt_text renders (the same prompt draw, the document cut to --max-len alike, image parts where the
+        chat template shows the images), the prefill as a final assistant message to continue. Chat format only."""
+        probe = _prompt_only(sample)
+        self._check_seen(probe)
+        turns = self._turns(probe, train, with_answer=False)
+        document = self._fit(probe, turns, with_answer=False)[3]
+        msgs = self._messages(probe, turns, document)
+        return msgs + ([{"role": "assistant", "content": self.prefill}] if self.prefill else [])
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """The inference prompt (first system/question prompt, generation prompt appended), truncated."""
@@ -737,6 +878,14 @@ class Formatter:
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(self.answer_text(answer), False)
+
+
+def _prompt_only(sample) -> Sample:
+    """A sample (or a preference / feedback record) reduced to its prompt: its turns but the assistant's."""
+    return Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
+                  image=getattr(sample, "image", None), document=getattr(sample, "document", None),
+                  needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()),
+                  tools=getattr(sample, "tools", None))
 
 
 MAX_DROPPED_SHARE = 0.1  # above this share of samples too long for --max-len, the run stops: --max-len is wrong
@@ -775,6 +924,7 @@ def parse_preference(rec, file: Path, sid: str, root: Path | None = None) -> Pre
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
+    _no_tools(rec, file, sid)
     if "conversations" in rec or "messages" in rec:  # ShareGPT's pair form: chosen and rejected one message each
         key = "conversations" if "conversations" in rec else "messages"
         turns = _turns(rec, key, file, sid, require_assistant=False)
@@ -825,6 +975,7 @@ def parse_feedback(rec, file: Path, sid: str) -> Feedback:
     if not isinstance(rec, dict):
         raise DataError(file, sid, None, f"expected a JSON object, got {type(rec).__name__}")
     sid = _sample_id(rec, file, sid)
+    _no_tools(rec, file, sid)
     if "label" not in rec:
         raise DataError(file, sid, "label", "missing: true for a desirable reply, false for an undesirable one")
     if not isinstance(rec["label"], bool):

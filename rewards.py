@@ -34,29 +34,10 @@ import sys
 from pathlib import Path
 
 from dataset import normalize
-from finetune.predict import ANSWER_TAG, extract_answer
+from finetune.predict import ANSWER_TAG, completion_text, extract_answer
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def completion_text(completion) -> str:
-    """The reply as text: a string as is; conversational format joins the assistant messages' contents.
-
-    >>> completion_text([{"role": "assistant", "content": "hi"}])
-    'hi'
-    """
-    if isinstance(completion, str):
-        return completion
-    texts = []
-    for message in completion:  # tool-calling replies interleave assistant and tool messages: score the model's part
-        if message.get("role", "assistant") != "assistant":
-            continue
-        content = message.get("content") or ""
-        if not isinstance(content, str):  # multimodal content: a list of typed parts
-            content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
-        texts.append(content)
-    return "\n".join(texts)
-
-
 def _replies(completions, prefill) -> list[str]:
     """prefill + completion per sample: prefill may be a str (from train.py) or a per-sample column (a list)."""
     if prefill is None or isinstance(prefill, str):

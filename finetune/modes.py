@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset import RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip, to_classes
+from dataset import RVL_CDIP_CLASSES, DataError, infer_classes, load_classes, load_prompts, load_rvl_cdip, to_classes
 from finetune import batching, classifier, rl, sources, tokenise, training
 from finetune.errors import ModelError
 from finetune.modeling import load_for_training
@@ -149,20 +149,30 @@ class GRPO(SFT):
 
     def load_data(self, s: Setup, stored_ids=None):
         super().load_data(s, stored_ids)
+        if not any(x.all_images for x in s.train + s.val):  # text prompts: the rewards are checked at once
+            self.check_rewards(s, chat=False)
+
+    def check_rewards(self, s: Setup, chat: bool):
         funcs, _ = s.extras["rewards"]
-        rl.check_rewards(funcs, s.train, s.args.prefill, "--train-data")
+        rl.check_rewards(funcs, s.train, s.args.prefill, "--train-data", chat=chat)
         rl.check_rewards(funcs, s.val, s.args.prefill,
-                         "--validation-split" if s.args.validation_split else "--validation-data")
+                         "--validation-split" if s.args.validation_split else "--validation-data", chat=chat)
 
     def encode(self, s: Setup):
         a = s.args
-        pictured = next((x for x in s.train + s.val if x.all_images), None)
-        if pictured is not None:  # TRL's GRPOTrainer takes images only with conversational (unrendered) prompts
-            raise ModelError(f"{pictured.file}: sample {pictured.id}: field 'image': --trainer grpo trains on text "
-                             "prompts (a vision-language model too), not on samples with images")
+        s.extras["chat"] = chat = rl.conversational(s.fmt, s.train + s.val)
+        if any(x.all_images for x in s.train + s.val):  # left from load_data: with images, the completions' form
+            self.check_rewards(s, chat)                 # (chat or text) follows from the model, known here
+        bare = next((x for x in s.train if not x.all_images), None)
+        if chat and bare is not None and any(x.all_images for x in s.train):
+            raise DataError(bare.file, bare.id, "image", "GRPO on images needs one in every training sample: "
+                            "TRL's GRPOTrainer cannot batch prompts with and without images")
+        if chat and a.response_template is not None:
+            raise ModelError("--response-template: GRPO on samples with images renders the prompts with the chat "
+                             "template (TRL takes images only in chat prompts); leave it out")
         s.fmt.prefill = s.val_fmt.prefill = a.prefill
-        s.train_ds = rl.grpo_dataset(s.fmt, s.train, a.prefill)
-        s.val_ds = rl.grpo_dataset(s.val_fmt, s.val, a.prefill) if s.val else None
+        s.train_ds = rl.grpo_dataset(s.fmt, s.train, a.prefill, chat)
+        s.val_ds = rl.grpo_dataset(s.val_fmt, s.val, a.prefill, chat) if s.val else None
         if a.batch_size % a.num_generations:
             raise ModelError(f"-b {a.batch_size} must be a multiple of --num-generations {a.num_generations} "
                              "(GRPO compares each prompt's completions as a group)")
@@ -174,12 +184,13 @@ class GRPO(SFT):
 
         funcs, weights = s.extras["rewards"]
         cls = rl.grpo_trainer_class(training.make_trainer_class(GRPOTrainer, s.args.gradient_checkpointing))
+        chat = s.extras["chat"]  # TRL renders chat prompts and their images with the processor
         trainer = cls(model=model, reward_funcs=rl.logged_rewards(funcs, out),
                       args=rl.grpo_config(s.args, common, weights), train_dataset=s.train_ds,
-                      eval_dataset=s.val_ds, processing_class=s.tokenizer)
+                      eval_dataset=s.val_ds, processing_class=s.processor if chat else s.tokenizer)
         if s.val:
             trainer.validation = rl.grpo_validation(model, s.val_fmt, s.val, s.classes, funcs, weights, s.args,
-                                                    s.prompts)
+                                                    s.prompts, chat)
         return trainer
 
     def metrics(self, s: Setup) -> list[str]:

@@ -126,10 +126,22 @@ def _lengths(s) -> list[int]:
         return list(ds["length"])
     if "input_ids" in ds.column_names:
         return [len(x) for x in ds["input_ids"]]
-    if "prompt" in ds.column_names:  # GRPO / DPO: text columns, tokenised by TRL later
+    if "prompt" in ds.column_names:  # GRPO / DPO: text or chat columns, tokenised by TRL later
         cols = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
-        return [sum(len(s.tokenizer(r[c], add_special_tokens=False)["input_ids"]) for c in cols) for r in ds]
+        rows = ds.select_columns(cols)  # GRPO's images stay unopened
+        return [sum(len(s.tokenizer(_text(s, r[c]), add_special_tokens=False)["input_ids"]) for c in cols)
+                for r in rows]
     return []
+
+
+def _text(s, column):
+    """A text column as is; a chat prompt (GRPO on images) rendered as TRL renders it, a final assistant message
+    (the prefill) continued, each image one placeholder token as in SFT's lengths."""
+    if isinstance(column, str):
+        return column
+    more = column[-1]["role"] == "assistant"
+    return s.processor.apply_chat_template(column, tokenize=False, add_generation_prompt=not more,
+                                           continue_final_message=more)
 
 
 def count_parameters(args, s):

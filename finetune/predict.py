@@ -49,6 +49,25 @@ def extract_answer(text: str) -> str:
     return found[-1].strip() if found else text.strip()
 
 
+def completion_text(completion) -> str:
+    """The reply as text: a string as is; conversational format joins the assistant messages' contents.
+
+    >>> completion_text([{"role": "assistant", "content": "hi"}])
+    'hi'
+    """
+    if isinstance(completion, str):
+        return completion
+    texts = []
+    for message in completion:  # tool-calling replies interleave assistant and tool messages: score the model's part
+        if message.get("role", "assistant") != "assistant":
+            continue
+        content = message.get("content") or ""
+        if not isinstance(content, str):  # multimodal content: a list of typed parts
+            content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+        texts.append(content)
+    return "\n".join(texts)
+
+
 def match_class(text: str, classes: list[str]) -> int | None:
     """Index of the class the answer names after normalisation, or None (an invalid output)."""
     key = normalize(extract_answer(text))

@@ -17,6 +17,11 @@ A reward that fails is a RewardError naming the reward and the sample (call_rewa
 
 Prompts are rendered by dataset.Formatter exactly as SFT and eval render them (chat template or plain format,
 prompts.json, --max-len truncation of the document), so a GRPO/DPO run continues an SFT run on the same prompts.
+GRPO on images (a vision-language model, samples with images): TRL takes images only with chat prompts, so
+grpo_dataset hands over the messages Formatter renders (Formatter.prompt_messages) and the images, and TRL renders
+them with the processor; the prefill is a final assistant message that generation continues (GRPOValidating).
+The rewards then get completions as TRL gives them for chat prompts, [{"role": "assistant", "content": ...}], in
+training and validation alike.
 
 --init-adapter: the SFT adapter is merged into the base first and a fresh LoRA is trained on top, so the KL
 reference (the model with the adapter disabled) is the SFT policy. With a quantised base (qlora) merging would
@@ -35,17 +40,37 @@ from pathlib import Path
 from dataset import Sample
 from finetune import launch, runs
 from finetune.errors import RewardError
-from finetune.predict import ANSWER_TAG, DECODING, match_class, predict
+from finetune.predict import ANSWER_TAG, DECODING, completion_text, match_class, predict
 
 
-def grpo_dataset(fmt, samples, prefill: str | None):
-    """prompt (text, prefill included), answer (the reference), prefill and id columns (the id names the sample when a
-    reward fails on it); one prompt draw per sample."""
-    from datasets import Dataset
+def conversational(fmt, samples) -> bool:
+    """Whether GRPO hands TRL chat messages rather than text: a vision-language model with images to show. TRL takes
+    images only from conversational prompts, rendering them with the processor's chat template itself."""
+    return fmt.processor is not None and any(s.all_images for s in samples)
 
-    rows = [{"prompt": fmt.prompt_text(s, train=True), "answer": s.answer, "prefill": prefill or "", "id": str(s.id)}
-            for s in samples]
-    return Dataset.from_list(rows)
+
+def grpo_prompt(fmt, sample, chat: bool, train: bool = False):
+    """The prompt as GRPO hands it over: fmt.prompt_text's text, or (chat) the same conversation as messages, the
+    prefill a final assistant message that GRPOValidating continues. Every content is a list of typed parts, as
+    TRL's prepare_multimodal_messages makes it before rendering (here by hand: that function wants the images
+    themselves, which the dataset keeps as paths until a batch is drawn), so a column has one Arrow type."""
+    if not chat:
+        return fmt.prompt_text(sample, train=train)
+    return [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+             else m["content"]} for m in fmt.prompt_messages(sample, train=train)]
+
+
+def grpo_dataset(fmt, samples, prefill: str | None, chat: bool = False):
+    """prompt (text or messages, prefill included: grpo_prompt), answer (the reference), prefill and id columns (the
+    id names the sample when a reward fails on it), and with chat prompts `images`, each sample's images in the
+    order its prompt shows them (TRL fills the prompt's image parts with them); one prompt draw per sample."""
+    from datasets import Dataset, Image, List
+
+    rows = [{"prompt": grpo_prompt(fmt, s, chat, train=True), "answer": s.answer, "prefill": prefill or "",
+             "id": str(s.id), **({"images": s.all_images} if chat else {})} for s in samples]
+    ds = Dataset.from_list(rows)
+    # the images stay paths until a batch is drawn, then open in RGB as predict opens them
+    return ds.cast_column("images", List(Image(mode="RGB"))) if chat else ds
 
 
 def dpo_dataset(fmt, prefs):
@@ -81,7 +106,8 @@ def logged_rewards(funcs, out: Path, keep: int = 4):
             if not launch.is_main_process():  # under torchrun every rank scores its own completions: rank 0 logs
                 return values
             runs.append_completions(out, [
-                {"step": getattr(state, "global_step", None), "reward": fn.__name__, "value": v, "completion": c,
+                {"step": getattr(state, "global_step", None), "reward": fn.__name__, "value": v,
+                 "completion": completion_text(c),
                  "answer": (kw.get("answer") or [None])[i], "prefill": (kw.get("prefill") or [""])[i]}
                 for i, (c, v) in enumerate(zip(completions[:keep], values[:keep]))])
             return values
@@ -129,7 +155,7 @@ def _first_failing(fn, completions, columns):
 
 
 def _snippet(completion, width: int = 60) -> str:
-    text = completion if isinstance(completion, str) else str(completion)
+    text = completion_text(completion)
     return repr(text if len(text) <= width else text[:width] + "...")
 
 
@@ -155,10 +181,16 @@ def asks_for_answer_tag(funcs, prefill: str | None, prompts: dict | None) -> boo
         any(getattr(f, "__name__", "") in FORMAT_REWARDS for f in funcs)
 
 
-def check_rewards(funcs, samples, prefill: str | None, what: str, probe: int = 16):
+def as_completion(text: str, chat: bool):
+    """A completion in the form TRL hands it to rewards: text, or with chat prompts one assistant message."""
+    return [{"role": "assistant", "content": text}] if chat else text
+
+
+def check_rewards(funcs, samples, prefill: str | None, what: str, probe: int = 16, chat: bool = False):
     """Before the model loads: every reward needing the reference has one in `samples` (else a ValueError naming
     the reward and the data), and every reward runs on the first `probe` samples with their reference answer as the
-    completion (else a RewardError naming the reward and the sample)."""
+    completion, in the form training gives it (as_completion), else a RewardError naming the reward and the
+    sample."""
     if not samples:
         return
     for fn in funcs:
@@ -170,13 +202,13 @@ def check_rewards(funcs, samples, prefill: str | None, what: str, probe: int = 1
                "id": [str(s.id) for s in head]}
     for fn in funcs:
         try:
-            call_reward(fn, [s.answer or "" for s in head], columns)
+            call_reward(fn, [as_completion(s.answer or "", chat) for s in head], columns)
         except RewardError as e:
             raise RewardError(f"{what}: {e} (the reference answer given as the completion, before the model "
                               "loads)") from e.__cause__
 
 
-def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=None):
+def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=None, chat=False):
     """GRPO's validation: one greedy completion per validation prompt (the prefill in the prompt, --max-completion-len
     new tokens), scored by the run's rewards. Returns a callable -> {eval_reward (the weighted total, as TRL sums
     it), eval_rewards/NAME (each reward's mean), eval_format (the share of well-formed replies), eval_accuracy
@@ -184,11 +216,12 @@ def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=
 
     Well-formed: with a format that asks for <answer> (asks_for_answer_tag) the reply holds a non-empty
     <answer>...</answer>, and the answer is read from it (none: wrong); otherwise the completion names a class
-    (closed set) or is not empty (free text), and the answer is the completion."""
+    (closed set) or is not empty (free text), and the answer is the completion. With chat prompts (images) the
+    rewards get prompts and completions as messages, as in training; predict shows the model each sample's images."""
     prefill = args.prefill or ""
     weights = list(weights) if weights else [1.0] * len(funcs)
     tagged = asks_for_answer_tag(funcs, prefill, prompts)
-    columns = {"prompts": [fmt.prompt_text(s) for s in samples], "answer": [s.answer for s in samples],
+    columns = {"prompts": [grpo_prompt(fmt, s, chat) for s in samples], "answer": [s.answer for s in samples],
                "prefill": [prefill] * len(samples), "id": [str(s.id) for s in samples]}
 
     def validation(state=None):
@@ -201,9 +234,10 @@ def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=
             if was_training:
                 model.train()
         completions = [r["raw"] for r in res]
+        given = [as_completion(c, chat) for c in completions]
         out, totals = {}, [0.0] * len(samples)
         for fn, w in zip(funcs, weights):
-            values = call_reward(fn, completions, {**columns, "trainer_state": state})
+            values = call_reward(fn, given, {**columns, "trainer_state": state})
             got = [float(v) for v in values if v is not None]
             if got:
                 out[f"eval_rewards/{fn.__name__}"] = sum(got) / len(got)
@@ -229,8 +263,25 @@ def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=
 def grpo_trainer_class(base):
     """`base` (training.make_trainer_class(GRPOTrainer)) whose evaluate() is our validation alone: TRL's own
     evaluation would sample --num-generations completions per prompt and compute a loss nobody reads. The metrics
-    are logged and handed to the on_evaluate callbacks (best/, early stopping, curves) as Trainer.evaluate does."""
+    are logged and handed to the on_evaluate callbacks (best/, early stopping, curves) as Trainer.evaluate does.
+    Chat prompts ending in the prefill are continued (_tokenize_prompts)."""
     class GRPOValidating(base):
+        def _tokenize_prompts(self, prompts):
+            """A chat prompt ending in the prefill (an assistant message) is continued, as the log-probability pass
+            renders it (trl.data_utils.apply_chat_template: continue_final_message) and as fmt.prompt_text writes
+            it. TRL's own generation renders every chat prompt with add_generation_prompt=True, which would close
+            the prefill's turn and open another, and takes no option to do otherwise."""
+            if not (prompts and isinstance(prompts[0], list) and prompts[0][-1]["role"] == "assistant"):
+                return super()._tokenize_prompts(prompts)
+            # TRL calls self.processing_class.apply_chat_template inside: an attribute of the instance shadows the
+            # method for this one call
+            render = self.processing_class.apply_chat_template
+            self.processing_class.apply_chat_template = functools.partial(_continue_final_message, render)
+            try:
+                return super()._tokenize_prompts(prompts)
+            finally:
+                del self.processing_class.apply_chat_template  # the processor's own method again
+
         def evaluate(self, *args, **kwargs):
             from transformers import Trainer
 
@@ -241,6 +292,11 @@ def grpo_trainer_class(base):
             return metrics
 
     return GRPOValidating
+
+
+def _continue_final_message(render, *args, add_generation_prompt=False, **kwargs):
+    """`render` (apply_chat_template) continuing the final message instead of adding a generation prompt."""
+    return render(*args, add_generation_prompt=False, continue_final_message=True, **kwargs)
 
 
 def grpo_config(args, common: dict, weights):

@@ -24,6 +24,8 @@ Formats, detected per source from its column names (or the first record's keys),
                 images where the conversation puts them: image parts and <image> placeholders in the text, matched
                 in order to the row's `images` column (several images, several turns)
     ShareGPT    conversations: [{from, value}]  (FineTome-100k), <image> placeholders with an `images` column too
+    tool calls  OpenAI's tool_calls and role "tool" in messages, or ShareGPT's function_call / observation turns, with a
+                `tools` column of function schemas (a list, or its JSON text); dataset.py parses them
     TRL         prompt, completion (strings, or message lists: the loss on the completion); text alone with --lm-text
                 (language modelling, the loss on every token; a .txt file: one sample per paragraph)
     DPO         prompt, chosen, rejected (strings, or message lists: TRL's conversational form)
@@ -269,7 +271,7 @@ class Converter:
             return rec, False
         if self.fmt == "alpaca":
             rec = {"question": rec.get("instruction"), "text": rec.get("input") or None, "answer": rec.get("output"),
-                   **{k: rec[k] for k in ("system", "id") if k in rec}}
+                   **{k: rec[k] for k in ("system", "id", "tools") if k in rec}}
             rec = {k: v for k, v in rec.items() if v is not None}
         elif self.fmt == "openai" or self.fmt == "kto":
             rec = _openai(rec, file, sid)

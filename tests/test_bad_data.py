@@ -2,7 +2,7 @@
 
 Each case runs the real CLI and must end in exactly one stderr line naming the file, the sample and the field, with
 exit status 2, no traceback and nothing written. Data is checked before a model is loaded, so a case takes about a
-second; only the --max-len case loads the (tiny) tokenizer. What can be handled (a BOM, a TSV's extra columns,
+second; only the --max-len and chat-template cases load the (tiny) tokenizer. What can be handled (a BOM, a TSV's extra columns,
 documents longer than --max-len, paths outside the data folder with --allow-outside-paths) is tested below the table.
 """
 import json
@@ -293,6 +293,41 @@ def case_image_placeholder_without_an_image(tmp, llm):
     row = {"messages": [{"role": "user", "content": "<image>Which?"}, {"role": "assistant", "content": "red"}]}
     return train("--train-data", _jsonl(tmp, [row])), \
         ["data.jsonl", "sample line 1", "field 'messages[0].content'", "placeholder without an image"]
+
+
+def _tool_conv(call=None, first=None, tools=None):
+    """A ShareGPT tool-calling conversation (LLaMA-Factory's form), with one turn or the tools replaced."""
+    turns = [first or {"from": "human", "value": "Weather in Paris?"},
+             {"from": "function_call", "value": call or '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+             {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]
+    return {"conversations": turns, "tools": tools or '[{"name": "get_weather", "parameters": {"type": "object"}}]'}
+
+
+def case_tool_call_not_valid_json(tmp, llm):
+    return train("--train-data", _jsonl(tmp, [_tool_conv(), _tool_conv(call='{"name": "get_weather", ')])), \
+        ["data.jsonl", "sample line 2", "field 'conversations[1].value'", "tool call is not valid JSON"]
+
+
+def case_tool_call_without_a_name(tmp, llm):
+    row = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"arguments": "{}"}}]}, {"role": "tool", "content": "sunny"}]}
+    return train("--train-data", _jsonl(tmp, [row])), \
+        ["data.jsonl", "sample line 1", "field 'messages[1].tool_calls[0]'", "a tool call without a 'name'"]
+
+
+def case_tools_not_a_list_of_schemas(tmp, llm):
+    return train("--train-data", _jsonl(tmp, [_tool_conv(tools='["get_weather"]')])), \
+        ["data.jsonl", "sample line 1", "field 'tools[0]'", "expected a function schema"]
+
+
+def case_tool_result_before_any_call(tmp, llm):
+    return train("--train-data", _jsonl(tmp, [_tool_conv(first={"from": "observation", "value": "sunny"})])), \
+        ["data.jsonl", "sample line 1", "field 'conversations[0]'", "a tool result before any tool call"]
+
+
+def case_chat_template_without_tool_support(tmp, llm):
+    return train("--train-data", _jsonl(tmp, [_tool_conv()])), \
+        ["data.jsonl", "sample line 1", "field 'tools'", f"the chat template of {llm} cannot render tool calls"]
 
 
 def case_dpo_missing_rejected(tmp, llm):

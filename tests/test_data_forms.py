@@ -164,6 +164,110 @@ def test_sharegpt_pairs_and_unpaired_feedback_parse(tmp_path):
         load_preferences(write_jsonl(tmp_path / "bad.jsonl", [{**rows[0], "label": "yes"}]), unpaired=True)
 
 
+# ------------------------------------------------------------------------------------------------ tool calling
+WEATHER = {"name": "get_weather", "description": "The weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def _tool_forms():
+    """One exchange (a call, its result, the answer) in every form that carries tool calls: (row, --columns)."""
+    args = {"city": "Paris"}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps(args)}, "id": "c1"}
+    openai = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "content": "sunny, 21 C", "tool_call_id": "c1"},
+              {"role": "assistant", "content": "It is sunny."}]
+    dict_args = [*openai[:1], {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": args}}]}, *openai[2:]]
+    sharegpt = [{"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": args})},
+                {"from": "observation", "value": "sunny, 21 C"}, {"from": "gpt", "value": "It is sunny."}]
+    return {
+        "openai, arguments a JSON string": ({"messages": openai, "tools": [WEATHER]}, None),
+        "openai, arguments an object, OpenAI's tool schema": (
+            {"messages": dict_args, "tools": [{"type": "function", "function": WEATHER}]}, None),
+        "sharegpt, tools a JSON string": ({"conversations": sharegpt, "tools": json.dumps([WEATHER])}, None),
+        "trl prompt-completion": ({"prompt": openai[:1], "completion": openai[1:], "tools": [WEATHER]}, None),
+        "another column name": ({"messages": openai, "functions": [WEATHER]}, "tools=functions"),
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    """The tiny tokenizer with Qwen2.5's chat template (as TRL ships it), which renders tools, calls and results."""
+    from pathlib import Path
+
+    import trl
+    from tiny_models import build_tokenizer
+
+    tok = build_tokenizer(words=["get_weather", "Paris", "sunny"])
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    return tok
+
+
+def test_tool_calls_carry_the_loss_and_tool_results_none(tmp_path, qwen_tok):
+    """Every tool-calling form encodes to the same tokens: the schema in the system prompt, the loss on the call and
+    the final answer, none on the tool's result. A table (parquet) reads the same as JSON."""
+    import datasets
+
+    encoded = {}
+    for name, (row, columns) in _tool_forms().items():
+        data = write_jsonl(tmp_path / "tools.jsonl", [row])
+        s = load_samples(data, columns=columns)[0]
+        learned, prompt = _masked(Formatter(qwen_tok), s)
+        assert learned == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+                           '<|im_end|>\nIt is sunny.<|im_end|>\n'), name
+        assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt and "The weather of a city" in prompt, name
+        encoded[name] = Formatter(qwen_tok).encode(s, train=True)["input_ids"]
+    for name in ("sharegpt, tools a JSON string", "openai, arguments a JSON string"):  # a table: nulls fill structs
+        datasets.Dataset.from_list([_tool_forms()[name][0]]).to_parquet(tmp_path / "tools.parquet")
+        s = load_samples(str(tmp_path / "tools.parquet"))[0]
+        encoded[f"parquet, {name}"] = Formatter(qwen_tok).encode(s, train=True)["input_ids"]
+    assert len({tuple(ids) for ids in encoded.values()}) == 1, list(encoded)
+
+
+def test_tools_beside_a_plain_question_reach_the_prompt(tmp_path, qwen_tok):
+    row = {"instruction": "Weather in Paris?", "input": "", "output": "Ask get_weather.", "tools": json.dumps([WEATHER])}
+    s = load_samples(write_jsonl(tmp_path / "alpaca.jsonl", [row]))[0]
+    learned, prompt = _masked(Formatter(qwen_tok), s)
+    assert learned == "Ask get_weather.<|im_end|>\n" and "The weather of a city" in prompt
+
+
+def test_a_template_without_tool_support_is_named(tmp_path, tokenizer):
+    row, _ = _tool_forms()["openai, arguments a JSON string"]
+    s = load_samples(write_jsonl(tmp_path / "tools.jsonl", [row]))[0]
+    with pytest.raises(DataError, match="sample line 1: field 'tools': the chat template of .* cannot render tool "
+                                        r"calls and results: train a model whose template does \(Qwen2.5"):
+        Formatter(tokenizer).encode(s, train=True)
+
+
+def test_tool_data_as_preference_pairs_is_refused(tmp_path):
+    from finetune.sources import load_preferences
+
+    row, _ = _tool_forms()["sharegpt, tools a JSON string"]
+    pair = {"conversations": row["conversations"][:3], "chosen": row["conversations"][3],
+            "rejected": {"from": "gpt", "value": "No idea."}}
+    with pytest.raises(DataError, match=r"sample line 1: field 'conversations\[1\]': tool calls.* are for SFT"):
+        load_preferences(write_jsonl(tmp_path / "pairs.jsonl", [pair]))
+    with pytest.raises(DataError, match="sample line 1: field 'tools': tool calls.* are for SFT"):
+        load_preferences(write_jsonl(tmp_path / "pairs.jsonl", [{**pair, "tools": row["tools"]}]))
+
+
+def test_tool_calls_train_through_the_cli(tmp_path, qwen_tok):
+    """train.py on a tiny model whose template renders tools; the ChatML template without tool support stops with
+    one line before anything is written (tests/test_bad_data.py)."""
+    from conftest import run_cli
+    from tiny_models import build_tiny_llm
+
+    model = build_tiny_llm(tmp_path / "tiny-qwen-template", qwen_tok)
+    row, _ = _tool_forms()["sharegpt, tools a JSON string"]
+    data = write_jsonl(tmp_path / "tools.jsonl", [{**row, "id": str(i)} for i in range(4)])
+    r = run_cli("train.py", "-m", model, "--train-data", data, "-b", "2", "--max-steps", "1", "--name", "tools",
+                "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "log" / "tools" / "best" / "adapter_model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ the CLIs
 def _kto_rows(n=12):
     return [{"prompt": f"Name a colour ({i}).", "completion": "red" if i % 2 else "the old stone house",

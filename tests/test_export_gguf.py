@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import run_cli, write_jsonl
 
 ROWS = [{"id": f"s{i}", "text": f"the {'red' if i % 2 else 'blue'} house", "answer": "red" if i % 2 else "blue",
          "question": "Which colour?"} for i in range(16)]

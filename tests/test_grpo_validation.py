@@ -3,7 +3,7 @@
 --init-adapter from an SFT run, and rewards that fail named in one line."""
 import json
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 WORDS = "the a small big old new house tree river stone cloud paper window garden road light".split()
 
@@ -136,17 +136,102 @@ def test_a_vision_language_model_runs_the_same_line_on_text(tiny_vlm, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     evals = [x for x in _log(tmp_path / "log" / "vlm") if "eval_reward" in x]
     assert [x["step"] for x in evals] == [0, 1] and all("eval_accuracy" in x for x in evals)
-    # image samples: one line before the model loads (TRL takes images only with unrendered chat prompts)
+
+
+def _pictures(folder, name, n, seed):
+    """The TSV workflow on images: a listing of sample JSON files, each an image and its colour (red / blue)."""
     from tiny_models import make_images
 
-    images = make_images(tmp_path / "img", 2)
-    data = tmp_path / "pics.jsonl"
-    data.write_text("".join(json.dumps({"id": f"p{i}", "image": f"img/{name}", "question": "Which colour?",
-                                        "answer": colour}) + "\n" for i, (name, colour) in enumerate(images)))
-    r = run_cli("train.py", "-m", tiny_vlm, "--train-data", data, "-b", "8", "--trainer", "grpo",
-                "--name", "pics", "--log-dir", tmp_path / "log")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"error: {data}: sample p0: field 'image': --trainer grpo trains on "
-                                                 "text prompts (a vision-language model too), not on samples with "
-                                                 "images"), r.stderr[-2000:]
-    assert not (tmp_path / "log" / "pics").exists()
+    images = make_images(folder / name, n, seed)
+    lines = ["file\tlabel"]
+    for i, (png, colour) in enumerate(images):
+        (folder / name / f"{name}{i}.json").write_text(json.dumps({"image": png, "answer": colour}))
+        lines.append(f"{name}/{name}{i}.json\t{colour}")
+    (folder / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    return folder / f"{name}.tsv"
+
+
+SEES = '''
+def sees(completions, prompts, **kw):
+    """1.0 where the reward is handed a chat completion whose prompt shows an image: the form TRL gives them."""
+    def shows(prompt):
+        return isinstance(prompt, list) and any(isinstance(m["content"], list) and
+                                                any(p["type"] == "image" for p in m["content"]) for m in prompt)
+    return [float(isinstance(c, list) and c[0]["role"] == "assistant" and shows(p))
+            for c, p in zip(completions, prompts)]
+'''
+
+
+def test_the_workflow_line_with_grpo_trains_on_images(tiny_vlm, tmp_path):
+    train, val = _pictures(tmp_path, "train", 8, 0), _pictures(tmp_path, "val", 4, 1)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"system": ["You sort pictures by colour."],
+                                   "question": ["Which colour is the square: red or blue?"]}))
+    (tmp_path / "mine.py").write_text(SEES)
+    line = ["-m", tiny_vlm, "--train-data", train, "--validation-data", val, "-p", prompts, "-b", "4",
+            "--log-dir", tmp_path / "log"]
+    # the SFT line with GRPO's options added
+    r = run_cli("train.py", *line, "--trainer", "grpo", "--prefill", "<reasoning>", "--num-generations", "2",
+                "--max-completion-len", "6", "--max-steps", "2", "--name", "pics",
+                "--rewards", f"structure,correct,{tmp_path / 'mine.py'}:sees")
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "log" / "pics"
+    logged = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    assert {x["reward"] for x in logged} == {"structure", "correct", "sees"}
+    assert all(isinstance(x["completion"], str) and x["prefill"] == "<reasoning>" for x in logged)
+    assert all(x["value"] == 1.0 for x in logged if x["reward"] == "sees"), logged
+    steps = [x for x in _log(run) if "rewards/sees/mean" in x]
+    assert len(steps) == 2 and all(x["rewards/sees/mean"] == 1.0 for x in steps)
+    evals = [x for x in _log(run) if "eval_reward" in x]
+    assert [x["step"] for x in evals] == [0, 2], evals
+    assert all(x["eval_rewards/sees"] == 1.0 and "eval_accuracy" in x and "eval_format" in x for x in evals)
+    assert (run / "best" / "adapter_model.safetensors").is_file()
+
+    # a training set that mixes samples with and without images: one line before the model loads
+    (tmp_path / "train" / "train1.json").write_text(json.dumps({"text": "a blue thing", "answer": "blue"}))
+    r = run_cli("train.py", *line, "--trainer", "grpo", "--name", "mixed")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'train' / 'train1.json'}: sample train1: field 'image': GRPO on images needs one in "
+        "every training sample: TRL's GRPOTrainer cannot batch prompts with and without images")
+    assert not (tmp_path / "log" / "mixed").exists()
+
+
+def test_trl_generates_from_the_prompt_sft_and_eval_render_for_an_image_sample(tiny_vlm, tmp_path):
+    """The token ids TRL's GRPOTrainer generates from (its own chat rendering, the prefill continued) equal what
+    the Formatter renders for SFT and eval, the processor expanding the image into its vision tokens."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.data_utils import prepare_multimodal_messages
+
+    from dataset import Formatter, load_prompts
+    from finetune import rl, training
+    from finetune.sources import load_samples
+    from tiny_models import IMAGE_PAD
+
+    train = _pictures(tmp_path, "train", 2, 0)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"system": ["You sort pictures.", "Sort the pictures."],
+                                   "question": ["Red or blue?", "Which colour is the square?"]}))
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    samples = load_samples(train, load_prompts(prompts))
+    cls = rl.grpo_trainer_class(training.make_trainer_class(GRPOTrainer))
+    trainer = cls(model=AutoModelForImageTextToText.from_pretrained(tiny_vlm), processing_class=processor,
+                  reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                  args=GRPOConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, bf16=False,
+                                  per_device_train_batch_size=2, num_generations=2),
+                  train_dataset=rl.grpo_dataset(Formatter(processor.tokenizer, processor), samples, None, True))
+    pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    for prefill in (None, "<reasoning>"):
+        fmt = Formatter(processor.tokenizer, processor, max_len=256, prompts=load_prompts(prompts), prefill=prefill)
+        row = rl.grpo_dataset(fmt, samples, prefill, chat=True)[0]
+        # what TRL does with a batch: the images into the prompt's image parts, then its own rendering
+        ids, images, fields = trainer._tokenize_prompts([prepare_multimodal_messages(row["prompt"], row["images"])])
+        image = Image.open(samples[0].image).convert("RGB")
+        want = processor(text=[fmt.prompt_text(samples[0], train=True)], images=[image])["input_ids"][0]
+        assert list(ids[0]) == list(want), (prefill, ids[0], want)
+        assert ids[0].count(pad) == int(fields["image_grid_thw"].prod()) // 4 > 1  # 2x2 patches merge into a token
+        assert images == [[row["images"][0]]] and "pixel_values" in fields
+        text = processor.decode(ids[0])
+        assert text.endswith("<|im_start|>assistant\n" + (prefill or "")) and "<|im_end|>" not in text[-30:], text

@@ -215,7 +215,7 @@ def test_llamacpp_sdist_is_checked_against_its_sha256(tmp_path, monkeypatch):
 
 def test_free_text_validation_generates_on_up_to_32_samples(tokenizer, monkeypatch):
     from dataset import Formatter, Sample
-    from finetune import predict, training
+    from finetune import training
 
     seen = []
 
