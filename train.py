@@ -40,7 +40,7 @@ import rewards
 from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import config, datacheck, guards, launch, modes, monitor, options, precision, runs, training
+from finetune import config, datacheck, decoding, guards, launch, modes, monitor, options, precision, runs, training
 from finetune.errors import ModelError, RewardError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how validation accuracy is measured on closed-set tasks (default score)")
     g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all; free-text "
                    "tasks generate for chrF / exact match on up to 32)")
+    decoding.add_budget_option(g, "validation's generation budget, and eval.py's and generate.py's for the run",
+                               decoding.RUN_BUDGET)
     g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "reward", "format", "loss"],
                    help="validation metric that chooses best/ and drives --early-stopping (default: accuracy for "
                    "closed-set tasks, chrf for free text, loss for DPO; GRPO measures accuracy (closed set), reward "
@@ -236,7 +238,8 @@ def prepare(args):
         if args.trainer == "grpo":  # the reward functions (rewards.py, or the user's module:function) go to the mode
             s.extras["rewards"] = rewards.load_rewards(args.rewards, args.reward_weights)
         mode.load_data(s, runs.stored_split_ids(args))
-        wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
+        wanted = next((o for o in ("eval_steps", "val_samples", "max_new_tokens", "metric", "early_stopping")
+                       if getattr(args, o)), None)
         if not s.val and wanted:
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
                  "folder); there is none")
@@ -298,6 +301,9 @@ def create_run(args, s) -> tuple[Path, dict]:
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
                           s.derived)
     cfg["plan"] = s.extras.pop("plan", None) or monitor.make_plan(args, s)
+    s.extras["decoding"] = dec = decoding.resolve(cfg, s.classes)  # validation generates as eval.py will
+    if s.val and args.trainer == "sft" and args.head != "classifier" and (not s.classes or args.predict == "generate"):
+        cfg["plan"]["validation"] = {"max_new_tokens": dec.max_new_tokens}  # the run's validation generates
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, cfg)

@@ -12,10 +12,11 @@ One job each; a concern has one owner:
     training.py    what we add to TRL's trainers: samplers, validation, saves, callbacks, the batch-size search
     runs.py        the run folder log/NAME/ (owner): every file in it named and written here, finding and resuming
     precision.py   every dtype decision (owner): training, weights, inference and export
-    predict.py     scoring and generation, metrics, and decoding (owner: defaults, the budget rule, the flags)
+    predict.py     scoring and generation over a data set, metrics (validation and eval.py share it)
+    decoding.py    generation (owner): decoding defaults and flags, the budget rule, every model.generate call
     modeling.py    loading models (hub ids, folders, GGUF), LoRA / QLoRA / full, unsloth when it applies
     classifier.py  the sequence-classification head
-    batching.py    collators, length-bucketed batches, the padding-free choice
+    batching.py    collators, length-bucketed batches, the padding-free choice, inference batches by length
     tokenise.py    tokenising through datasets.map, and its on-disk cache
     sources.py     reading any source: Hub datasets, tables, JSON in other formats, column mapping, mixing, splits
     rl.py          GRPO (with its validation and reward checks), DPO and KTO through TRL

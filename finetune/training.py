@@ -3,16 +3,18 @@ free-text validation, the classifier head's own learning rate, best/ and latest/
 
     trainer = make_trainer_class(SFTTrainer)(...)    # any of TRL's trainers, or transformers' Trainer
     trainer.validation = closed_set_validation(...)  # accuracy / macro-F1 merged into each evaluation's metrics
-    trainer.validation = free_text_validation(...)   # free text: chrF / exact match of greedy generations
+    trainer.validation = free_text_validation(...)   # free text: chrF / exact match of generations
     for cb in make_callbacks(args, out, saver, metric, history): trainer.add_callback(cb)
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 from finetune import batching, classifier, launch, precision, runs, trl_cpu
+from finetune.decoding import Decoding
 from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict, text_metrics
 
 
@@ -70,41 +72,47 @@ def make_trainer_class(base, recompute_head: bool = True):
     return FinetuneTrainer
 
 
-def closed_set_validation(model, fmt, val, classes, args):
-    """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
+def closed_set_validation(model, fmt, val, classes, args, dec: Decoding):
+    """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate);
+    --predict generate generates by `dec` (decoding.resolve: the budget rule, as eval.py generates)."""
     def validation():
-        was_training = model.training
-        model.eval()
-        res = predict(model, fmt, val, classes, args.predict, args.batch_size, max_new_tokens=16,
-                      rule=TUNED_SCORE_RULE, prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
+        with evaluating(model):
+            res = predict(model, fmt, val, classes, args.predict, args.batch_size, dec,
+                          rule=TUNED_SCORE_RULE, prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
         m = classification_metrics([r["reference"] for r in res], [r["prediction"] for r in res], classes)
-        if was_training:
-            model.train()
         return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
 
     return validation
 
 
-def free_text_validation(model, fmt, val, args):
-    """chrF and exact match of greedy generations on free-text validation samples: the task's own measure, which the
-    loss only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), with a
-    budget of new tokens a little over the longest reference answer, so a model that never stops costs little."""
+def free_text_validation(model, fmt, val, args, dec: Decoding):
+    """chrF and exact match of generations on free-text validation samples: the task's own measure, which the loss
+    only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), generated
+    by `dec` (decoding.resolve: the budget rule and decoding defaults eval.py and generate.py use for the run)."""
     samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
-    budget = max(len(fmt.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 8
 
     def validation():
-        was_training = model.training
-        model.eval()
-        res = predict(model, fmt, samples, None, "generate", args.batch_size, max_new_tokens=budget)
+        with evaluating(model):
+            res = predict(model, fmt, samples, None, "generate", args.batch_size, dec)
         m = text_metrics([r["reference"] for r in res], [r["prediction"] for r in res])
-        if was_training:
-            model.train()
         return {"eval_chrf": m["chrf"], "eval_exact_match": m["exact_match"]}
 
     return validation
 
 
 FREE_TEXT_SAMPLES = 32
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for a validation, back in training mode after it if it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def training_arguments(args, out: Path, validates: bool) -> dict:
