@@ -467,7 +467,9 @@ def _curves_class():
 # ------------------------------------------------------------------------------------------------ early stopping
 def _early_class(base):
     class EarlyStop(base):
-        """transformers' EarlyStoppingCallback, minus its warning about load_best_model_at_end: best/ is ours."""
+        """transformers' EarlyStoppingCallback, minus its warning about load_best_model_at_end: best/ is ours. It
+        records the step it stopped at only when its own patience ran out: a stop asked by another callback (Ctrl-C:
+        guards.StopGuard) at an evaluation's step is not an early stop."""
         stopped_at = None
 
         def on_train_begin(self, args, state, control, **kw):
@@ -477,7 +479,7 @@ def _early_class(base):
             if state.global_step == 0:
                 return  # the baseline before the first step is a reference, not an evaluation to improve on
             super().on_evaluate(args, state, control, metrics, **kw)
-            if control.should_training_stop and self.stopped_at is None:
+            if self.early_stopping_patience_counter >= self.early_stopping_patience and self.stopped_at is None:
                 self.stopped_at = state.global_step
 
     return EarlyStop
@@ -536,8 +538,12 @@ def summary_lines(history: list, trainer, args, metric: str) -> list[str]:
     if fracs:
         lines.append(f"GRPO signal: {1 - sum(fracs) / len(fracs):.0%} of groups had reward variance (learning "
                      f"signal) over {len(fracs)} steps")
-    early = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "stopped_at")), None)
-    if early is not None and early.stopped_at is not None:
+    from transformers import EarlyStoppingCallback
+
+    # the callback is there with --early-stopping only (attach): found by its class, not by an attribute another
+    # callback could share
+    early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    if args.early_stopping and early is not None and early.stopped_at is not None:
         lines.append(f"early stopping: no improvement of {metric.removeprefix('eval_')} by more than {args.early_stopping_delta:g} "
                      f"in {args.early_stopping} evaluations; stopped at step {early.stopped_at} of "
                      f"{trainer.state.max_steps} (best/ keeps the best)")
