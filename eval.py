@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dataset import (DataError, Formatter, RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
                      to_classes)
-from finetune import classifier, decoding, precision, runs, sources
+from finetune import classifier, decoding, monitor, precision, runs, sources
 from finetune.decoding import Decoding
 from finetune.errors import ModelError
 from finetune.modeling import is_vision_model, load_config, load_for_inference
@@ -174,6 +174,7 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
+    monitor.quiet_libraries()
 
     cfg, weights, name = resolve(args)
     samples, classes, prompts = prepare_test(args, cfg)

@@ -23,12 +23,13 @@ Plain-format runs (--response-template) were trained single-turn, so each chat l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 from dataset import DataError, Formatter, Sample, load_prompts, pick_prompt
-from finetune import decoding, sources
+from finetune import decoding, monitor, sources
 from finetune.decoding import Decoding
 from finetune.errors import ModelError
 from finetune.modeling import load_for_inference
@@ -149,13 +150,15 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
+    monitor.quiet_libraries()
 
     try:
         cfg, weights = find_run(args.checkpoint)
         prompts = load_prompts(cfg.get("prompts"))
         image = checked_image(args, cfg)
         samples = what_to_answer(args, cfg, prompts, image)
-        model, tokenizer, processor = load_for_inference(cfg, str(weights))
+        with contextlib.redirect_stdout(sys.stderr):  # the loading line: stdout holds the answers alone
+            model, tokenizer, processor = load_for_inference(cfg, str(weights))
     except (DataError, ModelError) as e:
         fail(str(e))
     # the budget rule, and a repetition penalty for free-text runs only

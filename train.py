@@ -409,7 +409,7 @@ def main(argv=None):
 def configure_environment(args):
     """The one place a run sets process-wide state: library verbosity and the environment variables the libraries
     read (before they are imported, where they read them at import time)."""
-    monitor.quiet_libraries(args)
+    monitor.quiet_libraries(args.trainable)
     if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow 3's default, sqlite:///mlflow.db in the working directory, needs the full server package; a local
         # file store beside the runs works with the client alone (mlflow ui --backend-store-uri LOG_DIR/mlruns)

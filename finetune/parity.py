@@ -30,7 +30,7 @@ from finetune import decoding, runs, sources
 from finetune.batching import length_batches
 from finetune.decoding import Decoding
 from finetune.errors import ModelError
-from finetune.modeling import load_base, load_for_inference, load_processing, model_class, setup_tokens
+from finetune.modeling import load_base, load_for_inference, load_processing, loading, model_class, setup_tokens
 
 
 def prompt_samples(cfg: dict, data: str | None, n: int):
@@ -90,7 +90,8 @@ def compare(reference, candidate, prompt_ids: list[list[int]], tokenizer, dec: D
 def load_candidate(kind: str, out: Path, cfg: dict):
     """The export, reloaded as its consumer loads it (see the module docstring)."""
     if kind == "merge":
-        return model_class(cfg.get("vision")).from_pretrained(out).eval()  # the dtype it was saved in
+        with loading(out):
+            return model_class(cfg.get("vision")).from_pretrained(out).eval()  # the dtype it was saved in
     if kind == "vllm":
         model, _, _ = load_for_inference(cfg, str(out))
         return model
