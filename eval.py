@@ -15,7 +15,8 @@ question. Free-text tasks are generated (finetune/decoding.py: greedy with a rep
 generate.py and export.py's parity check) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
-confusion_matrix.csv and .png for classification; prints a short table.
+confusion_matrix.csv and .png for classification; prints a short table. A progress line shows the samples done, the
+rate and the ETA (live on a terminal; one line at the start and one at the end in a log file).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from finetune.decoding import Decoding
 from finetune.errors import ModelError
 from finetune.modeling import is_vision_model, load_config, load_for_inference
 from finetune.options import fail, range_error
+from finetune.progress import Progress
 from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, TUNED_PROMPT_SET,
                               TUNED_SCORE_RULE, classification_metrics, predict, text_metrics)
 
@@ -258,8 +260,6 @@ def load_model(args, cfg, weights, prompts):
 def score_shard(how: Scoring, model, fmt, samples, classes, out: Path, rank: int, world: int, done):
     """This process's predictions. predictions.tsv grows batch by batch (a crash keeps what was done); under
     torchrun each rank writes its own part, which rank 0 replaces with one file at the end."""
-    from tqdm import tqdm
-
     tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
     write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
 
@@ -267,7 +267,7 @@ def score_shard(how: Scoring, model, fmt, samples, classes, out: Path, rank: int
         write_predictions(tsv, rows, "a")
 
     try:
-        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
+        with Progress("eval", len(samples), show=rank == 0) as bar:
             if how.mode == "head":  # a classifier-head run: the head's softmax, no generation
                 return classifier.predict(model, fmt, samples, classes, how.batch_size, write_batch, bar.update)
             return predict(model, fmt, samples, classes, how.mode, how.batch_size, how.decoding, write_batch,

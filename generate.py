@@ -12,9 +12,10 @@ template or --response-template, max length: all from its run.json).
 --prompt is the user turn as typed; --text is a document that gets the run's first question (as a data sample
 {"text": ...} would); both get the run's first system prompt. --data takes every layout train.py reads; answers are
 optional there. Each output line is {"id", "prompt", "answer", "reference"}; rows come as batches finish (longest
-prompts first), so match them by id. Decoding and budget follow finetune/decoding.py, as eval.py's and train.py's
-validation do: greedy (with a repetition penalty of 1.2 for a free-text run) unless --temperature > 0; generation
-stops at the end-of-turn token the run was trained to emit.
+prompts first), so match them by id; a progress line on stderr shows the samples done, the rate and the ETA.
+Decoding and budget follow finetune/decoding.py, as eval.py's and train.py's validation do: greedy (with a repetition
+penalty of 1.2 for a free-text run) unless --temperature > 0; generation stops at the end-of-turn token the run was
+trained to emit.
 
 Chat: multi-turn (the history is kept and re-sent in the chat template; the oldest turns are dropped when it
 outgrows the run's max length), tokens stream as they are generated, an empty line, "exit" or Ctrl-D ends it.
@@ -35,6 +36,7 @@ from finetune.errors import ModelError
 from finetune.modeling import load_for_inference
 from finetune.options import fail, range_error
 from finetune.predict import predict
+from finetune.progress import Progress
 from finetune.runs import find_run
 
 
@@ -92,9 +94,7 @@ def answer_all(model, fmt, samples, args, dec: Decoding, emit):
         for r in results:
             emit({"id": r["id"], "prompt": prompts[r["id"]], "answer": r["raw"], "reference": refs[r["id"]]})
 
-    from tqdm import tqdm
-
-    with tqdm(total=len(samples), unit="sample", file=sys.stderr, disable=len(samples) < 2 or None) as bar:
+    with Progress("generate", len(samples), file=sys.stderr, show=len(samples) > 1) as bar:  # stdout: the answers
         if dec.temperature > 0:
             for s in samples:
                 rows([{"id": s.id, "raw": generate_one(model, fmt, s, dec)}])

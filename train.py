@@ -338,6 +338,7 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     """The mode's trainer with best/ and latest/ saves, the JSONL log, the console line, curves.png and the stop
     guard attached."""
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
+    trainer.planned_steps = cfg["plan"]["steps"]
     metric = s.extras["metric"]
     save = training.make_saver(trainer, s.processor or s.tokenizer, cfg)
     history: list = []

@@ -4,6 +4,7 @@ free-text validation, the classifier head's own learning rate, best/ and latest/
     trainer = make_trainer_class(SFTTrainer)(...)    # any of TRL's trainers, or transformers' Trainer
     trainer.validation = closed_set_validation(...)  # accuracy / macro-F1 merged into each evaluation's metrics
     trainer.validation = free_text_validation(...)   # free text: chrF / exact match of generations
+                                                     (both show a progress line: finetune/progress.py)
     for cb in make_callbacks(args, out, saver, metric, history): trainer.add_callback(cb)
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from finetune import batching, classifier, launch, precision, runs, trl_cpu
 from finetune.decoding import Decoding
+from finetune.progress import Progress
 from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict, text_metrics
 
 
@@ -26,7 +28,9 @@ def make_trainer_class(base, recompute_head: bool = True):
     trl_cpu.install(recompute_head)
 
     class FinetuneTrainer(base):
-        validation = None  # callable -> dict of extra eval metrics (closed_set_validation)
+        validation = None  # callable(label) -> dict of extra eval metrics (closed_set_validation)
+        validation_seconds = 0.0  # spent in evaluate(), the loss pass included
+        planned_steps = None  # the plan's steps: the progress line's total before train() sets max_steps
         real_tokens = 0    # non-pad tokens trained on, and the seconds spent in training steps (not validation)
         train_seconds = 0.0
         last_batch_shape = None  # (samples, tokens) of the batch in flight: named in an out-of-memory error
@@ -60,8 +64,13 @@ def make_trainer_class(base, recompute_head: bool = True):
             return batching.eval_sampler(self, eval_dataset, super()._get_eval_sampler)
 
         def evaluate(self, *args, **kwargs):
-            self._extra = self.validation() if self.validation else {}
-            return super().evaluate(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                label = f"step {self.state.global_step}/{self.state.max_steps or self.planned_steps}  validation"
+                self._extra = self.validation(label) if self.validation else {}
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.validation_seconds += time.perf_counter() - start
 
         def log(self, logs, *args, **kwargs):
             if "eval_loss" in logs and getattr(self, "_extra", None):
@@ -75,9 +84,9 @@ def make_trainer_class(base, recompute_head: bool = True):
 def closed_set_validation(model, fmt, val, classes, args, dec: Decoding):
     """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate);
     --predict generate generates by `dec` (decoding.resolve: the budget rule, as eval.py generates)."""
-    def validation():
-        with evaluating(model):
-            res = predict(model, fmt, val, classes, args.predict, args.batch_size, dec,
+    def validation(label="validation"):
+        with evaluating(model), Progress(label, len(val), show=launch.is_main_process()) as bar:
+            res = predict(model, fmt, val, classes, args.predict, args.batch_size, dec, progress=bar.update,
                           rule=TUNED_SCORE_RULE, prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
         m = classification_metrics([r["reference"] for r in res], [r["prediction"] for r in res], classes)
         return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
@@ -91,9 +100,9 @@ def free_text_validation(model, fmt, val, args, dec: Decoding):
     by `dec` (decoding.resolve: the budget rule and decoding defaults eval.py and generate.py use for the run)."""
     samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
 
-    def validation():
-        with evaluating(model):
-            res = predict(model, fmt, samples, None, "generate", args.batch_size, dec)
+    def validation(label="validation"):
+        with evaluating(model), Progress(label, len(samples), show=launch.is_main_process()) as bar:
+            res = predict(model, fmt, samples, None, "generate", args.batch_size, dec, progress=bar.update)
         m = text_metrics([r["reference"] for r in res], [r["prediction"] for r in res])
         return {"eval_chrf": m["chrf"], "eval_exact_match": m["exact_match"]}
 

@@ -1,5 +1,7 @@
 """Runs you can watch: free-text validation metrics, --metric, --early-stopping, curves.png, the plan in run.json,
-the console line, GRPO reward health (train.py run as a user runs it, on the tiny model)."""
+the console line, the progress lines of validation, eval, tokenising and loading, GRPO reward health (train.py run as
+a user runs it, on the tiny model)."""
+import io
 import json
 import random
 import re
@@ -49,6 +51,13 @@ def test_free_text_validation_metric_and_early_stopping(free_text_run):
     assert max(x["step"] for x in log) == 4
     assert "early stopping: no improvement of chrf by more than 1000 in 1 evaluations; stopped at step 4 of 36" \
         in r.stdout
+    # every validation's progress, without a terminal: one line as it starts, one as it ends, before its result line
+    for step in (0, 2, 4):
+        assert f"step {step}/36  validation 0/4 samples" in r.stdout
+        assert re.search(rf"step {step}/36  validation 4/4 samples  [\d.,]+ samples/s  elapsed \d+:\d\d\n", r.stdout)
+    assert r.stdout.index("step 0/36  validation 4/4 samples") < r.stdout.index("step 0/36  validation: loss")
+    # loading the model: our line at its start and at its end
+    assert re.search(r"loading model \S+ \.\.\.\nloading model \S+: done in \d+:\d\d\n", r.stdout)
     best = json.loads((run / "best" / "run.json").read_text())["checkpoint"]
     top = max(evals, key=lambda x: x["eval_chrf"])  # chrF chose best/, by default (the baseline counts)
     assert (best["step"], best["eval_chrf"]) == (top["step"], top["eval_chrf"])
@@ -75,6 +84,10 @@ def test_eval_scores_a_free_text_run_with_its_own_metrics(free_text_run):
     assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
     assert m["exact_match"] == sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / 6
     assert f"chrF {m['chrf']:.2f}" in e.stdout
+    # a progress line at the start and one at the end (no terminal), and no library bars or warnings
+    assert "eval 0/6 samples" in e.stdout and re.search(r"eval 6/6 samples  [\d.,]+ samples/s  elapsed", e.stdout)
+    assert not [n for n in ("gemm_4bit_forward", "Loading weights", "clean_up_tokenization", "%|") if n in
+                e.stdout + e.stderr], e.stderr
 
 
 def test_console_is_one_line_per_step(free_text_run):
@@ -155,3 +168,53 @@ def test_grpo_reward_health_warns_and_the_summary_counts_signal(tiny_llm, tmp_pa
     assert "GRPO signal: 0% of groups had reward variance (learning signal) over 11 steps" in r.stdout
     assert re.search(r"step 3/11  loss \S+  reward 0 ", r.stdout)
     assert (tmp_path / "log" / "grpo" / "curves.png").stat().st_size > 10_000
+
+
+def test_progress_lines_without_a_terminal():
+    """A phase in a log file: one line at its start (with the planned ETA) and one at its end; nothing between."""
+    from finetune.progress import Progress
+
+    out = io.StringIO()
+    with Progress("step 0/40  validation", total=10, estimate=70.0, file=out, live=False) as bar:
+        for _ in range(5):
+            bar.update(2)
+    start, end = out.getvalue().splitlines()
+    assert start == "step 0/40  validation 0/10 samples  ETA 1:10 (planned)"
+    assert re.fullmatch(r"step 0/40  validation 10/10 samples  [\d.,]+ samples/s  elapsed 0:00", end), end
+    out = io.StringIO()
+    with Progress("loading model x", file=out, live=False):
+        pass
+    assert out.getvalue().splitlines() == ["loading model x ...", "loading model x: done in 0:00"]
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress("eval", total=4, file=out, live=False) as bar:
+        bar.update(1)
+        raise KeyboardInterrupt
+    assert out.getvalue().splitlines()[-1].endswith("(stopped)")
+
+
+def test_progress_live_line_counts_rate_and_eta():
+    """On a terminal the line is redrawn: the count, the rate, the elapsed time and the ETA, from the plan's
+    estimate before the first sample and from the rate after it."""
+    from finetune.progress import Progress
+
+    bar = Progress("step 2/40  validation", total=8, estimate=30.0, live=False, show=False)
+    bar.start()
+    assert bar.text().endswith("ETA 0:30") and "0/8 samples" in bar.text()
+    bar.start_time -= 10  # 10 s in, 2 done: 0.2 samples/s, 30 s to go
+    bar.update(2)
+    assert re.fullmatch(r"step 2/40  validation 2/8 samples  0.20 samples/s  elapsed 0:10  ETA 0:30", bar.text())
+    bar.close()
+
+
+def test_tokenising_a_large_set_shows_its_progress(tokenizer, monkeypatch, capsys):
+    from dataset import Formatter, Sample
+    from finetune import tokenise
+
+    monkeypatch.setattr(tokenise, "SHOW_FROM", 3)  # "large" from 3 samples, so that the test stays small
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    samples = [Sample(id=str(i), file="t", turns=[("user", f"red blue {i}"), ("assistant", "red")]) for i in range(5)]
+    assert len(tokenise.encode_cached(Formatter(tokenizer, max_len=64), samples, True)) == 5
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tokenising 0/5 samples" and re.match(r"tokenising 5/5 samples  [\d.,]+ samples/s  elapsed",
+                                                           out[1])
+    assert out[2].startswith("tokenised: 5 samples in ")
