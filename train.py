@@ -40,7 +40,8 @@ import rewards
 from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import config, datacheck, decoding, guards, launch, modes, monitor, options, precision, runs, training
+from finetune import (config, datacheck, decoding, guards, launch, modes, monitor, options, precision, runs, timeplan,
+                      training)
 from finetune.errors import ModelError, RewardError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict", default="score", choices=["score", "generate"],
                    help="how validation accuracy is measured on closed-set tasks (default score)")
     g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all; free-text "
-                   "tasks generate for chrF / exact match on up to 32)")
+                   "tasks generate for chrF / exact match on the first samples that keep all validations, the step-0 "
+                   f"baseline included, under {timeplan.SHARE_WORDS} of the run's planned time, at most "
+                   f"{timeplan.FREE_TEXT_SAMPLES}, none when even one batch would not: the plan line says how many)")
     decoding.add_budget_option(g, "validation's generation budget, and eval.py's and generate.py's for the run",
                                decoding.RUN_BUDGET)
     g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "reward", "format", "loss"],
@@ -301,9 +304,10 @@ def create_run(args, s) -> tuple[Path, dict]:
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
                           s.derived)
     cfg["plan"] = s.extras.pop("plan", None) or monitor.make_plan(args, s)
-    s.extras["decoding"] = dec = decoding.resolve(cfg, s.classes)  # validation generates as eval.py will
-    if s.val and args.trainer == "sft" and args.head != "classifier" and (not s.classes or args.predict == "generate"):
-        cfg["plan"]["validation"] = {"max_new_tokens": dec.max_new_tokens}  # the run's validation generates
+    dec = decoding.resolve(cfg, s.classes)  # validation generates as eval.py and generate.py will for the run
+    s.extras["validation"] = training.ValidationPlan(dec)
+    if timeplan.generates(args, s):
+        cfg["plan"]["validation"] = {"max_new_tokens": dec.max_new_tokens}
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, cfg)
@@ -339,6 +343,11 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     guard attached."""
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
     trainer.planned_steps = cfg["plan"]["steps"]
+    # the time plan, measured on the model: after the trainer, whose arguments start the process group (every rank
+    # agrees on the free-text samples)
+    trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, trainer.validation_plan)
+    if trainer.validation_plan is not None and trainer.validation_plan.samples == 0 and not args.metric:
+        s.extras["metric"] = "eval_loss"  # free text generates on no sample: the loss alone chooses best/
     metric = s.extras["metric"]
     save = training.make_saver(trainer, s.processor or s.tokenizer, cfg)
     history: list = []

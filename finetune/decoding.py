@@ -109,13 +109,14 @@ def add_decoding_options(parser):
       help=f"never repeat an n-gram of this size in the output (default {DECODING['no_repeat_ngram_size']}: off)")
 
 
-def generate_ids(model, tokenizer, enc: dict, dec: Decoding, streamer=None):
+def generate_ids(model, tokenizer, enc: dict, dec: Decoding, streamer=None, **extra):
     """(B, T) new token ids of one model.generate call on encoded inputs (input_ids, attention_mask, and a
-    processor's image tensors); rows that end early are padded after their end-of-turn token."""
+    processor's image tensors); rows that end early are padded after their end-of-turn token. `extra`: more of
+    generate's arguments (the time plan's min_new_tokens)."""
     import torch
 
     with torch.inference_mode():
-        out = model.generate(**enc, streamer=streamer, **dec.kwargs(tokenizer))
+        out = model.generate(**enc, streamer=streamer, **dec.kwargs(tokenizer), **extra)
     return out[:, enc["input_ids"].shape[1]:]
 
 

@@ -96,11 +96,11 @@ class SFT:
             train_dataset=s.train_ds.select_columns(keep),
             eval_dataset=s.val_ds.select_columns(keep) if s.val_ds is not None else None,
             processing_class=s.processor or s.tokenizer, data_collator=None if flat else collator)
-        dec = s.extras["decoding"]  # train.create_run: the budget rule on the run's run.json
         if s.classes and s.val:
-            trainer.validation = training.closed_set_validation(model, s.val_fmt, s.val, s.classes, s.args, dec)
+            trainer.validation = training.closed_set_validation(model, s.val_fmt, s.val, s.classes, s.args)
         elif s.val:
-            trainer.validation = training.free_text_validation(model, s.val_fmt, s.val, s.args, dec)
+            trainer.validation = training.free_text_validation(model, s.val_fmt, s.val, s.args)
+        trainer.validation_plan = s.extras["validation"]  # train.create_run; finetune/timeplan.py adds the time
         return trainer
 
     def metrics(self, s: Setup) -> list[str]:

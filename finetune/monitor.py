@@ -106,7 +106,7 @@ def make_plan(args, s) -> dict:
         longest += args.max_completion_len
     plan = {"parameters": params, "trainable_parameters": trainable, "train_samples": len(s.train_ds),
             "tokens_per_epoch": sum(lengths) if lengths else None, "samples_per_step": per_step,
-            "steps": steps, "longest_sample_tokens": longest}
+            "steps": steps, "steps_per_epoch": steps_per_epoch, "longest_sample_tokens": longest}
     if arch:
         plan.update(estimate_memory(args, params, trainable, quantised, arch, longest, _answer_tokens(s)))
     return plan

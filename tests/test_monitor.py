@@ -3,6 +3,7 @@ the console line, the progress lines of validation, eval, tokenising and loading
 a user runs it, on the tiny model)."""
 import io
 import json
+import math
 import random
 import re
 
@@ -113,6 +114,19 @@ def test_plan_in_run_json_matches_the_model(free_text_run):
     assert plan["steps"] == 36 and plan["samples_per_step"] == 8 and plan["train_samples"] == 24
     assert plan["tokens_per_epoch"] > 24 * 10
     assert plan["memory_gib"]["peak"] > plan["memory_gib"]["process_before_model"] > 0
+    # time, measured on the loaded model: 19 validations (the baseline, then every 2 of 36 steps), generating on the
+    # 4 samples --val-samples keeps, with the budget rule's tokens
+    t, v = plan["time"], plan["validation"]
+    assert t["validations"] == 19 and v["generate_samples"] == 4 and t["seconds"] > 0
+    longest = json.loads((run / "run.json").read_text())["longest_answer_tokens"]
+    assert v["max_new_tokens"] == math.ceil(1.5 * longest) + 16
+    assert t["measured"]["forward_s_per_token"] > 0 and t["measured"]["decode_s_per_step"] >= 0
+    line = next(x for x in r.stdout.splitlines() if x.startswith("plan: about "))
+    assert re.search(r"in all: 36 steps of about .+, 19 validations of about .+ \(loss on 4 samples, generation on 4 "
+                     r"x \d+ new tokens at most, 8 a batch\); validation \d+% of the run$", line), line
+    assert f"validation {t['validation_share']:.0%} of the run" in line
+    assert ("more than a fifth of the run" in r.stdout) == (t["validation_share"] > 0.2)
+    assert re.search(r"time: \d+ s in all, \d+ s of it validation \(\d+%\); the plan estimated \d+ s", r.stdout)
     eta = plan["eta"]  # measured over the first two steps, as the console's ETA
     assert eta["at_step"] == 2 and eta["seconds_left"] >= 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT.*", eta["expected_end"])
     assert "plan: peak memory about" in r.stdout and "the plan estimated" in r.stdout
@@ -218,3 +232,53 @@ def test_tokenising_a_large_set_shows_its_progress(tokenizer, monkeypatch, capsy
     assert out[0] == "tokenising 0/5 samples" and re.match(r"tokenising 5/5 samples  [\d.,]+ samples/s  elapsed",
                                                            out[1])
     assert out[2].startswith("tokenised: 5 samples in ")
+
+
+@pytest.mark.parametrize("train_s, vals, loss_s, batch_s, batch, available, metric, expected", [
+    (400, 2, 0, 10, 8, 100, None, 32),     # validations may take 100 s: 5 batches, capped at FREE_TEXT_SAMPLES
+    (400, 2, 0, 10, 4, 100, None, 20),     # 50 s each: 5 batches of 4
+    (400, 2, 20, 10, 4, 100, None, 12),    # the loss pass takes its share first: 3 batches
+    (400, 2, 0, 10, 8, 6, None, 6),        # no more than there are
+    (40, 3, 0, 10, 8, 10, None, 0),        # one batch would take 30 of 50 s: none, the loss alone
+    (40, 3, 0, 10, 8, 10, "chrf", 8),      # unless chrF is asked for: one batch
+    (0, 1, 0, 0, 8, 10, None, 10),         # no decoding cost measured: every sample there is
+])
+def test_free_text_default_samples_keep_validation_under_a_fifth(train_s, vals, loss_s, batch_s, batch, available,
+                                                                 metric, expected):
+    from finetune import timeplan
+
+    n = timeplan.free_text_samples(train_s, vals, loss_s, batch_s, batch, available, metric)
+    assert n == expected
+    if n and metric is None:
+        val_total = vals * (loss_s + math.ceil(n / batch) * batch_s)
+        assert val_total <= timeplan.VALIDATION_SHARE * (train_s + val_total) + 1e-9
+
+
+def test_validations_counted_as_the_trainer_runs_them():
+    from argparse import Namespace
+
+    from finetune.timeplan import validations_in
+
+    assert validations_in(Namespace(eval_steps=2, resume=False), 36, 3) == 19   # baseline + 18
+    assert validations_in(Namespace(eval_steps=5, resume=False), 12, 3) == 4    # 5, 10, and the last step 12
+    assert validations_in(Namespace(eval_steps=None, resume=False), 7, 3) == 4  # baseline + 3 epochs begun
+    assert validations_in(Namespace(eval_steps=None, resume=True), 7, 3) == 3   # no baseline on --resume
+
+
+def test_free_text_validation_is_bounded_by_default(tiny_llm, tmp_path):
+    """Without --val-samples, free-text validation generates on the first samples that keep all validations within
+    a fifth of the run's planned time: a short run with many validation samples generates on fewer than it has, the
+    plan line says how many, and every validation does what the plan says (none: the loss alone, which then chooses
+    best/)."""
+    train, val = copy_task(tmp_path / "train.jsonl", 16, 0), copy_task(tmp_path / "val.jsonl", 40, 1)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--max-steps", "2",
+                "-b", "8", "--name", "bounded", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "log" / "bounded" / "run.json").read_text())
+    n = cfg["plan"]["validation"]["generate_samples"]
+    assert 0 <= n < 40 and n % 8 == 0  # whole batches of -b
+    assert f"plan: free-text validation generates on {n or 'none'} of the 40 samples" in r.stdout
+    evals = [x for x in records(tmp_path / "log" / "bounded" / "train_log.jsonl") if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2] and all(("eval_chrf" in x) == (n > 0) for x in evals)
+    assert (f"step 0/2  validation 0/{n} samples" in r.stdout) == (n > 0)
+    assert ("validation chrf:" if n else "validation loss:") in r.stdout
