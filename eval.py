@@ -40,6 +40,9 @@ from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, 
                               TUNED_SCORE_RULE, classification_metrics, predict, text_metrics)
 
 
+DEFAULT_BATCH = 8  # scoring, the classifier head and closed-set generation
+
+
 @dataclass(frozen=True)
 class Scoring:
     """How this eval scores, from the flags and the run (the parsed arguments stay as given)."""
@@ -68,7 +71,9 @@ def build_parser():
     a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     a("--response-template", help="plain completion format (default: the run's)")
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
-    a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    a("-b", "--batch-size", type=int, help=f"samples per batch (default {DEFAULT_BATCH}; free-text generation: "
+      f"{decoding.FREE_TEXT_BATCH}, the fastest on bench/decode_bench.py, halved until its KV cache fits in "
+      f"{decoding.FREE_MEMORY_SHARE:.0%}% of the free memory)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
     a("--score-rule", choices=SCORE_RULES,
       help=f"--predict score: how classes are compared (default: sum for a fine-tuned run or its export, "
@@ -180,17 +185,18 @@ def main(argv=None):
 
     cfg, weights, name = resolve(args)
     samples, classes, prompts = prepare_test(args, cfg)
-    how = scoring(args, cfg, weights, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
     state = process_state()
     rank, world = state.process_index, state.num_processes
     done, todo = resume_state(args, out, samples, state)
     model, fmt = load_model(args, cfg, weights, prompts)
+    how = scoring(args, cfg, weights, classes, model)
     if rank == 0:
         print(f"eval: {len(samples)} samples{f' over {world} processes' if world > 1 else ''}, "
               f"{'classes: ' + ', '.join(classes) if classes else 'free text'}, predict={how.mode}, model={cfg['model']}"
-              f"{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
+              f"{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}, batch {how.batch_size}"
+              + (f", {how.decoding.max_new_tokens} new tokens at most" if how.mode == "generate" else ""))
         if done:
             print(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
     start = time.time()
@@ -218,15 +224,19 @@ def main(argv=None):
     print(f"wrote {out}/")
 
 
-def scoring(args, cfg, weights, classes) -> Scoring:
+def scoring(args, cfg, weights, classes, model) -> Scoring:
     """The mode, scoring rule, prompt set, decoding and batch, from the flags over the run's defaults. Zero-shot
     the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or export.py's
-    merge/GGUF of one, is scored as its validation was (predict.TUNED_*)."""
+    merge/GGUF of one, is scored as its validation was (predict.TUNED_*). Free text is generated in the largest
+    batch that fits (decoding.free_text_batch), the rest in batches of DEFAULT_BATCH, unless -b says."""
     tuned = weights or cfg.get("export")
     mode = "head" if cfg.get("head") == "classifier" else (args.predict or "score") if classes else "generate"
+    dec = decoding.resolve(cfg, classes, args)
+    batch = args.batch_size or (decoding.free_text_batch(model, cfg["max_len"], dec.max_new_tokens)
+                                if mode == "generate" and not classes else DEFAULT_BATCH)
     return Scoring(mode=mode, rule=args.score_rule or (TUNED_SCORE_RULE if tuned else DEFAULT_SCORE_RULE),
-                   prompt_set=args.score_prompts or (TUNED_PROMPT_SET if tuned else EVAL_PROMPT_SET),
-                   decoding=decoding.resolve(cfg, classes, args), batch_size=args.batch_size)
+                   prompt_set=args.score_prompts or (TUNED_PROMPT_SET if tuned else EVAL_PROMPT_SET), decoding=dec,
+                   batch_size=batch)
 
 
 def prepare_test(args, cfg):

@@ -54,7 +54,9 @@ def build_parser():
       help="--data: let image / sample file paths point outside its folder (off: a safety check)")
     a("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     decoding.add_decoding_options(p)
-    a("-b", "--batch-size", type=int, default=8, help="samples per batch for greedy --data (default 8)")
+    a("-b", "--batch-size", type=int, help="samples per batch for greedy --data (default: as eval.py's for free "
+      f"text, {decoding.FREE_TEXT_BATCH} halved until its KV cache fits in {decoding.FREE_MEMORY_SHARE:.0%}% of the "
+      "free memory)")
     a("-o", "--output", help="write JSONL here (default: stdout)")
     a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     return p
@@ -100,7 +102,8 @@ def answer_all(model, fmt, samples, args, dec: Decoding, emit):
                 rows([{"id": s.id, "raw": generate_one(model, fmt, s, dec)}])
                 bar.update(1)
         else:
-            predict(model, fmt, samples, None, "generate", args.batch_size, dec, on_batch=rows, progress=bar.update)
+            batch = args.batch_size or decoding.free_text_batch(model, fmt.max_len, dec.max_new_tokens)
+            predict(model, fmt, samples, None, "generate", batch, dec, on_batch=rows, progress=bar.update)
 
 
 def chat(model, fmt, dec: Decoding, image=None, read=None):

@@ -8,6 +8,7 @@ check, and the command-line flags that change it. Every model.generate call of o
     add_budget_option(group, what)           --max-new-tokens alone (train.py: its validation's budget)
     generate(model, tokenizer, prompts, dec)     a batch of completions, decoded: one model.generate call
     generate_ids(model, tokenizer, enc, dec)     the new token ids of one model.generate call
+    free_text_batch(model, prompt_tokens, budget) eval.py's and generate.py's batch for free text (-b not given)
 
 Defaults (transformers' generate() does the work; these are its own keyword arguments; bench/decoding.py measures
 each setting, figures in docs/benchmarks.md): plain greedy for closed-set answers. Free text adds a repetition
@@ -22,7 +23,11 @@ The budget rule (max new tokens), the same in validation, eval.py, generate.py a
     no record of a run (a base model, zero-shot)      32 for closed-set answers, 256 for free text
 L counts the end-of-turn token. A model stops within the answers it learnt; the margin leaves room for one a little
 more verbose than its longest answer, and an output that loops costs at most 1.5 x L + 16 steps: the worst case the
-plan's validation time is computed from (finetune/monitor.py).
+plan's validation time is computed from (finetune/timeplan.py).
+
+Speed: generation runs batched (samples sorted by prompt length, left padded: finetune/batching.py), with the KV
+cache, in one model.generate call per batch, with no callback of ours per token. bench/decode_bench.py compares
+train.py's validation, eval.py and generate.py with a plain batched model.generate on the same model and prompts.
 """
 from __future__ import annotations
 
@@ -30,11 +35,16 @@ import math
 from dataclasses import dataclass
 
 from finetune.batching import pad_batch
+from finetune.monitor import available_bytes
 
 DECODING = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 FREE_TEXT_DECODING = {**DECODING, "repetition_penalty": 1.2}
 BUDGET_MARGIN = (1.5, 16)  # the budget: 1.5 x the run's longest training answer + 16 tokens
 NO_RUN_BUDGET = {"classes": 32, "free text": 256}
+# eval.py's and generate.py's batch for free text (-b not given): bench/decode_bench.py's fastest batch on the 2-core
+# CPU, lowered to what fits in FREE_MEMORY_SHARE of the free memory (free_text_batch)
+FREE_TEXT_BATCH = 32
+FREE_MEMORY_SHARE = 0.25
 BUDGET_RULE = (f"{BUDGET_MARGIN[0]:g} x the run's longest training answer + {BUDGET_MARGIN[1]} tokens, or the run's "
                f"own --max-new-tokens; without a run {NO_RUN_BUDGET['classes']} for closed-set answers, "
                f"{NO_RUN_BUDGET['free text']} for free text")
@@ -143,3 +153,31 @@ def generate(model, tokenizer, prompts: list[list[int]], dec: Decoding, processo
 def until_end(row: list[int], eos_id) -> list[int]:
     """A generated row up to and with its first end-of-turn token (what follows is padding)."""
     return row[: row.index(eos_id) + 1] if eos_id in row else row
+
+
+def kv_cache_bytes(config, tokens: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the KV cache for `tokens` positions (all rows together) of a transformers config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or (getattr(text, "hidden_size", 0) // max(heads, 1))
+    return 2 * (getattr(text, "num_hidden_layers", 0) or 0) * kv_heads * head_dim * dtype_bytes * tokens
+
+
+def free_text_batch(model, prompt_tokens: int, max_new_tokens: int, wanted: int = FREE_TEXT_BATCH) -> int:
+    """The batch for free-text generation when -b is not given: `wanted` (FREE_TEXT_BATCH, the fastest on the
+    benchmark), halved until the batch's KV cache at its longest (the longest prompt + the budget) and its
+    last-position logits fit in FREE_MEMORY_SHARE of the free memory (the GPU's, else the machine's)."""
+    import torch
+
+    param = next(model.parameters())
+    free = torch.cuda.mem_get_info(param.device)[0] if param.device.type == "cuda" else available_bytes()
+    if free is None:
+        return wanted
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = getattr(text, "vocab_size", 0) or 0
+    batch = wanted
+    while batch > 1 and (kv_cache_bytes(model.config, batch * (prompt_tokens + max_new_tokens), param.element_size())
+                         + batch * vocab * 4 * 2) > FREE_MEMORY_SHARE * free:
+        batch //= 2
+    return batch

@@ -85,6 +85,9 @@ def test_eval_scores_a_free_text_run_with_its_own_metrics(free_text_run):
     assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
     assert m["exact_match"] == sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / 6
     assert f"chrF {m['chrf']:.2f}" in e.stdout
+    # free text: the largest default batch that fits (all 6 samples in one), with the run's budget
+    assert m["batch_size"] == 32 and m["max_new_tokens"] == json.loads((run / "run.json").read_text())["plan"][
+        "validation"]["max_new_tokens"]
     # a progress line at the start and one at the end (no terminal), and no library bars or warnings
     assert "eval 0/6 samples" in e.stdout and re.search(r"eval 6/6 samples  [\d.,]+ samples/s  elapsed", e.stdout)
     assert not [n for n in ("gemm_4bit_forward", "Loading weights", "clean_up_tokenization", "%|") if n in
