@@ -21,7 +21,9 @@ One job each; a concern has one owner:
     sources.py     reading any source: Hub datasets, tables, JSON in other formats, column mapping, mixing, splits
     rl.py          GRPO (with its validation and reward checks), DPO and KTO through TRL
     datacheck.py   `dataset.py check`: what a run will train on, token lengths, duplicates and leakage
-    monitor.py     the plan before loading, the console line, curves.png, reward health
+    monitor.py     the plan before loading, the console line, curves.png, reward health, library noise silenced
+    timeplan.py    the plan's time once the model has loaded, and the default bound of free-text validation
+    progress.py    the progress line of every long phase (validation, eval, tokenising, loading the model)
     guards.py      Ctrl-C / SIGTERM saves, NaN stops, out-of-memory advice
     launch.py      torchrun / accelerate / one process, the device, and the batch plan
     options.py     command-line checks made before anything loads
