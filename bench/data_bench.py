@@ -3,7 +3,7 @@
 
     uv run bench/data_bench.py                    # 1,000,000 short rows (~10-20 min on 2 shared cores)
     uv run bench/data_bench.py --rows 20000       # a quick look
-    uv run bench/data_bench.py --forms            # every data form, 100,000 rows each: loading + validation
+    uv run bench/data_bench.py --forms            # every data form, 100,000 rows each: train.py up to its first step
 
 Writes a parquet table of short closed-set rows ({"text", "answer", "question"}, 4 classes) into a temporary
 folder, then runs each arm in a fresh process (peak RSS is the process's own ru_maxrss), one after the other:
@@ -18,10 +18,15 @@ ratios ours/plain. Do not edit dataset.py or finetune/sources.py while it runs: 
 
 --forms [NAMES]: every data form of docs/data.md (FORMS: ours, alpaca, ShareGPT, messages, TRL prompt-completion as
 strings and as messages, language-modelling text, DPO pairs and ShareGPT pairs, KTO, OpenAI and ShareGPT tool calls),
-each as a parquet table of --rows rows (default 100,000), two arms per form, each in a fresh process:
-    validate   finetune.sources.load_samples / load_preferences, as train.py loads it: every row read and validated
-    read       load_dataset("parquet") and every row read as a Python dict: what any loader pays, no validation
-Prints a markdown table: form | validate s | rows/s | read s | validate / read.
+each as a parquet table of --rows rows (default 100,000), and in a fresh process per form what train.py does with it
+before the first step (train.prepare): the mode's load_data (finetune/sources.py: every row read and validated; the
+closed set of classes), the tokenizer's tokens, the Formatters, the mode's encode (SFT: tokenise.encode_cached, chat
+template and loss mask, into a fresh FINETUNE_CACHE; DPO / KTO: finetune/rl.py's rows of prompt and reply texts),
+then for DPO / KTO TRL's own tokenisation (DPOTrainer / KTOTrainer._prepare_dataset, which their constructors run).
+The tokenizer is SmolLM2's (--tokenizer tiny: the test one) with Qwen2.5's chat template as TRL ships it, which
+renders tool schemas, calls and results; it loads before the clock starts. Prints a markdown table: form | tokens per
+row | load + validate s | tokenise s | total s | CPU s | rows/s | tokens/s | peak RSS (the process's ru_maxrss) |
+rows/s / alpaca's (wall-clock, and by CPU time: the cores are shared).
 """
 import argparse
 import json
@@ -209,7 +214,7 @@ def arm_form(table, tok_dir, workers, form):
     s.tokens = setup_tokens(s.tokenizer, None, args.response_template)
     trl_tokenise = _trl_tokeniser(mode, args, s.tokenizer, Path(table).parent / "trl") \
         if mode.name in ("dpo", "kto") else None
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     mode.load_data(s)
     t1 = time.perf_counter()
     s.fmt, s.val_fmt = (Formatter(s.tokenizer, None, args.response_template, args.max_len, s.prompts, args.seed)
@@ -217,10 +222,11 @@ def arm_form(table, tok_dir, workers, form):
     mode.encode(s)
     t2 = time.perf_counter()
     ds = trl_tokenise(s.train_ds) if trl_tokenise else s.train_ds
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     columns = {"dpo": ["prompt_ids", "chosen_ids", "prompt_ids", "rejected_ids"],
                "kto": ["prompt_ids", "completion_ids"]}.get(mode.name, ["input_ids"])
-    return {"seconds": t3 - t0, "load_validate_s": t1 - t0, "build_s": t2 - t1, "trl_s": t3 - t2, "rows": len(ds),
+    return {"seconds": t3 - t0, "cpu_s": c3 - c0, "load_validate_s": t1 - t0, "build_s": t2 - t1, "trl_s": t3 - t2,
+            "rows": len(ds),
             "tokens": _tokens(ds, columns), "dropped": s.fmt.dropped, "truncated": s.fmt.truncated}
 
 
@@ -301,13 +307,17 @@ def forms(names, rows, workers, which):
                 assert r["rows"] == rows and not r["dropped"], (form, r)
                 print(json.dumps({"form": form, **r}), flush=True)
     base = rows / results["alpaca"]["seconds"] if "alpaca" in results else None
+    cpu_base = rows / results["alpaca"]["cpu_s"] if "alpaca" in results else None
     print(f"\nload average {os.getloadavg()[0]:.1f} after\n\n| form | tokens / row | load + validate s | tokenise s | "
-          "total s | rows/s | tokens/s | peak RSS | rows/s / alpaca's |\n|---|---|---|---|---|---|---|---|---|")
+          "total s | CPU s | rows/s | tokens/s | peak RSS | rows/s / alpaca's | by CPU time |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for form, r in results.items():
         tok_s = f"{r['build_s']:.1f} + {r['trl_s']:.1f} TRL" if r["trl_s"] > 0.001 else f"{r['build_s']:.1f}"
         ratio = f"{rows / r['seconds'] / base:.2f}" if base else "-"
+        cpu_ratio = f"{rows / r['cpu_s'] / cpu_base:.2f}" if cpu_base else "-"
         print(f"| {form} | {r['tokens'] / rows:.1f} | {r['load_validate_s']:.1f} | {tok_s} | {r['seconds']:.1f} | "
-              f"{rows / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} GiB | {ratio} |")
+              f"{r['cpu_s']:.1f} | {rows / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
+              f"{r['peak_rss_gib']:.2f} GiB | {ratio} | {cpu_ratio} |")
 
 
 def main():
