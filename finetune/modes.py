@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset import RVL_CDIP_CLASSES, DataError, infer_classes, load_classes, load_prompts, load_rvl_cdip, to_classes
+from dataset import RVL_CDIP_CLASSES, DataError, classes_of, load_classes, load_prompts, load_rvl_cdip, to_classes
 from finetune import batching, classifier, rl, sources, tokenise, training
 from finetune.errors import ModelError
 from finetune.modeling import load_for_training
@@ -72,9 +72,12 @@ class SFT:
         # --mix, --validation-split, --train-samples
         s.train, s.val, used = sources.prepare(a, s.train, s.val, stored_ids)
         s.derived.update(used)
-        s.classes = classes or infer_classes(s.train)
+        spelled = False  # every training answer already its class's name (classes_of's one pass found it)
+        if not classes:
+            classes, spelled = classes_of(s.train)
+        s.classes = classes
         if s.classes:  # the one matching rule: every reference answer becomes its class name, here, once
-            s.train, s.val = to_classes(s.train, s.classes), to_classes(s.val, s.classes)
+            s.train, s.val = s.train if spelled else to_classes(s.train, s.classes), to_classes(s.val, s.classes)
 
     def encode(self, s: Setup):
         workers = s.args.num_preprocess_workers or tokenise.default_workers()

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from dataset import (DataError, Formatter, load_classes, load_prompts, load_rvl_cdip, load_samples, infer_classes,
-                     normalize, RVL_CDIP_CLASSES, to_classes)
+from dataset import (DataError, Formatter, Sample, classes_of, load_classes, load_prompts, load_rvl_cdip, load_samples,
+                     infer_classes, normalize, RVL_CDIP_CLASSES, to_classes)
 
 
 def _sample_files(folder, n=3):
@@ -79,6 +79,22 @@ def test_one_class_matching_rule(tmp_path):
     assert to_classes(samples, ["Food", "LAW"])[1].answer == "Food"  # a --classes file names the classes
     with pytest.raises(DataError, match=r"v.jsonl: sample line 1: field 'answer': 'food' is not one of the classes"):
         to_classes(samples, ["law", "love"])
+
+
+def _answers(answers):
+    return [Sample(id=str(i), file="f", turns=[("user", "q"), ("assistant", a)]) for i, a in enumerate(answers)]
+
+
+def test_classes_of_tells_when_every_answer_is_its_class_name_already():
+    """classes_of is infer_classes plus whether to_classes would change anything (train.py then skips that pass)."""
+    spelled = _answers(["food", "law", "food", "law"])
+    assert classes_of(spelled) == (["food", "law"], True) and infer_classes(spelled) == ["food", "law"]
+    for variant in ("Food.", " food", "food "):  # a variant of a class name, surrounding whitespace included
+        samples = spelled + _answers([variant])
+        classes, spelled_already = classes_of(samples)
+        assert classes == ["food", "law"] and not spelled_already
+        assert [s.answer for s in to_classes(samples, classes)][-1] == "food"  # the variant is renamed
+    assert classes_of(_answers(["one answer", "another one"])) == (None, False)  # free text: no classes
 
 
 def _labels(tokenizer, enc):
@@ -155,3 +171,66 @@ def test_max_len_truncates_the_document_not_the_answer(tokenizer, tmp_path):
     assert fmt.truncated == 1
     short = Formatter(tokenizer, max_len=8)
     assert short.encode(s) is None and short.dropped_ids == [s.id]  # no room even for the answer: dropped, named
+
+
+def _bos_tokenizer(adds_bos: bool):
+    """The tiny tokenizer with a BOS token written by its chat template, and (adds_bos) put in front of every text by
+    the tokenizer itself too, as Llama-style tokenizers do."""
+    from tokenizers import processors
+
+    from tiny_models import build_tokenizer
+
+    tok = build_tokenizer(words=["red", "blue"])
+    tok.bos_token = "<|endoftext|>"
+    if adds_bos:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                     special_tokens=[("<|endoftext|>", 0)])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_segments_tokenise_as_each_would_alone(tmp_path):
+    """encode tokenises a sample's segments in one call: the ids are still each segment's own, the tokenizer's BOS
+    only in front of the first (plain format), the loss on the answers only."""
+    samples = load_samples(write_jsonl(tmp_path / "a.jsonl", [
+        {"text": "the doc", "answer": "red", "question": "Which?", "system": "S"},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "one"},
+                      {"role": "assistant", "content": "red"}, {"role": "user", "content": "two"},
+                      {"role": "assistant", "content": "blue"}]}]))
+    tok = _bos_tokenizer(adds_bos=True)
+    for fmt in (Formatter(tok), Formatter(tok, response_template="### Answer:")):
+        plain = fmt.response_template is not None
+        for s in samples:
+            ids, labels = [], []
+            for i, (text, trainable) in enumerate(fmt.segments(s, s.turns, s.document)):
+                t = tok(text, add_special_tokens=plain and i == 0)["input_ids"]
+                ids, labels = ids + t, labels + (t if trainable else [-100] * len(t))
+            enc = fmt.encode(s)
+            assert (enc["input_ids"], enc["labels"]) == (ids, labels)
+            assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id  # the template's or the tokenizer's
+            assert _labels(tok, enc).endswith(f"{s.answer}<|im_end|>" + ("" if plain else "\n"))
+
+
+def test_prompt_text_drops_the_templates_bos_only_when_the_tokenizer_adds_its_own(tmp_path):
+    samples = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}", "answer": "red",
+                                                                "question": "Which?", "system": "S"} for i in range(3)]))
+    for adds in (True, False):
+        fmt = Formatter(_bos_tokenizer(adds))
+        texts = [fmt.prompt_text(s) for s in samples]
+        assert all(t.startswith("<|endoftext|>") != adds and t.endswith("<|im_start|>assistant\n") for t in texts)
+        assert [len(fmt.tokenizer(t)["input_ids"]) for t in texts] == [len(fmt.prompt_ids(s)) for s in samples]
+
+
+def test_a_reply_text_is_its_answer_segment_in_a_conversation(tokenizer):
+    """answer_text (DPO's replies, --predict score's class texts) renders the prompt before a reply once per Formatter:
+    each reply's text is still the one a conversation ending in it gives, whatever was asked before."""
+    def in_conversation(fmt, answer):
+        s = Sample(id="s", file="f", turns=[("user", "q"), ("assistant", answer)])
+        return fmt.segments(s, s.turns, None)[-1][0].rstrip("\n")
+
+    answers = ["red", "blue and more", "", "red"]
+    first, second = Formatter(tokenizer), Formatter(tokenizer)
+    assert [first.answer_text(a) for a in answers] == [in_conversation(first, a) for a in answers]
+    assert [second.answer_text(a) for a in reversed(answers)] == [in_conversation(first, a) for a in reversed(answers)]
+    assert first.answer_text("red") == "red<|im_end|>"

@@ -238,6 +238,26 @@ def _colours(tmp_path, n, name, split=0.5):
     return _table(tmp_path, rows, f"{name}.parquet")
 
 
+def test_training_answers_become_class_names_and_a_spelled_table_stays_lazy(tmp_path):
+    """SFT's load_data names every training answer by its class; a table whose answers are class names already is
+    kept as the lazy Samples (memory-mapped rows), not read into a list to rename nothing."""
+    from finetune import modes
+
+    def load(rows, name):
+        args = _args(tmp_path, train_data=str(_table(tmp_path, rows, name)), prompts=None, response_template=None,
+                     head=None, data=None, validation_data=None, allow_outside_paths=False, columns=None,
+                     lm_text=False)
+        s = modes.Setup(args)
+        modes.SFT().load_data(s)
+        return s
+
+    spelled = load(ROWS, "spelled.parquet")
+    assert isinstance(spelled.train, sources.Samples) and spelled.classes == ["red", "blue"]
+    variants = load([{**r, "answer": " Red." if i == 2 else r["answer"]} for i, r in enumerate(ROWS)], "v.parquet")
+    assert variants.classes == ["red", "blue"]
+    assert [s.answer for s in variants.train] == [r["answer"] for r in ROWS]
+
+
 def test_validation_split_is_seeded_and_stratified(tmp_path):
     data = _colours(tmp_path, 40, "c", split=0.75)  # 30 red, 10 blue
     args = _args(tmp_path, validation_split="0.2")
