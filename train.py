@@ -343,7 +343,7 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     trainer.planned_steps = cfg["plan"]["steps"]
     # the time plan, measured on the model: after the trainer, whose arguments start the process group (every rank
     # agrees on the free-text samples)
-    trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, trainer.validation_plan)
+    trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, s.extras["validation"])
     if trainer.validation_plan is not None and trainer.validation_plan.samples == 0 and not args.metric:
         s.extras["metric"] = "eval_loss"  # free text generates on no sample: the loss alone chooses best/
     metric = s.extras["metric"]

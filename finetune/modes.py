@@ -105,7 +105,6 @@ class SFT:
             trainer.validation = training.closed_set_validation(model, s.val_fmt, s.val, s.classes, s.args)
         elif s.val:
             trainer.validation = training.free_text_validation(model, s.val_fmt, s.val, s.args)
-        trainer.validation_plan = s.extras["validation"]  # train.create_run; finetune/timeplan.py adds the time
         return trainer
 
     def metrics(self, s: Setup) -> list[str]:
