@@ -123,7 +123,10 @@ def plan_time(args, s, model, plan: dict, out: Path, vplan: ValidationPlan) -> V
     # without a measurement: one batch (every rank takes part in the agreement, measured or not)
     unmeasured = dataclasses.replace(vplan, samples=launch.across_ranks(min(b, len(s.val)), "min")) if bounded \
         else vplan
-    if args.trainer != "sft" or not plan.get("steps") or "input_ids" not in s.train_ds.column_names:
+    # a 4-bit base (qlora) is not run before training: bitsandbytes' CPU path keeps state from a forward pass that
+    # makes the first training step fail ("a view of a leaf Variable ... in-place operation")
+    if args.trainer != "sft" or args.trainable == "qlora" or not plan.get("steps") or \
+            "input_ids" not in s.train_ds.column_names:
         return unmeasured
     budget = vplan.decoding.max_new_tokens
     try:
