@@ -157,6 +157,45 @@ def main():
     print(machine)
 
 
+def compare_paths(repeats: int, paths, plain, got: dict, tok, budget: int) -> list:
+    """One row per (name, run, model) path: its generated tokens and plain's, the fastest times of each, and whether
+    both wrote the same answers."""
+    rows = []
+    for path, fn, model in paths:
+        t_plain, t_path = fastest(repeats, lambda: plain(model), fn)
+        n_plain, n = count(tok, got["plain"], budget), count(tok, got[path], budget)
+        rows.append((path, n, n_plain, t_path, t_plain, sorted(got[path]) == sorted(got["plain"])))
+        print(f"{path}: {n / t_path[0]:.1f} tokens/s against plain {n_plain / t_plain[0]:.1f}", flush=True)
+    return rows
+
+
+def compare_threads(repeats: int, plain):
+    """((torch's threads, seconds), (one per core, seconds)) of the same plain generation."""
+    import torch
+
+    own, cores = torch.get_num_threads(), os.cpu_count() or 1
+
+    def per_core():
+        torch.set_num_threads(cores)
+        try:
+            plain()
+        finally:
+            torch.set_num_threads(own)
+
+    (t_own, _), (t_cores, _) = fastest(repeats, plain, per_core)
+    return (own, t_own), (cores, t_cores)
+
+
+def batch_sweep(batch_sizes: str, evaluate, got: dict, tok) -> list:
+    """[(batch, tokens/s)] of eval.py's path on SWEEP_PROMPTS prompts at each batch size."""
+    sweep = []
+    for batch in [int(x) for x in batch_sizes.split(",") if x.strip()]:
+        ((secs, _),) = fastest(1, lambda: evaluate(SWEEP_PROMPTS, batch, SWEEP_TOKENS))
+        sweep.append((batch, count(tok, got["eval.py"], SWEEP_TOKENS) / secs))
+        print(f"eval.py -b {batch}: {sweep[-1][1]:.1f} tokens/s", flush=True)
+    return sweep
+
+
 def measure(args):
     import torch
 
@@ -225,32 +264,13 @@ def measure(args):
             got["generate.py"] = answers
 
         plain(ps=prompts[:2])  # warm-up: allocator, kernels, generation config
-        rows = []
-        for path, fn, model in (("validation", validation, trainer.model), ("eval.py", evaluate, emodel),
-                                ("generate.py", generate, emodel)):
-            t_plain, t_path = fastest(args.repeats, lambda: plain(model), fn)
-            n_plain, n = count(tok, got["plain"], budget), count(tok, got[path], budget)
-            rows.append((path, n, n_plain, t_path, t_plain, sorted(got[path]) == sorted(got["plain"])))
-            print(f"{path}: {n / t_path[0]:.1f} tokens/s against plain {n_plain / t_plain[0]:.1f}", flush=True)
+        rows = compare_paths(args.repeats, (("validation", validation, trainer.model), ("eval.py", evaluate, emodel),
+                                            ("generate.py", generate, emodel)), plain, got, tok, budget)
         t_unmerged, t_merged = fastest(args.repeats, plain, lambda: plain(merged))
         n_merged = count(tok, got["plain"], budget)
         rows.append(("plain, the adapter merged into the weights", n_merged, n_merged, t_merged, t_unmerged, True))
-        own, cores = torch.get_num_threads(), os.cpu_count() or 1
-
-        def per_core():
-            torch.set_num_threads(cores)
-            try:
-                plain()
-            finally:
-                torch.set_num_threads(own)
-
-        (t_own, _), (t_cores, _) = fastest(args.repeats, plain, per_core)
-        threads = ((own, t_own), (cores, t_cores))
-        sweep = []
-        for batch in [int(x) for x in args.batch_sizes.split(",") if x.strip()]:
-            ((secs, _),) = fastest(1, lambda: evaluate(SWEEP_PROMPTS, batch, SWEEP_TOKENS))
-            sweep.append((batch, count(tok, got["eval.py"], SWEEP_TOKENS) / secs))
-            print(f"eval.py -b {batch}: {sweep[-1][1]:.1f} tokens/s", flush=True)
+        threads = compare_threads(args.repeats, plain)
+        sweep = batch_sweep(args.batch_sizes, evaluate, got, tok)
         machine = (f"machine: {os.cpu_count()} CPUs, torch device {merged.device}, {torch.get_num_threads()} torch "
                    f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average "
                    f"{os.getloadavg()[0]:.1f} at the end")
