@@ -343,7 +343,13 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     trainer.planned_steps = cfg["plan"]["steps"]
     # the time plan, measured on the model: after the trainer, whose arguments start the process group (every rank
     # agrees on the free-text samples)
-    trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, s.extras["validation"])
+    import torch
+
+    try:
+        trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, s.extras["validation"])
+    except torch.OutOfMemoryError:  # the measured pass did not fit: neither would the first step
+        print(f"error: {guards.oom_message(args, None)}", file=sys.stderr)
+        sys.exit(guards.EXIT_FAILED)
     if trainer.validation_plan is not None and trainer.validation_plan.samples == 0 and not args.metric:
         s.extras["metric"] = "eval_loss"  # free text generates on no sample: the loss alone chooses best/
     metric = s.extras["metric"]

@@ -128,11 +128,15 @@ def plan_time(args, s, model, plan: dict, out: Path, vplan: ValidationPlan) -> V
     if args.trainer != "sft" or args.trainable == "qlora" or not plan.get("steps") or \
             "input_ids" not in s.train_ds.column_names:
         return unmeasured
+    import torch
+
     budget = vplan.decoding.max_new_tokens
     try:
         rows = [list(r) for r in s.train_ds.select(range(min(b, len(s.train_ds))))["input_ids"]]
         prompts = [s.val_fmt.encode(x, with_answer=False)["input_ids"] for x in s.val[:b]] if gen else None
         costs = measure_costs(model, s.tokenizer, rows, prompts, vplan.decoding)
+    except torch.OutOfMemoryError:
+        raise  # the run itself would not fit: train.py's out-of-memory advice, not a missing estimate
     except Exception as e:  # noqa: BLE001 - an estimate must never stop a run that would train
         print(f"note: no time plan ({type(e).__name__}: {str(e).splitlines()[0][:120]})", file=sys.stderr)
         return unmeasured
