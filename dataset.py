@@ -36,9 +36,9 @@ position) must be unique within a data path.
     from finetune.sources import load_samples
     samples = load_samples("data/fortunes/train.jsonl", prompts=load_prompts("prompts.json"))
 
-Before training, `uv run dataset.py check` (train.py's data options, --test-data, -m for the tokenizer) prints the
-counts, token lengths, two samples as trained with the loss-carrying tokens marked, and duplicates and leakage
-between the splits (finetune/datacheck.py; docs/data.md).
+Before training, `uv run dataset.py check` (train.py's data options and --trainer, --test-data, -m for the
+tokenizer) prints the counts, token lengths, two samples as trained with the loss-carrying tokens marked, and
+duplicates, leakage and noise between the splits (finetune/datacheck.py; docs/data.md).
 """
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ Data, prompts, classes, format and max length come from the run's saved configur
 Closed-set tasks default to --predict score (the likelihood of each class; see finetune/predict.py). Zero-shot, it is per
 token, calibrated against content-free inputs (--score-rule calibrated-mean) and averaged over every question of the
 prompts file (--score-prompts all); a fine-tuned run (or its export) is scored as its validation was: summed, first
-question. Free-text tasks are generated (greedy unless --num-beams; --repetition-penalty, --no-repeat-ngram-size; the
-budget defaults to 1.5 x the run's longest training answer + 16 tokens) and scored with chrF, BLEU and exact match.
+question. Free-text tasks are generated (finetune/decoding.py: greedy with a repetition penalty of 1.2 unless
+--num-beams, --repetition-penalty, --no-repeat-ngram-size say otherwise; the budget rule of train.py's validation,
+generate.py and export.py's parity check) and scored with chrF, BLEU and exact match.
 
 Writes OUT/<max-len>-max-len/<run name>/: metrics.json, predictions.tsv (appended batch by batch),
-confusion_matrix.csv and .png for classification; prints a short table.
+confusion_matrix.csv and .png for classification; prints a short table. A progress line shows the samples done, the
+rate and the ETA (live on a terminal; one line at the start and one at the end in a log file).
 """
 from __future__ import annotations
 
@@ -23,17 +25,32 @@ import csv
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dataset import (DataError, Formatter, RVL_CDIP_CLASSES, infer_classes, load_classes, load_prompts, load_rvl_cdip,
                      to_classes)
-from finetune import classifier, precision, runs, sources
+from finetune import classifier, decoding, monitor, precision, runs, sources
+from finetune.decoding import Decoding
 from finetune.errors import ModelError
 from finetune.modeling import is_vision_model, load_config, load_for_inference
 from finetune.options import fail, range_error
+from finetune.progress import Progress
 from finetune.predict import (DEFAULT_SCORE_RULE, EVAL_PROMPT_SET, PROMPT_SETS, SCORE_RULES, TUNED_PROMPT_SET,
-                              TUNED_SCORE_RULE, add_decoding_options, classification_metrics, decoding_of,
-                              generation_budget, predict, text_metrics)
+                              TUNED_SCORE_RULE, classification_metrics, predict, text_metrics)
+
+
+DEFAULT_BATCH = 8  # scoring, the classifier head and closed-set generation
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How this eval scores, from the flags and the run (the parsed arguments stay as given)."""
+    mode: str             # score, generate, or head (a classifier-head run)
+    rule: str             # --score-rule
+    prompt_set: str       # --score-prompts
+    decoding: Decoding    # generation: the budget rule and the decoding options
+    batch_size: int
 
 
 def build_parser():
@@ -54,7 +71,9 @@ def build_parser():
     a("--prefill", help="text the reply starts with, appended to the prompt (default: the run's, e.g. a GRPO run's)")
     a("--response-template", help="plain completion format (default: the run's)")
     a("--max-len", type=int, help="max prompt tokens; the document is truncated (default: the run's, else 1024)")
-    a("-b", "--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    a("-b", "--batch-size", type=int, help=f"samples per batch (default {DEFAULT_BATCH}; free-text generation: "
+      f"{decoding.FREE_TEXT_BATCH}, the fastest on bench/decode_bench.py, halved until its KV cache fits in "
+      f"{decoding.FREE_MEMORY_SHARE:.0%}% of the free memory)")
     a("--predict", choices=["score", "generate"], help="closed-set tasks: score (default) or generate")
     a("--score-rule", choices=SCORE_RULES,
       help=f"--predict score: how classes are compared (default: sum for a fine-tuned run or its export, "
@@ -63,9 +82,7 @@ def build_parser():
       help=f"--predict score: the prompts file's first question, or all of them with the class probabilities "
            f"averaged (default: first for a fine-tuned run or its export, {EVAL_PROMPT_SET} zero-shot; one pass per "
            "question)")
-    a("--max-new-tokens", type=int, help="generation budget (default: 1.5 x the run's longest training answer + 16 "
-      "tokens; zero-shot 32 for classes, 256 for free text)")
-    add_decoding_options(p)
+    decoding.add_decoding_options(p)
     a("-o", "--output", default="results", help="output root (default results/)")
     a("--limit", type=int, help="score the first N samples only")
     a("--resume", action="store_true", help="keep the predictions an interrupted eval wrote to the same output "
@@ -164,31 +181,27 @@ def main(argv=None):
     bad = range_error(args)  # before anything is loaded (decoding options included)
     if bad:
         fail(bad)
+    monitor.quiet_libraries()
 
     cfg, weights, name = resolve(args)
-    # zero-shot the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or
-    # export.py's merge/GGUF of one, is scored as its validation was (predict.TUNED_*)
-    tuned = weights or cfg.get("export")
-    args.score_rule = args.score_rule or (TUNED_SCORE_RULE if tuned else DEFAULT_SCORE_RULE)
-    args.score_prompts = args.score_prompts or (TUNED_PROMPT_SET if tuned else EVAL_PROMPT_SET)
     samples, classes, prompts = prepare_test(args, cfg)
-    mode = "head" if cfg.get("head") == "classifier" else (args.predict or "score") if classes else "generate"
-    max_new = args.max_new_tokens or generation_budget(cfg, classes)
     out = Path(args.output) / f"{cfg['max_len']}-max-len" / name
     out.mkdir(parents=True, exist_ok=True)
     state = process_state()
     rank, world = state.process_index, state.num_processes
     done, todo = resume_state(args, out, samples, state)
     model, fmt = load_model(args, cfg, weights, prompts)
+    how = scoring(args, cfg, weights, classes, model)
     if rank == 0:
         print(f"eval: {len(samples)} samples{f' over {world} processes' if world > 1 else ''}, "
-              f"{'classes: ' + ', '.join(classes) if classes else 'free text'}, predict={mode}, model={cfg['model']}"
-              f"{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}")
+              f"{'classes: ' + ', '.join(classes) if classes else 'free text'}, predict={how.mode}, model={cfg['model']}"
+              f"{', checkpoint=' + str(weights) if weights else ' (zero-shot)'}, batch {how.batch_size}"
+              + (f", {how.decoding.max_new_tokens} new tokens at most" if how.mode == "generate" else ""))
         if done:
             print(f"resuming: {len(done)} predictions kept from {out}, {len(todo)} to go")
     start = time.time()
     with state.split_between_processes(todo) as mine:  # contiguous shards: gathered in rank order = test order
-        results = score_shard(args, model, fmt, mine, classes, mode, max_new, out, rank, world, done)
+        results = score_shard(how, model, fmt, mine, classes, out, rank, world, done)
     seconds = time.time() - start
     results = merge_shards(results, state, done, samples)
     if results is None:  # not rank 0: rank 0 writes
@@ -197,10 +210,10 @@ def main(argv=None):
     for r in out.glob("predictions.rank*.tsv"):
         r.unlink()
     metrics = score_metrics(results, classes)
-    metrics.update(predict=mode, score_rule=args.score_rule if mode == "score" else None,
-                   score_prompts=args.score_prompts if mode == "score" else None,
-                   max_new_tokens=max_new if mode == "generate" else None, **decoding_of(args, classes),
-                   seconds=seconds,
+    metrics.update(predict=how.mode, score_rule=how.rule if how.mode == "score" else None,
+                   score_prompts=how.prompt_set if how.mode == "score" else None,
+                   max_new_tokens=how.decoding.max_new_tokens if how.mode == "generate" else None,
+                   **how.decoding.options(), batch_size=how.batch_size, seconds=seconds,
                    samples_per_second=len(todo) / max(seconds, 1e-9), resumed_with=len(done), model=cfg["model"],
                    checkpoint=str(weights) if weights else None, max_len=cfg["max_len"], prefill=cfg.get("prefill"),
                    response_template=cfg.get("response_template"))
@@ -209,6 +222,21 @@ def main(argv=None):
         write_confusion(metrics["confusion_matrix"], out)
     print_table(metrics, classes)
     print(f"wrote {out}/")
+
+
+def scoring(args, cfg, weights, classes, model) -> Scoring:
+    """The mode, scoring rule, prompt set, decoding and batch, from the flags over the run's defaults. Zero-shot
+    the calibrated ensemble wins (docs/benchmarks.md: 0.38 -> 0.60 on the fortunes); a run, or export.py's
+    merge/GGUF of one, is scored as its validation was (predict.TUNED_*). Free text is generated in the largest
+    batch that fits (decoding.free_text_batch), the rest in batches of DEFAULT_BATCH, unless -b says."""
+    tuned = weights or cfg.get("export")
+    mode = "head" if cfg.get("head") == "classifier" else (args.predict or "score") if classes else "generate"
+    dec = decoding.resolve(cfg, classes, args)
+    batch = args.batch_size or (decoding.free_text_batch(model, cfg["max_len"], dec.max_new_tokens)
+                                if mode == "generate" and not classes else DEFAULT_BATCH)
+    return Scoring(mode=mode, rule=args.score_rule or (TUNED_SCORE_RULE if tuned else DEFAULT_SCORE_RULE),
+                   prompt_set=args.score_prompts or (TUNED_PROMPT_SET if tuned else EVAL_PROMPT_SET), decoding=dec,
+                   batch_size=batch)
 
 
 def prepare_test(args, cfg):
@@ -239,11 +267,9 @@ def load_model(args, cfg, weights, prompts):
                             prefill=cfg.get("prefill"))
 
 
-def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, rank: int, world: int, done):
+def score_shard(how: Scoring, model, fmt, samples, classes, out: Path, rank: int, world: int, done):
     """This process's predictions. predictions.tsv grows batch by batch (a crash keeps what was done); under
     torchrun each rank writes its own part, which rank 0 replaces with one file at the end."""
-    from tqdm import tqdm
-
     tsv = out / ("predictions.tsv" if world == 1 else f"predictions.rank{rank}.tsv")
     write_predictions(tsv, list(done.values()) if world == 1 else [], "w")  # rewritten: drops a cut last line
 
@@ -251,11 +277,11 @@ def score_shard(args, model, fmt, samples, classes, mode, max_new, out: Path, ra
         write_predictions(tsv, rows, "a")
 
     try:
-        with tqdm(total=len(samples), unit="sample", desc="eval", file=sys.stderr, disable=rank != 0) as bar:
-            if mode == "head":  # a classifier-head run: the head's softmax, no generation
-                return classifier.predict(model, fmt, samples, classes, args.batch_size, write_batch, bar.update)
-            return predict(model, fmt, samples, classes, mode, args.batch_size, max_new, write_batch, bar.update,
-                           args.score_rule, decoding_of(args, classes), args.score_prompts)
+        with Progress("eval", len(samples), show=rank == 0) as bar:
+            if how.mode == "head":  # a classifier-head run: the head's softmax, no generation
+                return classifier.predict(model, fmt, samples, classes, how.batch_size, write_batch, bar.update)
+            return predict(model, fmt, samples, classes, how.mode, how.batch_size, how.decoding, write_batch,
+                           bar.update, how.rule, how.prompt_set)
     except DataError as e:
         fail(str(e))
 

@@ -67,7 +67,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune import llamacpp, parity, precision, runs
+from finetune import llamacpp, monitor, parity, precision, runs
 from finetune.errors import ModelError
 from finetune.modeling import QUANTIZE, load_config, load_for_inference, load_processing, sync_special_tokens
 from finetune.runs import find_run, is_adapter
@@ -306,6 +306,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    monitor.quiet_libraries()
     try:
         if args.check_prompts < 1 or not 0 <= args.min_identical <= 1:
             raise ExportError("--check-prompts must be at least 1 and --min-identical between 0 and 1")

@@ -40,13 +40,12 @@ import rewards
 from dataset import DataError, Formatter, too_many_dropped
 # our modules import only the standard library at module level (torch, transformers and TRL inside functions):
 # --help stays instant
-from finetune import config, datacheck, guards, launch, modes, monitor, options, precision, runs, training
+from finetune import (config, decoding, guards, launch, leakage, modes, monitor, options, precision, runs, timeplan,
+                      training)
 from finetune.errors import ModelError, RewardError
 from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
                                special_token_list, unsloth_wanted)
 from finetune.options import fail
-
-MODES = ("sft", "grpo", "dpo", "kto")  # the trainers this script runs (grpo / dpo: see finetune/rl.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-model", action="store_true", help="spread the layers over all visible GPUs (device_map)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off: safety)")
     g = p.add_argument_group("training")
-    g.add_argument("--trainer", default="sft", choices=MODES, help="training method (default sft)")
+    g.add_argument("--trainer", default="sft", choices=modes.TRAINERS, help="training method (default sft)")
     g.add_argument("-b", "--batch-size", type=int, default=8, help="per-device batch size (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     g.add_argument("--total-batch-size", type=int, help="samples per optimiser step over all processes: -b and "
@@ -107,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict", default="score", choices=["score", "generate"],
                    help="how validation accuracy is measured on closed-set tasks (default score)")
     g.add_argument("--val-samples", type=int, help="validate on the first N samples only (default all; free-text "
-                   "tasks generate for chrF / exact match on up to 32)")
+                   "tasks generate for chrF / exact match on the first samples that keep all validations, the step-0 "
+                   f"baseline included, under {timeplan.SHARE_WORDS} of the run's planned time, at most "
+                   f"{timeplan.FREE_TEXT_SAMPLES}, none when even one batch would not: the plan line says how many)")
+    decoding.add_budget_option(g, "validation's generation budget, and eval.py's and generate.py's for the run",
+                               decoding.RUN_BUDGET)
     g.add_argument("--metric", choices=["accuracy", "macro_f1", "chrf", "exact_match", "reward", "format", "loss"],
                    help="validation metric that chooses best/ and drives --early-stopping (default: accuracy for "
                    "closed-set tasks, chrf for free text, loss for DPO; GRPO measures accuracy (closed set), reward "
@@ -236,7 +239,8 @@ def prepare(args):
         if args.trainer == "grpo":  # the reward functions (rewards.py, or the user's module:function) go to the mode
             s.extras["rewards"] = rewards.load_rewards(args.rewards, args.reward_weights)
         mode.load_data(s, runs.stored_split_ids(args))
-        wanted = next((o for o in ("eval_steps", "val_samples", "metric", "early_stopping") if getattr(args, o)), None)
+        wanted = next((o for o in ("eval_steps", "val_samples", "max_new_tokens", "metric", "early_stopping")
+                       if getattr(args, o)), None)
         if not s.val and wanted:
             fail(f"{options.flag(wanted)} needs validation data (--validation-data, or validation_* files in the -d "
                  "folder); there is none")
@@ -298,12 +302,16 @@ def create_run(args, s) -> tuple[Path, dict]:
     cfg = runs.run_config(args, s.classes, s.tokens, s.vision, len(s.train_ds), len(s.val), s.train, s.tokenizer,
                           s.derived)
     cfg["plan"] = s.extras.pop("plan", None) or monitor.make_plan(args, s)
+    dec = decoding.resolve(cfg, s.classes)  # validation generates as eval.py and generate.py will for the run
+    s.extras["validation"] = training.ValidationPlan(dec)
+    if timeplan.generates(args, s):
+        cfg["plan"]["validation"] = {"max_new_tokens": dec.max_new_tokens}
     if launch.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         runs.write_config(out, cfg)
     print(f"data: {len(s.train_ds)} training samples, {len(s.val)} validation samples; "
           f"{'classes: ' + ', '.join(s.classes) if s.classes else 'free-text answers'}")
-    print(datacheck.leakage_line(s.train, s.val))  # exact hashes of the normalised documents (dataset.py check)
+    print(leakage.leakage_line(s.train, s.val))  # exact hashes of the normalised documents (dataset.py check)
     print(f"tokens: eos={s.tokens['eos_token']!r} pad={s.tokens['pad_token']!r}; format: {cfg['format']}"
           f"{'; classifier head' if args.head == 'classifier' else ''}")
     print(monitor.plan_lines(cfg["plan"], args))
@@ -332,6 +340,12 @@ def build_trainer(args, mode, s, model, out: Path, cfg: dict):
     """The mode's trainer with best/ and latest/ saves, the JSONL log, the console line, curves.png and the stop
     guard attached."""
     trainer = mode.make_trainer(s, model, training.training_arguments(args, out, s.val_ds is not None), out)
+    trainer.planned_steps = cfg["plan"]["steps"]
+    # the time plan, measured on the model: after the trainer, whose arguments start the process group (every rank
+    # agrees on the free-text samples)
+    trainer.validation_plan = timeplan.plan_time(args, s, model, cfg["plan"], out, s.extras["validation"])
+    if trainer.validation_plan is not None and trainer.validation_plan.samples == 0 and not args.metric:
+        s.extras["metric"] = "eval_loss"  # free text generates on no sample: the loss alone chooses best/
     metric = s.extras["metric"]
     save = training.make_saver(trainer, s.processor or s.tokenizer, cfg)
     history: list = []
@@ -403,7 +417,7 @@ def main(argv=None):
 def configure_environment(args):
     """The one place a run sets process-wide state: library verbosity and the environment variables the libraries
     read (before they are imported, where they read them at import time)."""
-    monitor.quiet_libraries(args)
+    monitor.quiet_libraries(args.trainable)
     if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow 3's default, sqlite:///mlflow.db in the working directory, needs the full server package; a local
         # file store beside the runs works with the client alone (mlflow ui --backend-store-uri LOG_DIR/mlruns)

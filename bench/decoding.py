@@ -7,7 +7,7 @@ The task: data/udhr/translate_*.jsonl, UDHR paragraphs from English into German,
 39 test; articles 24-30 are held out). train.py fine-tunes the model with its defaults (LoRA r=16) for --epochs
 on the training pairs, into a temp folder; then one process loads the run's best/ once and generates the test
 set with each setting through predict.predict (eval.py's path), batch by batch. The budget of every setting but
-the first is eval.py's default, from the run's longest training answer (predict.generation_budget). Prints a
+the first is eval.py's default, from the run's longest training answer (decoding.generation_budget). Prints a
 markdown table per setting: chrF and BLEU (sacrebleu), samples/s, and the share of outputs that ran to the
 budget (a loop that never ended), then the machine.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = {  # name: (fixed budget or None for the run's, decoding options over plain greedy, predict.DECODING)
+SETTINGS = {  # name: (fixed budget or None for the run's, decoding options over plain greedy, decoding.DECODING)
     "greedy at budget 256 (before)": (256, {"repetition_penalty": 1.0}),
     "greedy": (None, {"repetition_penalty": 1.0}),
     "repetition-penalty 1.2": (None, {"repetition_penalty": 1.2}),
@@ -71,20 +71,21 @@ def decode_all(args, run: Path, names):
     from dataset import Formatter, load_prompts, load_samples
     from finetune.modeling import load_for_inference
     from finetune.runs import find_run
-    from finetune.predict import generation_budget, predict, text_metrics
+    from finetune.decoding import Decoding, generation_budget
+    from finetune.predict import predict, text_metrics
 
     cfg, weights = find_run(str(run))
     samples = load_samples(ROOT / "data/udhr/translate_test.jsonl", load_prompts(None))[: args.limit]
     model, tokenizer, processor = load_for_inference(cfg, str(weights))
     fmt = Formatter(tokenizer, processor, cfg.get("response_template"), cfg.get("max_len") or 1024, None)
     refs = [s.answer for s in samples]
-    predict(model, fmt, samples[: args.batch_size], None, "generate", args.batch_size, 8)  # warm-up
+    predict(model, fmt, samples[: args.batch_size], None, "generate", args.batch_size, Decoding(8))  # warm-up
     rows = {}
     for name in names:
         budget, decoding = SETTINGS[name]
         budget = budget or generation_budget(cfg, None)
         start = time.perf_counter()
-        res = predict(model, fmt, samples, None, "generate", args.batch_size, budget, decoding=decoding)
+        res = predict(model, fmt, samples, None, "generate", args.batch_size, Decoding(budget, **decoding))
         seconds = time.perf_counter() - start
         preds = [r["raw"] for r in res]
         m = text_metrics(refs, preds)

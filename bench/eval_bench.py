@@ -61,10 +61,13 @@ def run_config(args):
 
 def time_modes(model, fmt, samples, classes, args):
     """(fastest seconds, predictions) of each mode over the samples, after one warm-up batch of each."""
+    from finetune.decoding import Decoding, default_decoding
     from finetune.predict import predict
 
+    how = Decoding(args.max_new_tokens, **default_decoding(classes))
+
     def run(mode, subset):
-        return predict(model, fmt, subset, classes, mode, args.batch_size, args.max_new_tokens)
+        return predict(model, fmt, subset, classes, mode, args.batch_size, how)
 
     for mode in MODES:  # warm-up: one batch each (allocator, kernels, generation config)
         run(mode, samples[: args.batch_size])

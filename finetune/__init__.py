@@ -12,15 +12,21 @@ One job each; a concern has one owner:
     training.py    what we add to TRL's trainers: samplers, validation, saves, callbacks, the batch-size search
     runs.py        the run folder log/NAME/ (owner): every file in it named and written here, finding and resuming
     precision.py   every dtype decision (owner): training, weights, inference and export
-    predict.py     scoring and generation, metrics, and decoding (owner: defaults, the budget rule, the flags)
-    modeling.py    loading models (hub ids, folders, GGUF), LoRA / QLoRA / full, unsloth when it applies
+    predict.py     scoring and generation over a data set, metrics (validation and eval.py share it)
+    decoding.py    generation (owner): decoding defaults and flags, the budget rule, every model.generate call
+    modeling.py    loading models (hub ids, folders, GGUF: its tokenizer and config converted once, cached), LoRA /
+                   QLoRA / full, unsloth when it applies
     classifier.py  the sequence-classification head
-    batching.py    collators, length-bucketed batches, the padding-free choice
+    batching.py    collators, length-bucketed batches, the padding-free choice, inference batches by length
     tokenise.py    tokenising through datasets.map, and its on-disk cache
     sources.py     reading any source: Hub datasets, tables, JSON in other formats, column mapping, mixing, splits
     rl.py          GRPO (with its validation and reward checks), DPO and KTO through TRL
-    datacheck.py   `dataset.py check`: what a run will train on, token lengths, duplicates and leakage
-    monitor.py     the plan before loading, the console line, curves.png, reward health
+    datacheck.py   `dataset.py check`: what a run will train on (SFT, GRPO, DPO or KTO data), its report
+    tokencheck.py  the check's token lengths as each trainer tokenises, and samples rendered as trained
+    leakage.py     duplicates, leakage and noise (exact and MinHash near-duplicates), train.py's leakage line
+    monitor.py     the plan before loading, the console line, curves.png, reward health, library noise silenced
+    timeplan.py    the plan's time once the model has loaded, and the default bound of free-text validation
+    progress.py    the progress line of every long phase (validation, eval, tokenising, loading the model)
     guards.py      Ctrl-C / SIGTERM saves, NaN stops, out-of-memory advice
     launch.py      torchrun / accelerate / one process, the device, and the batch plan
     options.py     command-line checks made before anything loads

@@ -1,4 +1,4 @@
-"""No compute on padding: the collators, length-bucketed batches, the padding-free choice per device, and the count of
+"""No compute on padding: the collators, length-bucketed batches (training and inference), the padding-free choice per device, and the count of
 real tokens (tokenising and its cache: finetune/tokenise.py).
 
 Length-bucketed batches (`LengthBucketSampler`, hooked into train.py's trainer for SFT and the classifier head):
@@ -21,6 +21,9 @@ position ids. flash-attention's varlen kernels (CUDA) do it at no cost; through 
 block-diagonal mask over the whole row, which on a CPU is slower than padded sorted batches
 (bench/padding_free_probe.py; figures in docs/benchmarks.md). So padding-free only on CUDA with a
 flash-attention implementation loaded; everything else pads.
+
+Inference batches (`length_batches`, `pad_batch`): scoring, generation and the classifier head's predictions take
+samples sorted by length, longest first, so nothing is padded far past its own length.
 """
 from __future__ import annotations
 
@@ -244,3 +247,21 @@ def real_tokens(inputs) -> int | None:
     if "position_ids" in inputs:
         return int(inputs["position_ids"].numel())
     return None
+
+
+# ------------------------------------------------------------------------------------------------ inference batches
+def length_batches(lengths: list[int], batch_size: int):
+    """Index batches of similar lengths, longest first (an out-of-memory shows at once, not at the end)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(seqs, value, left):
+    """(ids, attention mask) of token-id lists padded to one width, on the left (generation, scoring) or right."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    side = "left" if left else "right"
+    ids = pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], True, value, side)
+    mask = pad_sequence([torch.ones(len(x), dtype=torch.long) for x in seqs], True, 0, side)
+    return ids, mask

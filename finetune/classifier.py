@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataset import DataError, normalize
 from finetune import launch, precision
+from finetune.batching import length_batches, pad_batch
 from finetune.modeling import (QUANTIZE, finish_token_training, fit_vocabulary, load_base, lora_config,
                                sync_special_tokens, token_training)
-from finetune.predict import batch_done, classification_metrics, length_batches, pad_batch
+from finetune.predict import batch_done, classification_metrics
 
 
 def encode(fmt, samples, classes: list[str], train=False):

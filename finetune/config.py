@@ -89,6 +89,7 @@ class EvaluationOptions:
     eval_steps: int | None = None
     predict: str = "score"
     val_samples: int | None = None
+    max_new_tokens: int | None = None
     metric: str | None = None
     early_stopping: int | None = None
     early_stopping_delta: float = 0.0

@@ -19,18 +19,31 @@ never split) before any data is encoded; the embedding matrix (and an untied out
 length, the new rows starting at the mean of the old ones; LoRA runs train just those rows (PEFT's
 trainable_token_indices, see token_training) and save them in the adapter; loading a run grows the base the same
 way before the adapter goes on (fit_vocabulary).
+
+GGUF files: transformers converts the configuration and the tokenizer out of the file at every load (seconds each
+for SmolLM2's 135M). Both are kept after the first conversion under $FINETUNE_CACHE (else $XDG_CACHE_HOME/finetune,
+else ~/.cache/finetune) /gguf/<key>/{config,tokenizer}/, keyed on the file's resolved path, size and modification
+time and the transformers and tokenizers versions (the converter is theirs); FINETUNE_CACHE=off turns it off.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
+import uuid
 import warnings
 from pathlib import Path
 
 from finetune import launch, precision, runs
 from finetune.errors import ModelError
+from finetune.progress import Progress
+from finetune.tokenise import cache_root
 
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
 
@@ -92,7 +105,11 @@ def _read_config(spec, folder, gguf, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        if gguf:
+            return converted(Path(folder) / gguf, "config", AutoConfig,
+                             lambda: AutoConfig.from_pretrained(folder, gguf_file=gguf,
+                                                                trust_remote_code=trust_remote_code))
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{spec}: cannot load the model configuration ({first})") from None
@@ -113,7 +130,67 @@ def load_processing(spec, vision: bool, trust_remote_code=False, tokenizer_from=
     if vision:
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
         return processor.tokenizer, processor
-    return AutoTokenizer.from_pretrained(src, gguf_file=src_gguf, trust_remote_code=trust_remote_code), None
+    if src_gguf:
+        return converted(Path(src) / src_gguf, "tokenizer", AutoTokenizer,
+                         lambda: AutoTokenizer.from_pretrained(src, gguf_file=src_gguf,
+                                                               trust_remote_code=trust_remote_code)), None
+    return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code), None
+
+
+def gguf_cache_entry(gguf: Path, what: str) -> Path | None:
+    """Where `what` ("config" or "tokenizer") converted from this GGUF file is kept; None without a cache or a file."""
+    import tokenizers
+    import transformers
+
+    root = cache_root()
+    if root is None:
+        return None
+    try:
+        stamp = gguf.stat()
+    except OSError:
+        return None
+    key = json.dumps([str(gguf.resolve()), stamp.st_size, stamp.st_mtime_ns, transformers.__version__,
+                      tokenizers.__version__])
+    return root / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32] / what
+
+
+def converted(gguf: Path, what: str, cls, convert):
+    """convert() (transformers reading the GGUF file), or what an earlier call saved of it in the cache
+    (gguf_cache_entry), read back with cls.from_pretrained; the name it reports is the GGUF's folder either way."""
+    entry = gguf_cache_entry(gguf, what)
+    if entry is not None and entry.is_dir():
+        try:
+            obj = cls.from_pretrained(entry)
+        except (OSError, ValueError) as e:  # a damaged entry: convert again and replace it
+            print(f"warning: ignoring a damaged cache entry {entry} ({type(e).__name__})", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            return _named(obj, str(gguf.parent))
+    obj = convert()
+    if entry is not None:
+        _store(obj, entry)
+    return obj
+
+
+def _named(obj, name: str):
+    """The name transformers records for where a config or tokenizer came from: the GGUF's folder, not the cache."""
+    if hasattr(obj, "init_kwargs"):  # a tokenizer
+        obj.name_or_path = obj.init_kwargs["name_or_path"] = name
+    else:
+        obj._name_or_path = name
+    return obj
+
+
+def _store(obj, entry: Path):
+    """Saves next to the entry and renames it in, so a reader never sees half of one; a cache that cannot be
+    written, or an entry another process stored first, leaves the conversion as it is (the cache only saves time)."""
+    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        obj.save_pretrained(tmp)
+        os.rename(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def end_of_turn(tokenizer, processor=None, response_template=None) -> str:
@@ -250,7 +327,8 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
     if quiet:
         hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(folder, **kwargs)
+        with loading(spec, bool(gguf)):
+            model = cls.from_pretrained(folder, **kwargs)
     except OSError as e:
         raise ModelError(f"{spec}: cannot load the model ({str(e).splitlines()[0]})") from None
     finally:
@@ -269,6 +347,31 @@ def load_base(spec, vision, dtype, quantize=None, device_map=None, trust_remote_
             if cfg is not None and hasattr(cfg, "quantization_config"):
                 del cfg.quantization_config
     return model
+
+
+@contextlib.contextmanager
+def loading(spec, gguf: bool = False):
+    """Our one line while a model's weights load (finetune/progress.py: live on a terminal, a start and an end line
+    in a log file, on the main process only), in place of transformers' own bars, which are switched off for the
+    length of the load where they are made: "Loading weights" through transformers' tqdm hook (the Hub's download
+    bars are huggingface_hub's and stay), and "Converting and de-quantizing GGUF tensors" of the GGUF reader, which
+    calls tqdm itself and has no switch of its own (so its module's tqdm is swapped, and put back)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    reader = bar = None
+    if gguf:
+        import transformers.modeling_gguf_pytorch_utils as reader
+
+        bar = reader.tqdm
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        with Progress(f"loading model {spec}", show=launch.is_main_process()):
+            yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+        if reader is not None:
+            reader.tqdm = bar
 
 
 def fit_vocabulary(model, tokenizer, spec) -> bool:
@@ -443,11 +546,12 @@ def _load_unsloth(args, vision, prec):
     folder, gguf = resolve_model(args.model)
     if gguf:
         raise ModelError("unsloth cannot load GGUF files: pass --no-unsloth")
-    model, _ = loader.from_pretrained(
-        model_name=folder, max_seq_length=args.max_len or 2048,
-        dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
-        load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
-        trust_remote_code=args.trust_remote_code, device_map=device_map)
+    with loading(args.model):
+        model, _ = loader.from_pretrained(
+            model_name=folder, max_seq_length=args.max_len or 2048,
+            dtype=torch.bfloat16 if prec == "bf16" else (torch.float16 if prec == "fp16" else None),
+            load_in_4bit=args.trainable == "qlora", full_finetuning=args.trainable == "full",
+            trust_remote_code=args.trust_remote_code, device_map=device_map)
     if args.trainable == "full":
         return model
     targets = None if args.target_modules in (None, "all-linear", "all") else args.target_modules.split(",")

@@ -21,6 +21,8 @@ from finetune import batching, classifier, rl, sources, tokenise, training
 from finetune.errors import ModelError
 from finetune.modeling import load_for_training
 
+TRAINERS = ("sft", "grpo", "dpo", "kto")  # train.py's --trainer (and `dataset.py check`'s)
+
 
 @dataclass
 class Setup:

@@ -1,7 +1,8 @@
 """Watching a run: the plan before the model loads, one readable console line per logging interval, curves.png,
 GRPO reward health, and quiet for library noise that does not concern the run.
 
-    monitor.quiet_libraries(args)          first thing: drops library warnings about code this run does not use
+    monitor.quiet_libraries(trainable)     first thing (every CLI): library messages that do not concern the run
+                                           silenced where they come from
     plan = monitor.make_plan(args, s)      parameters (from the config, on the meta device: no weights loaded),
                                            trainable parameters, tokens per epoch, optimiser steps, peak memory
     print(monitor.plan_lines(plan))        the same dict goes into run.json ("plan")
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from finetune import launch, precision, runs
 from finetune.modeling import load_config, lora_config, model_class
+from finetune.progress import clock
 
 # Bytes autograd keeps per token and layer for the backward pass, as (a, b) in a x hidden + b x intermediate size:
 # measured with torch.autograd.graph.saved_tensors_hooks on the SmolLM2-135M (576 / 1536) and Qwen2.5-0.5B
@@ -56,21 +58,22 @@ SHOWN = ("loss", "accuracy", "macro_f1", "chrf", "exact_match", "reward", "forma
 
 
 # ------------------------------------------------------------------------------------------------ library noise
-class _Drop(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
+# Library loggers whose messages never concern our runs, set to ERROR before the library is imported (a logger's
+# level stays with it): bitsandbytes' CPU backend looks for an optional 4-bit kernel package (`kernels`) whenever
+# it is imported (PEFT imports it on every run) and warns when it is missing, which concerns 4-bit (QLoRA) runs only:
+# they get one note of ours instead. transformers warns once per process that it ignores
+# clean_up_tokenization_spaces=True for a BPE tokenizer (SmolLM2's and Qwen's configs say True): it decodes as it
+# should, there is nothing for the user to do. The bars of loading a model give way to our one line
+# (modeling.loading).
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "transformers.tokenization_utils_tokenizers")
 
-    def filter(self, record):
-        return not record.getMessage().startswith(self.prefix)
 
-
-def quiet_libraries(args):
-    """bitsandbytes' CPU backend looks for an optional 4-bit kernel package (`kernels`) whenever it is imported,
-    which PEFT does on every run, and logs a warning when it is missing. It concerns 4-bit (QLoRA) runs only: they
-    get one note instead; other runs never use that code and hear nothing of it."""
-    drop = _Drop("Failed to load CPU gemm_4bit_forward")
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(drop)
+def quiet_libraries(trainable: str | None = None):
+    """The one start-up place that silences library output at its source (train.py, eval.py, generate.py and
+    export.py call it first): the loggers of QUIET_LOGGERS at ERROR, and without a terminal the Hub's download
+    bars off. `trainable` "qlora" on a CPU: the one note about bitsandbytes' kernels."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # loading / saving bars redrawn as lines in a log file, dozens per run
         # transformers reads this variable when it is imported (after the data is checked, so that bad input is
         # reported without waiting for torch and transformers to load)
@@ -79,7 +82,7 @@ def quiet_libraries(args):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
-    if args.trainable == "qlora":
+    if trainable == "qlora":
         import torch
 
         if not torch.cuda.is_available():
@@ -103,7 +106,7 @@ def make_plan(args, s) -> dict:
         longest += args.max_completion_len
     plan = {"parameters": params, "trainable_parameters": trainable, "train_samples": len(s.train_ds),
             "tokens_per_epoch": sum(lengths) if lengths else None, "samples_per_step": per_step,
-            "steps": steps, "longest_sample_tokens": longest}
+            "steps": steps, "steps_per_epoch": steps_per_epoch, "longest_sample_tokens": longest}
     if arch:
         plan.update(estimate_memory(args, params, trainable, quantised, arch, longest, _answer_tokens(s)))
     return plan
@@ -278,13 +281,6 @@ def plan_lines(plan: dict, args) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the console
-def clock(seconds: float) -> str:
-    """Seconds as H:MM:SS (or M:SS under an hour)."""
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
 def _number(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -479,7 +475,9 @@ def _curves_class():
 # ------------------------------------------------------------------------------------------------ early stopping
 def _early_class(base):
     class EarlyStop(base):
-        """transformers' EarlyStoppingCallback, minus its warning about load_best_model_at_end: best/ is ours."""
+        """transformers' EarlyStoppingCallback, minus its warning about load_best_model_at_end: best/ is ours. It
+        records the step it stopped at only when its own patience ran out: a stop asked by another callback (Ctrl-C:
+        guards.StopGuard) at an evaluation's step is not an early stop."""
         stopped_at = None
 
         def on_train_begin(self, args, state, control, **kw):
@@ -489,7 +487,7 @@ def _early_class(base):
             if state.global_step == 0:
                 return  # the baseline before the first step is a reference, not an evaluation to improve on
             super().on_evaluate(args, state, control, metrics, **kw)
-            if control.should_training_stop and self.stopped_at is None:
+            if self.early_stopping_patience_counter >= self.early_stopping_patience and self.stopped_at is None:
                 self.stopped_at = state.global_step
 
     return EarlyStop
@@ -548,8 +546,12 @@ def summary_lines(history: list, trainer, args, metric: str) -> list[str]:
     if fracs:
         lines.append(f"GRPO signal: {1 - sum(fracs) / len(fracs):.0%} of groups had reward variance (learning "
                      f"signal) over {len(fracs)} steps")
-    early = next((cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "stopped_at")), None)
-    if early is not None and early.stopped_at is not None:
+    from transformers import EarlyStoppingCallback
+
+    # the callback is there with --early-stopping only (attach): found by its class, not by an attribute another
+    # callback could share
+    early = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    if args.early_stopping and early is not None and early.stopped_at is not None:
         lines.append(f"early stopping: no improvement of {metric.removeprefix('eval_')} by more than {args.early_stopping_delta:g} "
                      f"in {args.early_stopping} evaluations; stopped at step {early.stopped_at} of "
                      f"{trainer.state.max_steps} (best/ keeps the best)")

@@ -4,6 +4,7 @@
     range_error(args, table)         the first numeric option outside its range, as that line
     train_option_error(args, given)  the first pair of training options that cannot work together, or an option
                                      the chosen mode would silently ignore
+    data_option_error(args)          its clashes among the data options and --trainer, also `dataset.py check`'s
     given_options(defaults, args)    the options whose value differs from their default (from flags or --config)
     add_data_options(parser)         the data options, one definition for train.py and `dataset.py check`
     layout_defaults(args)            the defaults that follow the data layout (-d: the classifier head)
@@ -159,6 +160,8 @@ def _mode_options(args):
          "generative SFT (how closed-set validation is measured)"),
         ("num_preprocess_workers", args.head != "classifier" and args.trainer == "sft",
          "SFT with a generative head (the tokenisation cache)"),
+        ("max_new_tokens", args.head != "classifier" and args.trainer == "sft",
+         "generative SFT (the generation budget of its validation)"),
         ("early_stopping_delta", getattr(args, "early_stopping", None) is not None, "--early-stopping"),
     ]
 
@@ -178,15 +181,22 @@ def trackers(text: str) -> list[str]:
     return names
 
 
-def train_option_error(args, given: set[str]) -> str | None:
-    """A clash between training options, or an option the chosen mode ignores; None when all is well."""
-    head = args.head == "classifier"
+def data_option_error(args) -> str | None:
+    """A clash between the data options and --trainer (train.py and `dataset.py check` both refuse it)."""
     if args.data and args.train_data:
         return "give --train-data or -d/--data, not both"
-    if head and args.trainer != "sft":
+    if args.head == "classifier" and args.trainer != "sft":
         return f"--classifier trains a classification head with SFT; it cannot be combined with --trainer {args.trainer}"
     if args.trainer in ("dpo", "kto") and args.data:
         return f"--trainer {args.trainer} reads preferences from --train-data, not -d"
+    return None
+
+
+def train_option_error(args, given: set[str]) -> str | None:
+    """A clash between training options, or an option the chosen mode ignores; None when all is well."""
+    bad = data_option_error(args)
+    if bad:
+        return bad
     if args.init_adapter and args.trainable == "full":
         return "--init-adapter starts a LoRA run from an SFT adapter; it cannot be combined with --trainable full"
     if args.vllm and args.add_special_tokens:

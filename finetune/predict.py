@@ -4,17 +4,19 @@
                         reply, conditioned on the prompt; the prompt runs once and its KV cache is shared by all
                         classes. Never invalid; the softmax over classes is the confidence. --score-rule picks
                         how the class log-likelihoods are compared (SCORE_RULES below).
-    --predict generate  batched greedy generation (left padding, KV cache); the answer is taken from
-                        <answer>...</answer> when present, normalised, and matched to a class (else invalid).
+    --predict generate  batched generation (finetune/decoding.py: its defaults, budget rule and the one
+                        model.generate call); the answer is taken from <answer>...</answer> when present,
+                        normalised, and matched to a class (else invalid).
 
-Batches are formed from samples sorted by length, so nothing is padded far past its own length.
+Batches are formed from samples sorted by length (finetune/batching.py), so nothing is padded far past its own length.
 """
 from __future__ import annotations
 
-import math
 import re
 
 from dataset import normalize
+from finetune.batching import length_batches, pad_batch
+from finetune.decoding import Decoding, generate, resolve
 
 # How --predict score compares classes (bench/zero_shot.py measures each; figures in docs/benchmarks.md):
 #   sum              the summed log-probability of the class tokens: favours classes of few tokens
@@ -75,23 +77,6 @@ def match_class(text: str, classes: list[str]) -> int | None:
         if normalize(c) == key:
             return i
     return None
-
-
-def length_batches(lengths: list[int], batch_size: int):
-    """Index batches of similar lengths, longest first (an out-of-memory shows at once, not at the end)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad_batch(seqs, value, left):
-    """(ids, attention mask) of token-id lists padded to one width, on the left (generation, scoring) or right."""
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
-
-    side = "left" if left else "right"
-    ids = pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], True, value, side)
-    mask = pad_sequence([torch.ones(len(x), dtype=torch.long) for x in seqs], True, 0, side)
-    return ids, mask
 
 
 def score_text(model, prompts: list[list[int]], class_ids: list[list[int]], pad_id: int):
@@ -195,72 +180,6 @@ def score_vision(model, processor, prompt_texts, images, class_texts, class_ids)
     return torch.tensor(rows)
 
 
-# Decoding defaults of eval.py, generate.py and train.py's validation (bench/decoding.py measures each setting;
-# figures in docs/benchmarks.md): transformers' generate() does the work, these are its own keyword arguments.
-DECODING = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-# Free text (a run without classes): a repetition penalty of 1.2 took fine-tuned SmolLM2's UDHR translations from
-# chrF 17.3 to 28.9 and the outputs that looped to the budget from 54% to 5%, and ran faster (fewer tokens); beams
-# and n-gram blocking did worse. Closed-set answers keep plain greedy: the penalty also divides the scores of
-# prompt tokens, and the prompt lists the class names.
-FREE_TEXT_DECODING = {**DECODING, "repetition_penalty": 1.2}
-
-
-BUDGET_MARGIN = (1.5, 16)  # generation budget: 1.5 x the run's longest training answer + 16 tokens
-
-
-def default_decoding(classes) -> dict:
-    return dict(FREE_TEXT_DECODING if not classes else DECODING)
-
-
-def add_decoding_options(parser):
-    """--num-beams, --repetition-penalty, --no-repeat-ngram-size (eval.py and generate.py)."""
-    a = parser.add_argument
-    a("--num-beams", type=int, default=None,
-      help=f"beam search with N beams (default {DECODING['num_beams']}: greedy)")
-    a("--repetition-penalty", type=float, default=None,
-      help=f"divide the scores of tokens already in the prompt or output by this (default: "
-           f"{FREE_TEXT_DECODING['repetition_penalty']:g} for free text, {DECODING['repetition_penalty']:g} (off) for "
-           "closed-set answers)")
-    a("--no-repeat-ngram-size", type=int, default=None,
-      help=f"never repeat an n-gram of this size in the output (default {DECODING['no_repeat_ngram_size']}: off)")
-
-
-def decoding_of(args, classes=None) -> dict:
-    """The decoding options: those given on the command line over default_decoding(classes)."""
-    return {**default_decoding(classes),
-            **{k: getattr(args, k) for k in DECODING if getattr(args, k, None) is not None}}
-
-
-def generation_budget(cfg: dict, classes) -> int:
-    """Default max new tokens: a margin over the run's longest training answer (run.json's longest_answer_tokens),
-    so a looping output stops near the longest answer the model learnt; 32 (classes) or 256 without a run."""
-    longest = cfg.get("longest_answer_tokens")
-    if longest:
-        return math.ceil(BUDGET_MARGIN[0] * longest) + BUDGET_MARGIN[1]
-    return 32 if classes else 256
-
-
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, processor=None,
-             prompt_texts=None, images=None, decoding=None):
-    """Greedy (or beam search) completions, decoded with special tokens dropped, for a batch of prompts;
-    `decoding` holds DECODING's transformers generate() options."""
-    dev = next(model.parameters()).device
-    if processor is not None and images is not None and any(images):
-        from PIL import Image
-
-        # `images`: each prompt's list of images; the processor takes them flat, in the order the prompts show them
-        enc = processor(text=prompt_texts, images=[Image.open(i).convert("RGB") for paths in images for i in paths],
-                        return_tensors="pt", padding=True, padding_side="left").to(dev)
-    else:
-        ids, mask = pad_batch(prompts, tokenizer.pad_token_id, left=True)
-        enc = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                         top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **{**DECODING, **(decoding or {})})
-    new = out[:, enc["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-
-
 INVALID = "\x00invalid"  # an answer matching no class, as a label of its own for scikit-learn
 
 
@@ -301,20 +220,20 @@ def text_metrics(refs: list[str], preds: list[str]) -> dict:
             "exact_match": sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / n if n else 0.0}
 
 
-def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_new_tokens=64, on_batch=None,
-            progress=None, rule=DEFAULT_SCORE_RULE, decoding=None, prompt_set=DEFAULT_PROMPT_SET):
+def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, decoding: Decoding | None = None,
+            on_batch=None, progress=None, rule=DEFAULT_SCORE_RULE, prompt_set=DEFAULT_PROMPT_SET):
     """One result dict per sample: id, prediction, reference, raw output, confidence.
 
     `on_batch(results)` is called as each batch completes (eval.py appends to predictions.tsv there, so a crash
     keeps what was done). Classification when `classes` is given, free text otherwise (always generated). `rule`
     is the SCORE_RULES rule of --predict score; image prompts are not calibrated (the uncalibrated rule is used).
-    `decoding` overrides default_decoding(classes)'s generation options. `prompt_set` "all" averages the class
-    log-probabilities over every question of the prompts file (samples that bring their own question get it every
-    time), "first" uses the first (text prompts only).
+    `decoding` is how to generate (decoding.resolve; None: the task's defaults without a run). `prompt_set` "all"
+    averages the class log-probabilities over every question of the prompts file (samples that bring their own
+    question get it every time), "first" uses the first (text prompts only).
     """
     import torch
 
-    decoding = {**default_decoding(classes), **(decoding or {})}
+    decoding = decoding or resolve({}, classes)
     encoded = [fmt.encode(s, with_answer=False) for s in samples]
     vision = fmt.processor is not None and any(s.all_images for s in samples)
     if classes and mode == "score":
@@ -338,8 +257,8 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, max_n
                     ll = scorer(batch)
                 raws = [None] * len(batch)
             else:
-                raws = generate(model, fmt.tokenizer, prompts, max_new_tokens, fmt.processor if vision else None,
-                                texts, images, decoding)
+                raws = generate(model, fmt.tokenizer, prompts, decoding, fmt.processor if vision else None, texts,
+                                images)
             done = []
             for k, i in enumerate(batch):
                 s = samples[i]

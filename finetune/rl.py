@@ -40,7 +40,9 @@ from pathlib import Path
 from dataset import Sample
 from finetune import launch, runs
 from finetune.errors import RewardError
-from finetune.predict import ANSWER_TAG, DECODING, completion_text, match_class, predict
+from finetune.decoding import Decoding
+from finetune.predict import ANSWER_TAG, completion_text, match_class, predict
+from finetune.training import evaluating
 
 
 def conversational(fmt, samples) -> bool:
@@ -225,14 +227,8 @@ def grpo_validation(model, fmt, samples, classes, funcs, weights, args, prompts=
                "prefill": [prefill] * len(samples), "id": [str(s.id) for s in samples]}
 
     def validation(state=None):
-        was_training = model.training
-        model.eval()
-        try:
-            res = predict(model, fmt, samples, None, "generate", args.batch_size,
-                          max_new_tokens=args.max_completion_len, decoding=DECODING)
-        finally:
-            if was_training:
-                model.train()
+        with evaluating(model):  # greedy, plain, at GRPO's own completion length (what it trains to write)
+            res = predict(model, fmt, samples, None, "generate", args.batch_size, Decoding(args.max_completion_len))
         completions = [r["raw"] for r in res]
         given = [as_completion(c, chat) for c in completions]
         out, totals = {}, [0.0] * len(samples)

@@ -47,7 +47,7 @@ def run_config(args, classes, tokens, vision, n_train, n_val, train=(), tokenize
     """Everything eval.py needs to score a checkpoint without being told the training options again, with what
     loading the data decided (`derived`: data_sources, validation_split_ids).
     longest_answer_tokens (the longest training answer, end-of-turn included) sets eval.py's and generate.py's
-    default generation budget (predict.generation_budget)."""
+    default generation budget and train.py's validation budget (decoding.generation_budget)."""
     options = args.record() if hasattr(args, "record") else vars(args)  # config.Options, or a plain Namespace
     cfg = {k: v for k, v in options.items() if k not in SECRET_OPTIONS}
     cfg.update(classes=classes, vision=vision, tokens=tokens, task="classification" if classes else "generation",

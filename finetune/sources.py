@@ -583,15 +583,16 @@ class Samples(Sequence):
         return _hash([[b.fingerprint, None if i is None else hashlib.sha256(str(i).encode()).hexdigest()]
                       for _, b, i in self.parts])
 
-    def encode(self, fmt, train: bool, workers: int = 1):
+    def encode(self, fmt, train: bool, workers: int = 1, progress=None):
         """(datasets.Dataset of encoded rows, worker processes): every part through finetune/tokenise.py's
-        datasets.map, tables read row by row from their Arrow files (bounded memory)."""
+        datasets.map, tables read row by row from their Arrow files (bounded memory); `progress` (a
+        progress.Progress) counts the rows."""
         import datasets
 
         pieces, used = [], 1
         for p, (_, base, idx) in enumerate(self.parts):
             source = base if isinstance(base, Table) else tokenise.SampleList(base)
-            ds, n = tokenise.encode_source(source, idx, fmt, train, workers, f"part{p}")
+            ds, n = tokenise.encode_source(source, idx, fmt, train, workers, f"part{p}", progress)
             pieces.append(ds)
             used = max(used, n)
         return (pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)), used

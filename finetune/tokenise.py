@@ -9,7 +9,9 @@ template, max_len, prompts, seed, prefill, train/validation), dataset.py's sourc
 transformers and tokenizers versions, and CACHE_VERSION. A run with the same inputs loads the rows (memory-mapped
 Arrow) instead of tokenising; the Formatter's truncated / dropped counts (and the dropped ids) are stored with them. FINETUNE_CACHE=off
 disables it. Sets of MAP_PROCESSES_FROM samples or more are tokenised in --num-preprocess-workers processes
-(datasets.map's num_proc); below that, starting the workers costs more than it saves.
+(datasets.map's num_proc); below that, starting the workers costs more than it saves. From SHOW_FROM samples the
+tokenising shows its progress line (finetune/progress.py; datasets' own bars stay off): samples done batch by batch
+in one process, part by part with worker processes.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ from pathlib import Path
 
 import dataset
 from dataset import DataError
+from finetune.progress import Progress
 
 CACHE_VERSION = 2  # bump when the cached rows change meaning
 MAP_PROCESSES_FROM = 20000  # samples from which datasets.map tokenises in --num-preprocess-workers processes
-QUIET_BELOW = 10000  # samples below which tokenising shows no progress bar
+SHOW_FROM = 10000  # samples from which tokenising shows a progress line
 ENCODED_COLUMNS = ("id", "input_ids", "labels", "length", "prompt_text", "segments", "images", "truncated",
                    "dropped")
 
@@ -62,7 +65,7 @@ class _Carried(Exception):
     """A DataError's message across datasets.map's worker processes (DataError's constructor takes four args)."""
 
 
-def _encode_batch(batch, positions, source, fmt, train, idx):
+def _encode_batch(batch, positions, source, fmt, train, idx, progress=None):
     out = {k: [] for k in ENCODED_COLUMNS}
     keys = list(batch)
     for j, values in zip(positions, zip(*batch.values())):
@@ -81,13 +84,16 @@ def _encode_batch(batch, positions, source, fmt, train, idx):
         r["truncated"], r["dropped"] = truncated, r.get("dropped", False)
         for k in ENCODED_COLUMNS:
             out[k].append(r.get(k))
+    if progress is not None:
+        progress(len(positions))
     return out
 
 
-def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
+def encode_source(source, idx, fmt, train: bool, workers: int, name: str, progress: Progress | None = None):
     """(datasets.Dataset of encoded rows, processes used) for the rows `idx` (None: all) of a source with .ds,
     .parse(row, n) and .fingerprint (a sources.Table, or a SampleList). Samples too long for --max-len are dropped
-    and counted in fmt.dropped, truncated documents in fmt.truncated; a DataError stops it, as in one process."""
+    and counted in fmt.dropped, truncated documents in fmt.truncated; a DataError stops it, as in one process.
+    `progress` counts the rows done."""
     import datasets
 
     ds = source.ds if idx is None else source.ds.select(idx)
@@ -95,10 +101,11 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
     kinds = {"input_ids": datasets.List(datasets.Value("int64")), "labels": datasets.List(datasets.Value("int64")),
              "length": datasets.Value("int64"), "truncated": datasets.Value("bool"), "dropped": datasets.Value("bool")}
     features = datasets.Features({k: kinds.get(k, datasets.Value("string")) for k in ENCODED_COLUMNS})
+    update = progress.update if progress is not None and procs is None else None  # workers: counted per part
     try:
-        with quiet_datasets() if len(ds) < QUIET_BELOW else contextlib.nullcontext():  # a bar only for long waits
+        with quiet_datasets():  # our progress line, not datasets' bars
             out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
-                         fn_kwargs={"source": source, "fmt": fmt, "train": train, "idx": idx},
+                         fn_kwargs={"source": source, "fmt": fmt, "train": train, "idx": idx, "progress": update},
                          remove_columns=ds.column_names, features=features,
                          cache_file_name=str(_scratch() / f"{name}.arrow"), desc="tokenising",
                          new_fingerprint=hashlib.sha256(f"{source.fingerprint}/{name}/{idx}".encode()).hexdigest()[:32])
@@ -106,6 +113,8 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str):
         err = DataError.__new__(DataError)  # the finished one-line message, as raised in the worker
         Exception.__init__(err, str(e))
         raise err from None
+    if progress is not None and procs is not None:
+        progress.update(len(ds))
     fmt.truncated += sum(out["truncated"])
     gone = [i for i, d in enumerate(out["dropped"]) if d]
     if gone:
@@ -223,10 +232,11 @@ def encode_cached(fmt, samples, train: bool, workers: int = 1, log=print):
             shutil.rmtree(entry, ignore_errors=True)  # damaged: tokenise again and store it anew
     truncated, dropped, start = fmt.truncated, fmt.dropped, time.perf_counter()
     first_dropped = len(fmt.dropped_ids)
-    if hasattr(samples, "encode"):  # sources.Samples: its parts, tables read from their Arrow files
-        ds, used = samples.encode(fmt, train, workers)
-    else:
-        ds, used = encode_source(SampleList(samples), None, fmt, train, workers, "list")
+    with Progress("tokenising", len(samples), show=len(samples) >= SHOW_FROM) as bar:
+        if hasattr(samples, "encode"):  # sources.Samples: its parts, tables read from their Arrow files
+            ds, used = samples.encode(fmt, train, workers, bar)
+        else:
+            ds, used = encode_source(SampleList(samples), None, fmt, train, workers, "list", bar)
     seconds = time.perf_counter() - start
     stored = entry is not None and len(ds) > 0 and _store(entry, ds, {
         "rows": len(ds), "samples": len(samples), "truncated": fmt.truncated - truncated,

@@ -3,16 +3,22 @@ free-text validation, the classifier head's own learning rate, best/ and latest/
 
     trainer = make_trainer_class(SFTTrainer)(...)    # any of TRL's trainers, or transformers' Trainer
     trainer.validation = closed_set_validation(...)  # accuracy / macro-F1 merged into each evaluation's metrics
-    trainer.validation = free_text_validation(...)   # free text: chrF / exact match of greedy generations
+    trainer.validation = free_text_validation(...)   # free text: chrF / exact match of generations
+    trainer.validation_plan = ValidationPlan(...)    # how it generates, on how many samples, its planned seconds
+                                                     (both show a progress line: finetune/progress.py)
     for cb in make_callbacks(args, out, saver, metric, history): trainer.add_callback(cb)
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import batching, classifier, launch, precision, runs, trl_cpu
+from finetune.decoding import Decoding
+from finetune.progress import Progress
 from finetune.predict import TUNED_PROMPT_SET, TUNED_SCORE_RULE, classification_metrics, predict, text_metrics
 
 
@@ -24,7 +30,10 @@ def make_trainer_class(base, recompute_head: bool = True):
     trl_cpu.install(recompute_head)
 
     class FinetuneTrainer(base):
-        validation = None  # callable -> dict of extra eval metrics (closed_set_validation)
+        validation = None  # callable(label, plan) -> dict of extra eval metrics (closed_set_validation)
+        validation_plan = None  # the ValidationPlan validation is called with
+        validation_seconds = 0.0  # spent in evaluate(), the loss pass included
+        planned_steps = None  # the plan's steps: the progress line's total before train() sets max_steps
         real_tokens = 0    # non-pad tokens trained on, and the seconds spent in training steps (not validation)
         train_seconds = 0.0
         last_batch_shape = None  # (samples, tokens) of the batch in flight: named in an out-of-memory error
@@ -58,8 +67,13 @@ def make_trainer_class(base, recompute_head: bool = True):
             return batching.eval_sampler(self, eval_dataset, super()._get_eval_sampler)
 
         def evaluate(self, *args, **kwargs):
-            self._extra = self.validation() if self.validation else {}
-            return super().evaluate(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                label = f"step {self.state.global_step}/{self.state.max_steps or self.planned_steps}  validation"
+                self._extra = self.validation(label, self.validation_plan) if self.validation else {}
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.validation_seconds += time.perf_counter() - start
 
         def log(self, logs, *args, **kwargs):
             if "eval_loss" in logs and getattr(self, "_extra", None):
@@ -70,41 +84,59 @@ def make_trainer_class(base, recompute_head: bool = True):
     return FinetuneTrainer
 
 
+@dataclass(frozen=True)
+class ValidationPlan:
+    """What a validation does beyond the loss: how it generates (decoding.resolve: the budget rule and the defaults
+    eval.py and generate.py use for the run), on how many of the first validation samples free text generates
+    (None: every one; 0: none, the loss alone), and the plan's estimate of its scoring or generation in seconds (the
+    progress line's ETA until the first batch is done). finetune/timeplan.py sets the last two from the run's
+    time."""
+    decoding: Decoding
+    samples: int | None = None
+    seconds: float | None = None
+
+
 def closed_set_validation(model, fmt, val, classes, args):
     """Validation accuracy and macro-F1 of a generative run on a closed-set task, by --predict (score/generate)."""
-    def validation():
-        was_training = model.training
-        model.eval()
-        res = predict(model, fmt, val, classes, args.predict, args.batch_size, max_new_tokens=16,
-                      rule=TUNED_SCORE_RULE, prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
+    def validation(label: str, plan: ValidationPlan):
+        with evaluating(model), Progress(label, len(val), estimate=plan.seconds,
+                                         show=launch.is_main_process()) as bar:
+            res = predict(model, fmt, val, classes, args.predict, args.batch_size, plan.decoding,
+                          progress=bar.update, rule=TUNED_SCORE_RULE,
+                          prompt_set=TUNED_PROMPT_SET)  # as eval.py will score the run
         m = classification_metrics([r["reference"] for r in res], [r["prediction"] for r in res], classes)
-        if was_training:
-            model.train()
         return {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro"]["f1"]}
 
     return validation
 
 
 def free_text_validation(model, fmt, val, args):
-    """chrF and exact match of greedy generations on free-text validation samples: the task's own measure, which the
-    loss only hints at. Up to --val-samples samples (default FREE_TEXT_SAMPLES: generation is the slow part), with a
-    budget of new tokens a little over the longest reference answer, so a model that never stops costs little."""
-    samples = val[: args.val_samples or FREE_TEXT_SAMPLES]
-    budget = max(len(fmt.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 8
-
-    def validation():
-        was_training = model.training
-        model.eval()
-        res = predict(model, fmt, samples, None, "generate", args.batch_size, max_new_tokens=budget)
+    """chrF and exact match of generations on free-text validation samples: the task's own measure, which the loss
+    only hints at. Generation is the slow part: it runs on the plan's first samples (finetune/timeplan.py: a bound
+    that keeps validation within a share of the run, or --val-samples); none: {} (the loss alone)."""
+    def validation(label: str, plan: ValidationPlan):
+        samples = val if plan.samples is None else val[: plan.samples]
+        if not samples:
+            return {}
+        with evaluating(model), Progress(label, len(samples), estimate=plan.seconds,
+                                         show=launch.is_main_process()) as bar:
+            res = predict(model, fmt, samples, None, "generate", args.batch_size, plan.decoding, progress=bar.update)
         m = text_metrics([r["reference"] for r in res], [r["prediction"] for r in res])
-        if was_training:
-            model.train()
         return {"eval_chrf": m["chrf"], "eval_exact_match": m["exact_match"]}
 
     return validation
 
 
-FREE_TEXT_SAMPLES = 32
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode for a validation, back in training mode after it if it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def training_arguments(args, out: Path, validates: bool) -> dict:
@@ -249,6 +281,11 @@ def summarize(history, trainer, seconds, metric, out, plan=None, extra=()):
         if "eval_loss" in last and metric != "eval_loss":
             lines.append(f"validation loss: {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gib()
+    planned = (plan or {}).get("time")  # finetune/timeplan.py
+    if planned:
+        lines.append(f"time: {seconds:.0f} s in all, {trainer.validation_seconds:.0f} s of it validation "
+                     f"({trainer.validation_seconds / max(seconds, 1e-9):.0%}); the plan estimated "
+                     f"{planned['seconds']:.0f} s, {planned['validation_share']:.0%} validation")
     lines.append(f"throughput: {trainer.real_tokens / max(trainer.train_seconds, 1e-9):.0f} real tokens/s in training "
                  f"steps; {seconds:.0f} s in all with validation; peak memory {peak:.2f} GiB "
                  f"({'GPU' if torch.cuda.is_available() else 'process RSS'}"

@@ -51,7 +51,7 @@ def seq_cls(tiny_llm, tokenizer):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_head_reads_the_last_real_token(seq_cls, side):
-    from finetune.predict import pad_batch
+    from finetune.batching import pad_batch
 
     model, tok = seq_cls
     seqs = [tok(t)["input_ids"] for t in ["red house", "the big old stone river is long", "blue"]]

@@ -245,7 +245,8 @@ def test_merge_cli_keeps_training_dtype_checks_parity_and_tokenizer(trained, cap
     saved = json.loads((out / "parity.json").read_text())
     assert saved["identical"] == 16 and saved["max_abs_dlogit"] < 1e-4 and saved["line"] in r.stdout
     export.main(["check", str(out)])  # the same check on the export made earlier: the same line
-    assert capsys.readouterr().out.strip() == saved["line"]
+    lines = capsys.readouterr().out.strip().splitlines()  # after our lines of loading the two models
+    assert lines[-1] == saved["line"] and all(line.startswith("loading model ") for line in lines[:-1]), lines
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
@@ -282,9 +283,9 @@ def test_check_prompts_and_check_data_choose_the_prompts(trained, capsys):
     assert trained.merge_cli.result().returncode == 0
     out = trained.tmp / "m"
     export.main(["check", str(out), "--check-prompts", "2"])
-    line = capsys.readouterr().out.strip()
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # after our lines of loading the two models
     assert line.startswith("parity: 2/2 greedy identical") and line.endswith("(merge float32, 2 training prompts)")
     export.main(["check", str(out), "--check-data", str(trained.tmp / "q.jsonl")])  # 3 questions, not 16
-    line = capsys.readouterr().out.strip()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("parity: 3/3 greedy identical") and line.endswith("(merge float32, 3 check prompts)")
     assert json.loads((out / "parity.json").read_text())["line"] == line

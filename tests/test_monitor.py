@@ -1,6 +1,9 @@
 """Runs you can watch: free-text validation metrics, --metric, --early-stopping, curves.png, the plan in run.json,
-the console line, GRPO reward health (train.py run as a user runs it, on the tiny model)."""
+the console line, the progress lines of validation, eval, tokenising and loading, GRPO reward health (train.py run as
+a user runs it, on the tiny model)."""
+import io
 import json
+import math
 import random
 import re
 
@@ -49,6 +52,13 @@ def test_free_text_validation_metric_and_early_stopping(free_text_run):
     assert max(x["step"] for x in log) == 4
     assert "early stopping: no improvement of chrf by more than 1000 in 1 evaluations; stopped at step 4 of 36" \
         in r.stdout
+    # every validation's progress, without a terminal: one line as it starts, one as it ends, before its result line
+    for step in (0, 2, 4):
+        assert f"step {step}/36  validation 0/4 samples" in r.stdout
+        assert re.search(rf"step {step}/36  validation 4/4 samples  [\d.,]+ samples/s  elapsed \d+:\d\d\n", r.stdout)
+    assert r.stdout.index("step 0/36  validation 4/4 samples") < r.stdout.index("step 0/36  validation: loss")
+    # loading the model: our line at its start and at its end
+    assert re.search(r"loading model \S+ \.\.\.\nloading model \S+: done in \d+:\d\d\n", r.stdout)
     best = json.loads((run / "best" / "run.json").read_text())["checkpoint"]
     top = max(evals, key=lambda x: x["eval_chrf"])  # chrF chose best/, by default (the baseline counts)
     assert (best["step"], best["eval_chrf"]) == (top["step"], top["eval_chrf"])
@@ -75,6 +85,13 @@ def test_eval_scores_a_free_text_run_with_its_own_metrics(free_text_run):
     assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
     assert m["exact_match"] == sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / 6
     assert f"chrF {m['chrf']:.2f}" in e.stdout
+    # free text: the largest default batch that fits (all 6 samples in one), with the run's budget
+    assert m["batch_size"] == 32 and m["max_new_tokens"] == json.loads((run / "run.json").read_text())["plan"][
+        "validation"]["max_new_tokens"]
+    # a progress line at the start and one at the end (no terminal), and no library bars or warnings
+    assert "eval 0/6 samples" in e.stdout and re.search(r"eval 6/6 samples  [\d.,]+ samples/s  elapsed", e.stdout)
+    assert not [n for n in ("gemm_4bit_forward", "Loading weights", "clean_up_tokenization", "%|") if n in
+                e.stdout + e.stderr], e.stderr
 
 
 def test_console_is_one_line_per_step(free_text_run):
@@ -100,6 +117,19 @@ def test_plan_in_run_json_matches_the_model(free_text_run):
     assert plan["steps"] == 36 and plan["samples_per_step"] == 8 and plan["train_samples"] == 24
     assert plan["tokens_per_epoch"] > 24 * 10
     assert plan["memory_gib"]["peak"] > plan["memory_gib"]["process_before_model"] > 0
+    # time, measured on the loaded model: 19 validations (the baseline, then every 2 of 36 steps), generating on the
+    # 4 samples --val-samples keeps, with the budget rule's tokens
+    t, v = plan["time"], plan["validation"]
+    assert t["validations"] == 19 and v["generate_samples"] == 4 and t["seconds"] > 0
+    longest = json.loads((run / "run.json").read_text())["longest_answer_tokens"]
+    assert v["max_new_tokens"] == math.ceil(1.5 * longest) + 16
+    assert t["measured"]["forward_s_per_token"] > 0 and t["measured"]["decode_s_per_step"] >= 0
+    line = next(x for x in r.stdout.splitlines() if x.startswith("plan: about "))
+    assert re.search(r"in all: 36 steps of about .+, 19 validations of about .+ \(loss on 4 samples, generation on 4 "
+                     r"x \d+ new tokens at most, 8 a batch\); validation \d+% of the run$", line), line
+    assert f"validation {t['validation_share']:.0%} of the run" in line
+    assert ("more than a fifth of the run" in r.stdout) == (t["validation_share"] > 0.2)
+    assert re.search(r"time: \d+ s in all, \d+ s of it validation \(\d+%\); the plan estimated \d+ s", r.stdout)
     eta = plan["eta"]  # measured over the first two steps, as the console's ETA
     assert eta["at_step"] == 2 and eta["seconds_left"] >= 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT.*", eta["expected_end"])
     assert "plan: peak memory about" in r.stdout and "the plan estimated" in r.stdout
@@ -155,3 +185,103 @@ def test_grpo_reward_health_warns_and_the_summary_counts_signal(tiny_llm, tmp_pa
     assert "GRPO signal: 0% of groups had reward variance (learning signal) over 11 steps" in r.stdout
     assert re.search(r"step 3/11  loss \S+  reward 0 ", r.stdout)
     assert (tmp_path / "log" / "grpo" / "curves.png").stat().st_size > 10_000
+
+
+def test_progress_lines_without_a_terminal():
+    """A phase in a log file: one line at its start (with the planned ETA) and one at its end; nothing between."""
+    from finetune.progress import Progress
+
+    out = io.StringIO()
+    with Progress("step 0/40  validation", total=10, estimate=70.0, file=out, live=False) as bar:
+        for _ in range(5):
+            bar.update(2)
+    start, end = out.getvalue().splitlines()
+    assert start == "step 0/40  validation 0/10 samples  ETA 1:10 (planned)"
+    assert re.fullmatch(r"step 0/40  validation 10/10 samples  [\d.,]+ samples/s  elapsed 0:00", end), end
+    out = io.StringIO()
+    with Progress("loading model x", file=out, live=False):
+        pass
+    assert out.getvalue().splitlines() == ["loading model x ...", "loading model x: done in 0:00"]
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress("eval", total=4, file=out, live=False) as bar:
+        bar.update(1)
+        raise KeyboardInterrupt
+    assert out.getvalue().splitlines()[-1].endswith("(stopped)")
+
+
+def test_progress_live_line_counts_rate_and_eta():
+    """On a terminal the line is redrawn: the count, the rate, the elapsed time and the ETA, from the plan's
+    estimate before the first sample and from the rate after it."""
+    from finetune.progress import Progress
+
+    bar = Progress("step 2/40  validation", total=8, estimate=30.0, live=False, show=False)
+    bar.start()
+    assert bar.text().endswith("ETA 0:30") and "0/8 samples" in bar.text()
+    bar.start_time -= 10  # 10 s in, 2 done: 0.2 samples/s, 30 s to go
+    bar.update(2)
+    assert re.fullmatch(r"step 2/40  validation 2/8 samples  0.20 samples/s  elapsed 0:10  ETA 0:30", bar.text())
+    bar.close()
+
+
+def test_tokenising_a_large_set_shows_its_progress(tokenizer, monkeypatch, capsys):
+    from dataset import Formatter, Sample
+    from finetune import tokenise
+
+    monkeypatch.setattr(tokenise, "SHOW_FROM", 3)  # "large" from 3 samples, so that the test stays small
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    samples = [Sample(id=str(i), file="t", turns=[("user", f"red blue {i}"), ("assistant", "red")]) for i in range(5)]
+    assert len(tokenise.encode_cached(Formatter(tokenizer, max_len=64), samples, True)) == 5
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "tokenising 0/5 samples" and re.match(r"tokenising 5/5 samples  [\d.,]+ samples/s  elapsed",
+                                                           out[1])
+    assert out[2].startswith("tokenised: 5 samples in ")
+
+
+@pytest.mark.parametrize("train_s, vals, loss_s, batch_s, batch, available, metric, expected", [
+    (400, 2, 0, 10, 8, 100, None, 32),     # validations may take 100 s: 5 batches, capped at FREE_TEXT_SAMPLES
+    (400, 2, 0, 10, 4, 100, None, 20),     # 50 s each: 5 batches of 4
+    (400, 2, 20, 10, 4, 100, None, 12),    # the loss pass takes its share first: 3 batches
+    (400, 2, 0, 10, 8, 6, None, 6),        # no more than there are
+    (40, 3, 0, 10, 8, 10, None, 0),        # one batch would take 30 of 50 s: none, the loss alone
+    (40, 3, 0, 10, 8, 10, "chrf", 8),      # unless chrF is asked for: one batch
+    (0, 1, 0, 0, 8, 10, None, 10),         # no decoding cost measured: every sample there is
+])
+def test_free_text_default_samples_keep_validation_under_a_fifth(train_s, vals, loss_s, batch_s, batch, available,
+                                                                 metric, expected):
+    from finetune import timeplan
+
+    n = timeplan.free_text_samples(train_s, vals, loss_s, batch_s, batch, available, metric)
+    assert n == expected
+    if n and metric is None:
+        val_total = vals * (loss_s + math.ceil(n / batch) * batch_s)
+        assert val_total <= timeplan.VALIDATION_SHARE * (train_s + val_total) + 1e-9
+
+
+def test_validations_counted_as_the_trainer_runs_them():
+    from argparse import Namespace
+
+    from finetune.timeplan import validations_in
+
+    assert validations_in(Namespace(eval_steps=2, resume=False), 36, 3) == 19   # baseline + 18
+    assert validations_in(Namespace(eval_steps=5, resume=False), 12, 3) == 4    # 5, 10, and the last step 12
+    assert validations_in(Namespace(eval_steps=None, resume=False), 7, 3) == 4  # baseline + 3 epochs begun
+    assert validations_in(Namespace(eval_steps=None, resume=True), 7, 3) == 3   # no baseline on --resume
+
+
+def test_free_text_validation_is_bounded_by_default(tiny_llm, tmp_path):
+    """Without --val-samples, free-text validation generates on the first samples that keep all validations within
+    a fifth of the run's planned time: a short run with many validation samples generates on fewer than it has, the
+    plan line says how many, and every validation does what the plan says (none: the loss alone, which then chooses
+    best/)."""
+    train, val = copy_task(tmp_path / "train.jsonl", 16, 0), copy_task(tmp_path / "val.jsonl", 40, 1)
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", train, "--validation-data", val, "--max-steps", "2",
+                "-b", "8", "--name", "bounded", "--log-dir", tmp_path / "log")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "log" / "bounded" / "run.json").read_text())
+    n = cfg["plan"]["validation"]["generate_samples"]
+    assert 0 <= n < 40 and n % 8 == 0  # whole batches of -b
+    assert f"plan: free-text validation generates on {n or 'none'} of the 40 samples" in r.stdout
+    evals = [x for x in records(tmp_path / "log" / "bounded" / "train_log.jsonl") if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2] and all(("eval_chrf" in x) == (n > 0) for x in evals)
+    assert (f"step 0/2  validation 0/{n} samples" in r.stdout) == (n > 0)
+    assert ("validation chrf:" if n else "validation loss:") in r.stdout

@@ -213,28 +213,32 @@ def test_llamacpp_sdist_is_checked_against_its_sha256(tmp_path, monkeypatch):
     assert not (folder / "ggml").exists()  # only the Python converter is extracted
 
 
-def test_free_text_validation_generates_on_up_to_32_samples(tokenizer, monkeypatch):
+def test_free_text_validation_generates_on_the_plans_samples(tokenizer, monkeypatch):
+    """Free-text validation generates on the first samples its plan names (finetune/timeplan.py: at most 32 by
+    default), by the run's decoding; none: the loss alone."""
     from dataset import Formatter, Sample
     from finetune import training
+    from finetune.decoding import resolve
 
     seen = []
 
-    def fake_predict(model, fmt, samples, classes, mode, batch_size, max_new_tokens=None, **kw):
-        seen.append((len(samples), classes, mode, max_new_tokens))
+    def fake_predict(model, fmt, samples, classes, mode, batch_size, decoding=None, **kw):
+        seen.append((len(samples), classes, mode, decoding))
         return [{"reference": s.answer, "prediction": s.answer} for s in samples]
 
     monkeypatch.setattr(training, "predict", fake_predict)
     val = [Sample(id=str(i), file="v", turns=[("user", f"say {i}"), ("assistant", "red " * (1 + i % 3))])
            for i in range(40)]
     model = SimpleNamespace(training=False, eval=lambda: None, train=lambda: None)
-    fmt = Formatter(tokenizer, max_len=64)
-    longest = max(len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in val[:32])
-    for val_samples, expected in ((None, 32), (5, 5), (40, 40)):
-        args = SimpleNamespace(val_samples=val_samples, batch_size=8)
-        metrics = training.free_text_validation(model, fmt, val, args)()
+    dec = resolve({"longest_answer_tokens": 5}, None)
+    validation = training.free_text_validation(model, Formatter(tokenizer, max_len=64), val,
+                                               SimpleNamespace(batch_size=8))
+    for samples, expected in ((None, 40), (32, 32), (5, 5)):
+        metrics = validation("validation", training.ValidationPlan(dec, samples))
         assert metrics["eval_exact_match"] == 1.0
         assert seen[-1][:3] == (expected, None, "generate")
-    assert seen[0][3] == longest + 8  # the budget: 8 tokens over the longest reference answer
+    assert seen[0][3] is dec and dec.max_new_tokens == 24  # the budget rule: ceil(1.5 x 5) + 16
+    assert validation("validation", training.ValidationPlan(dec, 0)) == {} and len(seen) == 3
 
 
 def test_closed_set_validation_scores_the_whole_set_on_every_rank(monkeypatch):
@@ -245,7 +249,7 @@ def test_closed_set_validation_scores_the_whole_set_on_every_rank(monkeypatch):
 
     calls = []
 
-    def fake_predict(model, fmt, samples, classes, mode, batch_size, **kw):
+    def fake_predict(model, fmt, samples, classes, mode, batch_size, decoding=None, **kw):
         calls.append(([s.id for s in samples], kw.get("rule"), kw.get("prompt_set")))
         return [{"reference": s.answer, "prediction": "red"} for s in samples]
 
@@ -258,7 +262,8 @@ def test_closed_set_validation_scores_the_whole_set_on_every_rank(monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", rank)
-        results.append(training.closed_set_validation(model, None, val, ["red", "blue"], args)())
+        results.append(training.closed_set_validation(model, None, val, ["red", "blue"], args)(
+            "validation", training.ValidationPlan(None)))
     assert results[0] == results[1] and results[0]["eval_accuracy"] == 0.5
     assert [c[0] for c in calls] == [[str(i) for i in range(10)]] * 2
     assert {(c[1], c[2]) for c in calls} == {(predict.TUNED_SCORE_RULE, predict.TUNED_PROMPT_SET)} == {("sum", "first")}

@@ -105,11 +105,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tiny_llm, tmp_path):
     assert steps[-2:] == [stopped + 1, stopped + 2]
 
 
-def test_ctrl_c_stops_at_the_step_with_a_checkpoint_and_exits_130(tiny_llm, tmp_path):
-    """A real SIGINT (Ctrl-C) to a running train.py: the line docs/training.md promises, exit status 130, and the
-    checkpoint of the step it names."""
+@pytest.mark.parametrize("early_stopping", [False, True], ids=["plain", "early-stopping"])
+def test_ctrl_c_stops_at_the_step_with_a_checkpoint_and_exits_130(tiny_llm, tmp_path, early_stopping):
+    """A real SIGINT (Ctrl-C) to a running train.py: the line docs/training.md promises, exit status 130, the
+    checkpoint of the step it names, and the summary, which reports no early stop: none happened, whether
+    --early-stopping was given (with a validation at every step, so one falls on the step Ctrl-C stops) or not."""
     run = tmp_path / "log" / "ctrl-c"
-    proc = _start(_args(tiny_llm, _data(tmp_path), tmp_path, "ctrl-c", 10_000))
+    data = _data(tmp_path)
+    extra = ["--validation-data", data, "--val-samples", "2", "--eval-steps", "1", "--early-stopping", "1000"] \
+        if early_stopping else []
+    proc = _start([*_args(tiny_llm, data, tmp_path, "ctrl-c", 10_000), *extra])
     _wait_for(run / "checkpoint-5" / "trainer_state.json", proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -120,6 +125,7 @@ def test_ctrl_c_stops_at_the_step_with_a_checkpoint_and_exits_130(tiny_llm, tmp_
     assert line == (f"SIGINT: stopped at step {stopped} with a checkpoint saved; continue with the same command and "
                     "--resume")
     assert stopped >= 5 and (run / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert "train loss:" in out and "throughput:" in out and "early stopping" not in out + err, out[-3000:]
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_llm, tmp_path):

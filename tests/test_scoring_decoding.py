@@ -1,5 +1,6 @@
-"""Scoring rules of --predict score (calibration included), decoding options and the generation budget
-that train.py records in run.json, checked against direct computations and through the CLIs."""
+"""Scoring rules of --predict score (calibration included), decoding options and the one generation budget rule
+(finetune/decoding.py) that validation, eval.py, generate.py and the parity check share, checked against direct
+computations and through the CLIs."""
 import copy
 import json
 import math
@@ -7,9 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import ROOT, run_cli, write_jsonl
 from dataset import Formatter, Sample
-from finetune.predict import (CONTENT_FREE, content_free, content_free_ll, generate, predict, rule_scores, score_text)
+from finetune.decoding import Decoding, generate, generation_budget, resolve
+from finetune.predict import CONTENT_FREE, content_free, content_free_ll, predict, rule_scores, score_text
 
 
 def test_rule_scores_exact_values():
@@ -87,9 +89,9 @@ def test_decoding_options_reach_generate(tiny_llm, tokenizer):
     prompts = [fmt.prompt_ids(Sample(id=str(i), file="", turns=[("user", q)]))
                for i, q in enumerate(["red blue red", "computers and food"])]
     with torch.inference_mode():
-        greedy = generate(model, tokenizer, prompts, 24)
-        blocked = generate(model, tokenizer, prompts, 24, decoding={"no_repeat_ngram_size": 1})
-        beams = generate(model, tokenizer, prompts, 24, decoding={"num_beams": 3})
+        greedy = generate(model, tokenizer, prompts, Decoding(24))
+        blocked = generate(model, tokenizer, prompts, Decoding(24, no_repeat_ngram_size=1))
+        beams = generate(model, tokenizer, prompts, Decoding(24, num_beams=3))
         for text, blocked_text, p in zip(greedy, blocked, prompts):
             ids = torch.tensor([p])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -113,32 +115,73 @@ def test_decoding_options_reach_generate(tiny_llm, tokenizer):
 def test_default_decoding_depends_on_the_task(classes, given, expected):
     from argparse import Namespace
 
-    from finetune.predict import decoding_of
-
     args = Namespace(**{"num_beams": None, "repetition_penalty": None, "no_repeat_ngram_size": None, **given})
-    assert decoding_of(args, classes) == {"num_beams": 1, "repetition_penalty": expected, "no_repeat_ngram_size": 0}
+    assert resolve({}, classes, args).options() == {"num_beams": 1, "repetition_penalty": expected,
+                                                    "no_repeat_ngram_size": 0}
 
 
-def test_run_json_budget_and_decoding_cli(tiny_llm, tokenizer, tmp_path):
-    """train.py records the longest training answer; eval.py's default budget is 1.5x it + 16 and its decoding
-    options land in metrics.json; a bad option is one error line, exit 2, nothing written."""
+@pytest.mark.parametrize("cfg, classes, given, expected", [
+    ({"longest_answer_tokens": 40}, None, None, 76),                          # ceil(1.5 x 40) + 16
+    ({"longest_answer_tokens": 7}, ["red", "blue"], None, 27),                # ceil(10.5) + 16: closed sets alike
+    ({"longest_answer_tokens": 40, "max_new_tokens": 100}, None, None, 100),  # the run's own --max-new-tokens
+    ({"longest_answer_tokens": 40, "max_new_tokens": 100}, None, 12, 12),     # a flag wins over everything
+    ({"longest_answer_tokens": None, "max_new_tokens": None}, None, None, 256),  # no record: free text
+    ({}, ["red", "blue"], None, 32),                                          # zero-shot closed set
+    ({}, None, 5, 5),
+])
+def test_one_budget_rule(cfg, classes, given, expected):
+    from argparse import Namespace
+
+    assert generation_budget(cfg, classes, given) == expected
+    assert resolve(cfg, classes, Namespace(max_new_tokens=given)).max_new_tokens == expected
+
+
+def test_only_decoding_calls_model_generate():
+    """Every generation of ours goes through finetune/decoding.py (its defaults, budget and kwargs): no other module
+    of the library or CLI calls .generate( itself or sets greedy's switches."""
+    files = [*sorted((ROOT / "finetune").glob("*.py")), *(ROOT / f for f in ("train.py", "eval.py", "generate.py",
+                                                                               "export.py"))]
+    offenders = [(f.name, owned) for f in files if f.name != "decoding.py"
+                 for owned in (".generate(", "do_sample", "repetition_penalty=", "BUDGET_MARGIN")
+                 if owned in f.read_text()]
+    assert offenders == []
+
+
+def test_validation_eval_generate_and_parity_share_one_budget(tiny_llm, tokenizer, tmp_path, monkeypatch):
+    """train.py records the longest training answer, and the same run gets the budget rule's tokens everywhere:
+    train.py's validation (run.json's plan), eval.py (metrics.json, with its decoding options), generate.py (what
+    reaches model.generate) and export.py's parity check (parity.json); a bad option is one error line, exit 2,
+    nothing written."""
+    import generate as generate_cli
+    from finetune import decoding
+
     answers = ["a short one", "a much longer answer with many more words in it than the others"]
-    rows = [{"id": f"s{i}", "question": f"say something {i}", "answer": answers[i % 2]} for i in range(8)]
+    rows = [{"id": f"s{i}", "question": f"say something {i}", "answer": f"{answers[i % 2]} {i}"} for i in range(8)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    r = run_cli("train.py", "-m", tiny_llm, "--train-data", data, "--max-steps", "1", "-b", "4", "--max-len", "64",
-                "--name", "run", "--log-dir", tmp_path / "log")
+    run = tmp_path / "log" / "run"
+    r = run_cli("train.py", "-m", tiny_llm, "--train-data", data, "--validation-data", data, "--val-samples", "2",
+                "--max-steps", "1", "-b", "4", "--max-len", "64", "--name", "run", "--log-dir", tmp_path / "log")
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = json.loads((tmp_path / "log/run/run.json").read_text())
-    longest = 1 + len(tokenizer(answers[1], add_special_tokens=False)["input_ids"])
-    assert cfg["longest_answer_tokens"] == longest
-    r = run_cli("eval.py", "-c", tmp_path / "log/run", "--test-data", data, "--limit", "2", "-o", tmp_path / "res",
+    cfg = json.loads((run / "run.json").read_text())
+    longest = 1 + len(tokenizer(rows[1]["answer"], add_special_tokens=False)["input_ids"])
+    budget = math.ceil(1.5 * longest) + 16
+    assert cfg["longest_answer_tokens"] == longest and generation_budget(cfg) == budget
+    assert cfg["plan"]["validation"]["max_new_tokens"] == budget
+    r = run_cli("eval.py", "-c", run, "--test-data", data, "--limit", "2", "-o", tmp_path / "res",
                 "--num-beams", "2", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "res/64-max-len/run/metrics.json").read_text())
-    assert m["max_new_tokens"] == math.ceil(1.5 * longest) + 16 and m["samples"] == 2
+    assert m["max_new_tokens"] == budget and m["samples"] == 2
     assert (m["num_beams"], m["repetition_penalty"], m["no_repeat_ngram_size"]) == (2, 1.3, 3)
-    r = run_cli("eval.py", "-c", tmp_path / "log/run", "--test-data", data, "-o", tmp_path / "bad",
-                "--num-beams", "0")
+    r = run_cli("export.py", "merge", run, "-o", tmp_path / "merged", "--check-prompts", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "merged" / "parity.json").read_text())["max_new_tokens"] == budget
+    seen, real = [], decoding.generate_ids
+    monkeypatch.setattr(decoding, "generate_ids", lambda m, t, enc, dec, *a: seen.append(dec) or real(m, t, enc, dec,
+                                                                                                      *a))
+    generate_cli.main(["-c", str(run), "--data", str(data), "-o", str(tmp_path / "answers.jsonl")])
+    assert seen and {d.max_new_tokens for d in seen} == {budget} and seen[0].repetition_penalty == 1.2
+    r = run_cli("eval.py", "-c", run, "--test-data", data, "-o", tmp_path / "bad", "--num-beams", "0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --num-beams must be at least 1, got 0"
     assert not (tmp_path / "bad").exists()
 

