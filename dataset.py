@@ -918,8 +918,12 @@ class Formatter:
 
 
 def _prompt_only(sample) -> Sample:
-    """A sample (or a preference / feedback record) reduced to its prompt: its turns but the assistant's."""
-    return Sample(id=sample.id, file=sample.file, turns=[t for t in sample.turns if t[0] != "assistant"],
+    """A sample (or a preference / feedback record) reduced to its prompt: its turns less a final assistant turn
+    (the answer); the assistant turns of the conversation before it are context and stay."""
+    turns = list(sample.turns)
+    while turns and turns[-1][0] == "assistant":
+        turns.pop()
+    return Sample(id=sample.id, file=sample.file, turns=turns,
                   image=getattr(sample, "image", None), document=getattr(sample, "document", None),
                   needs_prompt=sample.needs_prompt, images=getattr(sample, "images", ()),
                   tools=getattr(sample, "tools", None))

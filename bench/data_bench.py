@@ -21,8 +21,9 @@ strings and as messages, language-modelling text, DPO pairs and ShareGPT pairs, 
 each as a parquet table of --rows rows (default 100,000), and in a fresh process per form what train.py does with it
 before the first step (train.prepare): the mode's load_data (finetune/sources.py: every row read and validated; the
 closed set of classes), the tokenizer's tokens, the Formatters, the mode's encode (SFT: tokenise.encode_cached, chat
-template and loss mask, into a fresh FINETUNE_CACHE; DPO / KTO: finetune/rl.py's rows of prompt and reply texts),
-then for DPO / KTO TRL's own tokenisation (DPOTrainer / KTOTrainer._prepare_dataset, which their constructors run).
+template and loss mask, into a fresh FINETUNE_CACHE; DPO / KTO: finetune/rl.py's tokenised rows of prompt and
+replies), then for DPO / KTO the trainer's _prepare_dataset (rl.preference_trainer_class: TRL's steps after
+tokenising), which its constructor runs.
 The tokenizer is SmolLM2's (--tokenizer tiny: the test one) with Qwen2.5's chat template as TRL ships it, which
 renders tool schemas, calls and results; it loads before the clock starts. Prints a markdown table: form | tokens per
 row | load + validate s | tokenise s | total s | CPU s | rows/s | tokens/s | peak RSS (the process's ru_maxrss) |
@@ -174,19 +175,23 @@ def make_form_table(path: Path, form: str, rows: int):
 
 
 def _trl_tokeniser(mode, args, tok, folder):
-    """DPO / KTO: TRL tokenises the rows train.py hands its trainer (in the trainer's constructor, which wants a
-    model); its own _prepare_dataset is called here on a stand-in for the trainer, with the config train.py makes."""
+    """DPO / KTO: the trainer's _prepare_dataset, which its constructor (which wants a model) runs on the rows
+    train.py hands it, called here on a stand-in for the trainer, with the config train.py makes."""
     import types
 
     import trl
 
+    from finetune import rl
+
     cfg = mode.config(args, {"output_dir": str(folder), "report_to": [], "per_device_train_batch_size":
                              args.batch_size, "use_cpu": True})
     # the attributes _prepare_dataset reads from the trainer, as DPOTrainer / KTOTrainer.__init__ set them
-    me = types.SimpleNamespace(_tokenizer=tok, calculate_KL=cfg.loss_type not in ["apo_zero_unpaired"],
-                               desirable_weight=getattr(cfg, "desirable_weight", 1.0),
-                               undesirable_weight=getattr(cfg, "undesirable_weight", 1.0))
-    return lambda ds: getattr(trl, mode.trainer)._prepare_dataset(me, ds, tok, cfg, "train")
+    me = types.SimpleNamespace(_tokenizer=tok, desirable_weight=getattr(cfg, "desirable_weight", 1.0),
+                               undesirable_weight=getattr(cfg, "undesirable_weight", 1.0),
+                               **({"calculate_KL": cfg.loss_type not in ["apo_zero_unpaired"]}
+                                  if mode.name == "kto" else {}))
+    prepare = rl.preference_trainer_class(getattr(trl, mode.trainer))._prepare_dataset
+    return lambda ds: prepare(me, ds, tok, cfg, "train")
 
 
 def _tokens(ds, columns) -> int:

@@ -223,9 +223,10 @@ class DPO(SFT):
     def make_trainer(self, s: Setup, model, common: dict, out: Path):
         import trl
 
-        return training.make_trainer_class(getattr(trl, self.trainer), s.args.gradient_checkpointing)(
-            model=model, args=self.config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
-            processing_class=s.tokenizer)
+        cls = rl.preference_trainer_class(training.make_trainer_class(getattr(trl, self.trainer),
+                                                                      s.args.gradient_checkpointing))
+        return cls(model=model, args=self.config(s.args, common), train_dataset=s.train_ds, eval_dataset=s.val_ds,
+                   processing_class=s.tokenizer)
 
     def metrics(self, s: Setup) -> list[str]:
         return ["loss"]

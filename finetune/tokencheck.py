@@ -6,9 +6,9 @@ lengths against --max-len as the chosen trainer tokenises them, and the first tw
                       the padding share of train.py's length-bucketed batches at -b
     grpo              the prompt as rl.grpo_dataset renders it (its document truncated to --max-len) and TRL's
                       GRPOTrainer tokenises it; the reference answer, which the `correct` reward compares with
-    dpo, kto          the rows of rl.dpo_dataset / rl.kto_dataset through TRL's own tokenisation (trl.data_utils: the
-                      prompt, then prompt + reply, the reply counted from where the two part); TRL's collator cuts
-                      prompt + reply at --max-len (keep_start) and drops a sample whose prompt alone fills it
+    dpo, kto          the rows of rl.dpo_dataset / rl.kto_dataset (the prompt and each reply tokenised as SFT's
+                      segments); TRL's collator cuts prompt + reply at --max-len (keep_start), and a sample whose
+                      prompt alone fills it is dropped
 Tokenised: a seeded draw of --token-samples (10,000) from larger sets, the count over --max-len then also scaled to
 the whole set. token_lines prints both sections.
 """
@@ -147,38 +147,39 @@ def _text(tok, ids) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ grpo, dpo, kto
-def _trl_ids(tok, prompt: str, replies=()) -> tuple[list, list]:
-    """(prompt ids, [reply ids]) as TRL's trainers tokenise a text row: EOS appended to a reply without it, the
-    prompt and each prompt + reply tokenised whole, the replies counted from where they part from the prompt."""
-    from trl.data_utils import _tokenize, common_prefix_length
+def _trl_prompt_ids(tok, prompt: str) -> list:
+    """A GRPO prompt's ids as TRL's GRPOTrainer tokenises a text prompt."""
+    from trl.data_utils import _tokenize
 
-    p = _tokenize(tok, prompt)["input_ids"]
-    full = [_tokenize(tok, prompt + (r if r.endswith(tok.eos_token) else r + tok.eos_token))["input_ids"]
-            for r in replies]
-    n = min([len(p)] + [common_prefix_length(p, f) for f in full])
-    return p[:n], [f[n:] for f in full]
+    return _tokenize(tok, prompt)["input_ids"]
 
 
 def _grpo(fmt, tok, drawn, first) -> tuple[dict, list[dict]]:
     """The prompts GRPO generates from (the document truncated to --max-len: counted) and the reference answers."""
-    prompts = [len(_trl_ids(tok, row["prompt"])[0]) for row in rl.grpo_dataset(fmt, drawn, None)]
+    prompts = [len(_trl_prompt_ids(tok, row["prompt"])) for row in rl.grpo_dataset(fmt, drawn, None)]
     answers = [len(tok(x.answer, add_special_tokens=False)["input_ids"]) for x in drawn if x.answer is not None]
     body = {"prompt": percentiles(prompts), "answer": percentiles(answers), "over_max_len": fmt.truncated,
             "truncated": fmt.truncated, "dropped": 0}
     shown = []
     for row in rl.grpo_dataset(fmt, first, None):
-        ids = _trl_ids(tok, row["prompt"])[0]
+        ids = _trl_prompt_ids(tok, row["prompt"])
         shown.append({"id": row["id"], "tokens": len(ids), "loss_tokens": 0, "runs": [[_text(tok, ids), False]],
                       "reference": row["answer"]})
     return body, shown
 
 
 def _preferences(args, fmt, tok, drawn, first) -> tuple[dict, list[dict]]:
-    """Prompt and reply tokens of DPO pairs (chosen, rejected) or KTO samples (completion), what TRL's collator
-    cuts at --max-len, and the first two rendered with the replies that carry the loss."""
+    """Prompt and reply tokens of DPO pairs (chosen, rejected) or KTO samples (completion) as rl.dpo_dataset /
+    rl.kto_dataset tokenise them, what TRL's collator cuts at --max-len, and the first two rendered with the replies
+    that carry the loss."""
     names, rows = (("completion",), rl.kto_dataset) if args.trainer == "kto" else (("chosen", "rejected"),
                                                                                     rl.dpo_dataset)
-    ids = [_trl_ids(tok, row["prompt"], [row[n] for n in names]) for row in rows(fmt, drawn)]
+
+    def pairs(items):
+        ds = rows(fmt, items)
+        return list(zip(ds["prompt_ids"], zip(*(ds[f"{n}_ids"] for n in names))))
+
+    ids = pairs(drawn)
     longest = [len(p) + max(map(len, r)) for p, r in ids]
     over = [t > args.max_len for t in longest]
     dropped = [len(p) >= args.max_len for p, _ in ids]
@@ -187,8 +188,7 @@ def _preferences(args, fmt, tok, drawn, first) -> tuple[dict, list[dict]]:
             "total": percentiles(longest), "over_max_len": sum(over), "dropped": sum(dropped),
             "truncated": sum(o and not d for o, d in zip(over, dropped))}
     shown = []
-    for x, row in zip(first, rows(fmt, first)):
-        p, replies = _trl_ids(tok, row["prompt"], [row[n] for n in names])
+    for x, (p, replies) in zip(first, pairs(first)):
         room = max(0, args.max_len - len(p))  # keep_start: the prompt first, the reply cut at --max-len
         cut = [r[:room] for r in replies]
         label = [f"{'desirable' if x.label else 'undesirable'} completion"] if args.trainer == "kto" else names

@@ -271,9 +271,9 @@ def test_dpo_tokens_are_trls_own(prefs, tiny_llm, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llm)
     setup_tokens(tok)
     rows = rl.dpo_dataset(Formatter(tok, max_len=longest, seed=42), sources.load_preferences(prefs["train"]))
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llm), train_dataset=rows,
-                         processing_class=tok, args=DPOConfig(output_dir=str(tmp_path), max_length=longest,
-                                                              report_to=[], use_cpu=True))
+    trainer = rl.preference_trainer_class(DPOTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llm), train_dataset=rows, processing_class=tok,
+        args=DPOConfig(output_dir=str(tmp_path), max_length=longest, report_to=[], use_cpu=True))
     kept = trainer.train_dataset
     assert t["dropped"] == len(rows) - len(kept) > 0
     assert t["prompt"]["max"] == longest

@@ -77,6 +77,55 @@ def test_dpo_margin_grows(tiny_llm, tmp_path):
     assert json.loads((run / "run.json").read_text())["trainer"] == "dpo"
 
 
+def test_preference_rows_are_the_tokens_trl_makes_from_the_texts(tiny_llm, tmp_path):
+    """rl.dpo_dataset / kto_dataset tokenise the prompt and replies as SFT's segments: on a chat template they are
+    the ids TRL's own _prepare_dataset makes from the rendered texts, and preference_trainer_class keeps TRL's
+    steps after tokenising (a prompt that fills max_length dropped; KTO's KL completions)."""
+    import types
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from dataset import Formatter
+    from finetune import rl, sources
+    from finetune.modeling import setup_tokens
+
+    turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi."},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Your colour?"}]
+    pairs = [{"id": f"p{i}", "question": "Name a colour. " + "word " * (3 * i), "chosen": "red", "rejected": "a house"}
+             for i in range(6)] + [{"id": "turns", "prompt_messages": turns,
+                                    "chosen_messages": [{"role": "assistant", "content": "blue"}],
+                                    "rejected_messages": [{"role": "assistant", "content": "window"}]}]
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    setup_tokens(tok)
+    fmt = Formatter(tok, max_len=512, seed=42)
+    prefs = sources.load_preferences(write_jsonl(tmp_path / "prefs.jsonl", pairs))
+    texts = Dataset.from_list([{"prompt": fmt.prompt_text(p), "chosen": fmt.answer_text(p.chosen),
+                                "rejected": fmt.answer_text(p.rejected)} for p in prefs])
+    me = types.SimpleNamespace(_tokenizer=tok)
+    longest = max(len(tok(t)["input_ids"]) for t in texts["prompt"])
+    cfg = DPOConfig(output_dir=str(tmp_path), max_length=longest, report_to=[], use_cpu=True)
+    trl_rows = DPOTrainer._prepare_dataset(me, texts, tok, cfg, "train")
+    ours = rl.preference_trainer_class(DPOTrainer)._prepare_dataset(me, rl.dpo_dataset(fmt, prefs), tok, cfg, "train")
+    assert len(ours) == len(trl_rows) == len(pairs) - 1  # the longest prompt fills max_length: dropped by both
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[col] == trl_rows[col], col
+
+    feedback = [{"id": f"k{i}", "prompt": f"Colour {i}?", "completion": "red" if i % 2 else "a house",
+                 "label": bool(i % 2)} for i in range(6)]
+    fb = sources.load_preferences(write_jsonl(tmp_path / "kto.jsonl", feedback), unpaired=True)
+    texts = Dataset.from_list([{"prompt": fmt.prompt_text(f), "completion": fmt.answer_text(f.completion),
+                                "label": f.label} for f in fb])
+    me = types.SimpleNamespace(_tokenizer=tok, calculate_KL=True, desirable_weight=1.0, undesirable_weight=1.0)
+    cfg = KTOConfig(output_dir=str(tmp_path), max_length=512, per_device_train_batch_size=2, report_to=[],
+                    use_cpu=True)
+    trl_rows = KTOTrainer._prepare_dataset(me, texts, tok, cfg, "train")
+    ours = rl.preference_trainer_class(KTOTrainer)._prepare_dataset(me, rl.kto_dataset(fmt, fb), tok, cfg, "train")
+    for col in ("prompt_ids", "completion_ids", "KL_completion_ids", "label"):
+        assert ours[col] == trl_rows[col], col
+
+
 def test_init_adapter_starts_from_the_sft_policy_and_eval_loads_it_so(tiny_llm, tmp_path):
     """--init-adapter: LoRA merges the SFT adapter under a fresh one (the KL reference, adapter disabled, is the SFT
     policy), and eval / generate / export load the run the same way; QLoRA trains the SFT adapter itself further."""
