@@ -129,8 +129,15 @@ def _lengths(s) -> list[int]:
         return list(ds["length"])
     if "input_ids" in ds.column_names:
         return [len(x) for x in ds["input_ids"]]
-    if "prompt" in ds.column_names:  # GRPO / DPO: text or chat columns, tokenised by TRL later
-        cols = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
+    if "prompt_ids" in ds.column_names:  # DPO / KTO (rl.dpo_dataset, rl.kto_dataset): each row the trainer
+        import pyarrow.compute as pc   # makes is the prompt and one reply, padded to the longest reply
+
+        def n(c):
+            return pc.list_value_length(ds.data.column(c)).to_pylist()
+        replies = [n(c) for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in ds.column_names]
+        return [p + max(r) for p, *r in zip(n("prompt_ids"), *replies)]
+    if "prompt" in ds.column_names:  # GRPO: text or chat prompts, tokenised by TRL later
+        cols = ["prompt"]
         rows = ds.select_columns(cols)  # GRPO's images stay unopened
         return [sum(len(s.tokenizer(_text(s, r[c]), add_special_tokens=False)["input_ids"]) for c in cols)
                 for r in rows]

@@ -96,13 +96,13 @@ def _preference_rows(fmt, items, replies: dict, extra: dict | None = None):
     plus `extra` columns (name -> item -> value), built ROWS_PER_PART rows at a time."""
     from datasets import Dataset, concatenate_datasets
 
-    seen = next((x for x in items if getattr(x, "image", None)), None)
-    if seen is not None and fmt.processor is not None:  # (a text-only model refuses images in fmt.prompt_ids)
-        raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image would not "
-                        "reach the model; drop the image field")
     parts = []
     for start in range(0, len(items), ROWS_PER_PART):
-        part = items[start:start + ROWS_PER_PART]
+        part = list(items[start:start + ROWS_PER_PART])  # a table's rows parsed once, a part at a time
+        seen = next((x for x in part if getattr(x, "image", None)), None)
+        if seen is not None and fmt.processor is not None:  # (a text-only model refuses images in fmt.prompt_ids)
+            raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image would "
+                            "not reach the model; drop the image field")
         cols = {"prompt_ids": [fmt.prompt_ids(_prompt_of(x)) for x in part]}
         cols.update({f"{name}_ids": _reply_ids(fmt, map(get, part)) for name, get in replies.items()})
         cols.update({name: [get(x) for x in part] for name, get in (extra or {}).items()})
@@ -138,7 +138,7 @@ def preference_trainer_class(base):
             if args.max_length is not None and (kto or args.truncation_mode == "keep_start"):
                 dataset = dataset.filter(lambda ids: len(ids) < args.max_length, input_columns="prompt_ids")
             if kto and self.calculate_KL:
-                dataset = dataset.map(_kl_completions, batched=True, batch_size=args.per_device_train_batch_size)
+                dataset = _kl_completions(dataset, args.per_device_train_batch_size)
             if kto and dataset_name == "train":
                 _kto_weight_advice(dataset["label"], self.desirable_weight, self.undesirable_weight)
             return dataset
@@ -146,9 +146,15 @@ def preference_trainer_class(base):
     return PreferenceTrainer
 
 
-def _kl_completions(batch):
-    """KTO's mismatched pairs, as TRL builds them: the completions rotated by one within each batch."""
-    return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+def _kl_completions(dataset, batch: int):
+    """KTO's mismatched pairs as TRL builds them, each block of `batch` rows with its completions rotated by one
+    ((x1, yn), (x2, y1), ...), taken in Arrow: TRL's map over blocks of two rows took half a minute on 100,000."""
+    n = len(dataset)
+    order = []
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        order += [start + (i - 1) % size for i in range(size)]
+    return dataset.add_column("KL_completion_ids", dataset.data.column("completion_ids").take(order))
 
 
 def _kto_weight_advice(labels, desirable: float, undesirable: float):

@@ -664,11 +664,7 @@ def _load(spec, preference, prompts, require_answer, require_question, allow_out
             dataset.check_samples(base, prompts, require_question or preference)
         else:
             base = Table(s, preference, require_answer, allow_outside, columns, lm)
-            if preference:
-                base = [base.parse(row, n) for n, row in base.rows()]  # DPO sets are small: TRL wants them whole
-                dataset.check_samples(base, prompts)
-            else:
-                base.validate(prompts, require_question)
+            base.validate(prompts, require_question)
         parts.append((s, base, None))
     if len(parts) == 1 and isinstance(parts[0][1], list):
         return parts[0][1]
@@ -684,8 +680,9 @@ def load_samples(spec, prompts=None, require_answer=True, require_question=True,
 
 
 def load_preferences(spec, prompts=None, allow_outside=False, columns=None, unpaired=False):
-    """Preference pairs (DPO), or with unpaired unpaired preferences (KTO: dataset.Feedback), as a list."""
-    return list(_load(spec, "kto" if unpaired else True, prompts, True, True, allow_outside, columns))
+    """Preference pairs (DPO), or with unpaired unpaired preferences (KTO: dataset.Feedback), validated: a list, or a
+    lazy Samples for tables and mixes (as load_samples)."""
+    return _load(spec, "kto" if unpaired else True, prompts, True, True, allow_outside, columns)
 
 
 # ------------------------------------------------------------------------------------------------ training only
