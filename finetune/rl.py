@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from dataset import DataError, Sample
-from finetune import launch, runs
+from finetune import launch, runs, tokenise
 from finetune.errors import RewardError
 from finetune.decoding import Decoding
 from finetune.predict import ANSWER_TAG, completion_text, match_class, predict
@@ -92,23 +92,29 @@ def _reply_ids(fmt, answers) -> list[list[int]]:
 
 
 def _preference_rows(fmt, items, replies: dict, extra: dict | None = None):
-    """An Arrow dataset of prompt_ids and one `<name>_ids` column per reply (replies: name -> item -> reply text),
-    plus `extra` columns (name -> item -> value), built ROWS_PER_PART rows at a time."""
-    from datasets import Dataset, concatenate_datasets
+    """A memory-mapped Arrow dataset of prompt_ids and one `<name>_ids` column per reply (replies: name -> item ->
+    reply text), plus `extra` columns (name -> item -> value), written ROWS_PER_PART rows at a time into a scratch
+    file (tokenise.scratch_folder): the rows cost their pages on disk, not the process's memory."""
+    from datasets import Dataset, Features, List, Value
+    from datasets.arrow_writer import ArrowWriter
 
-    parts = []
-    for start in range(0, len(items), ROWS_PER_PART):
-        part = list(items[start:start + ROWS_PER_PART])  # a table's rows parsed once, a part at a time
-        seen = next((x for x in part if getattr(x, "image", None)), None)
-        if seen is not None and fmt.processor is not None:  # (a text-only model refuses images in fmt.prompt_ids)
-            raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image would "
-                            "not reach the model; drop the image field")
-        cols = {"prompt_ids": [fmt.prompt_ids(_prompt_of(x)) for x in part]}
-        cols.update({f"{name}_ids": _reply_ids(fmt, map(get, part)) for name, get in replies.items()})
-        cols.update({name: [get(x) for x in part] for name, get in (extra or {}).items()})
-        parts.append(Dataset.from_dict(cols))
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else Dataset.from_dict(
-        {"prompt_ids": [], **{f"{n}_ids": [] for n in replies}, **{n: [] for n in extra or {}}})
+    ids = List(Value("int64"))
+    features = Features({"prompt_ids": ids, **{f"{n}_ids": ids for n in replies},
+                         **{n: Value("bool") for n in extra or {}}})  # KTO's label, the one extra column
+    path = str(tokenise.scratch_folder() / "preferences.arrow")
+    with ArrowWriter(features=features, path=path) as writer:
+        for start in range(0, len(items), ROWS_PER_PART):
+            part = list(items[start:start + ROWS_PER_PART])  # a table's rows parsed once, a part at a time
+            seen = next((x for x in part if getattr(x, "image", None)), None)
+            if seen is not None and fmt.processor is not None:  # (a text-only model refuses them in prompt_ids)
+                raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image "
+                                "would not reach the model; drop the image field")
+            cols = {"prompt_ids": [fmt.prompt_ids(_prompt_of(x)) for x in part]}
+            cols.update({f"{name}_ids": _reply_ids(fmt, map(get, part)) for name, get in replies.items()})
+            cols.update({name: [get(x) for x in part] for name, get in (extra or {}).items()})
+            writer.write_batch(cols)
+        writer.finalize()
+    return Dataset.from_file(path)
 
 
 def _prompt_of(x) -> Sample:

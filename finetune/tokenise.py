@@ -107,7 +107,7 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str, progre
             out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
                          fn_kwargs={"source": source, "fmt": fmt, "train": train, "idx": idx, "progress": update},
                          remove_columns=ds.column_names, features=features,
-                         cache_file_name=str(_scratch() / f"{name}.arrow"), desc="tokenising",
+                         cache_file_name=str(scratch_folder() / f"{name}.arrow"), desc="tokenising",
                          new_fingerprint=hashlib.sha256(f"{source.fingerprint}/{name}/{idx}".encode()).hexdigest()[:32])
     except _Carried as e:
         err = DataError.__new__(DataError)  # the finished one-line message, as raised in the worker
@@ -125,8 +125,8 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str, progre
     return out.remove_columns(["truncated", "dropped"]), procs or 1
 
 
-def _scratch() -> Path:
-    """A fresh folder for one map's Arrow file, removed when the process ends (the cache keeps its own copy)."""
+def scratch_folder() -> Path:
+    """A fresh folder for one Arrow file (a map's output, DPO's rows), removed when the process ends (the cache keeps its own copy)."""
     folder = Path(tempfile.mkdtemp(prefix="finetune-encode-"))
     atexit.register(shutil.rmtree, folder, True)
     return folder
