@@ -111,6 +111,7 @@ def test_preference_rows_are_the_tokens_trl_makes_from_the_texts(tiny_llm, tmp_p
     assert len(ours) == len(trl_rows) == len(pairs) - 1  # the longest prompt fills max_length: dropped by both
     for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert ours[col] == trl_rows[col], col
+    assert "Hello." in tok.decode(ours["prompt_ids"][-1])  # a multi-turn prompt keeps its earlier assistant turn
 
     feedback = [{"id": f"k{i}", "prompt": f"Colour {i}?", "completion": "red" if i % 2 else "a house",
                  "label": bool(i % 2)} for i in range(6)]
