@@ -45,6 +45,7 @@ from finetune.errors import ModelError
 from finetune.progress import Progress
 from finetune.tokenise import cache_root
 
+GGUF_CACHE_VERSION = 2  # part of gguf_cache_entry's key: bump when what is stored from a conversion changes
 PAD_CANDIDATES = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>"]
 
 
@@ -131,10 +132,26 @@ def load_processing(spec, vision: bool, trust_remote_code=False, tokenizer_from=
         processor = AutoProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
         return processor.tokenizer, processor
     if src_gguf:
-        return converted(Path(src) / src_gguf, "tokenizer", AutoTokenizer,
-                         lambda: AutoTokenizer.from_pretrained(src, gguf_file=src_gguf,
-                                                               trust_remote_code=trust_remote_code)), None
+        def convert():
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=src_gguf, trust_remote_code=trust_remote_code)
+            return gguf_special_tokens(tok, Path(src) / src_gguf)
+        return converted(Path(src) / src_gguf, "tokenizer", AutoTokenizer, convert), None
     return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code), None
+
+
+def gguf_special_tokens(tokenizer, gguf: Path):
+    """The tokenizer with the BOS, EOS and pad tokens the GGUF file declares (tokenizer.ggml.*_token_id).
+    transformers' GGUFLlamaConverter (5.x) reads EOS from the file's BOS id and then swaps the two, so every
+    Llama-architecture GGUF (SmolLM2's among them) loads with EOS = BOS (<|im_start|> for SmolLM2, whose file says
+    EOS and pad are <|im_end|>): a reply would end, and a DPO reply be closed, with the wrong token."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    for key, attr in (("bos", "bos_token"), ("eos", "eos_token"), ("padding", "pad_token")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
+    return tokenizer
 
 
 def gguf_cache_entry(gguf: Path, what: str) -> Path | None:
@@ -150,7 +167,7 @@ def gguf_cache_entry(gguf: Path, what: str) -> Path | None:
     except OSError:
         return None
     key = json.dumps([str(gguf.resolve()), stamp.st_size, stamp.st_mtime_ns, transformers.__version__,
-                      tokenizers.__version__])
+                      tokenizers.__version__, GGUF_CACHE_VERSION])
     return root / "gguf" / hashlib.sha256(key.encode()).hexdigest()[:32] / what
 
 

