@@ -264,7 +264,7 @@ def setup_tokens(tokenizer, processor=None, response_template=None, set_pad_toke
     added = add_vocabulary(tokenizer, add_special_tokens)
     eot = end_of_turn(tokenizer, processor, response_template)
     if response_template is None and tokenizer.eos_token != eot:
-        tokenizer.eos_token = eot  # e.g. Qwen2.5 reports <|endoftext|> as EOS, its turns end with <|im_end|>
+        tokenizer.eos_token = eot  # e.g. a Qwen2.5 base model: EOS <|endoftext|>, turns end <|im_end|>
     if set_pad_token:
         if set_pad_token not in tokenizer.get_vocab():
             raise ModelError(f"--set-pad-token {set_pad_token!r}: not in the vocabulary")
