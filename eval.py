@@ -260,7 +260,7 @@ def resume_state(args, out: Path, samples, state):
 def load_model(args, cfg, weights, prompts):
     try:
         model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
-                                                         precision.inference_dtype(args.mixed_precision))
+                                                         precision.inference_dtype(args.mixed_precision, cfg))
     except ModelError as e:
         fail(str(e))
     return model, Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,

@@ -280,7 +280,7 @@ def derive(args: config.Options, s) -> config.Options:
     peak = None
     if args.gradient_checkpointing is None:
         fast = args.derive(gradient_checkpointing=False, split_model=split_model,
-                           mixed_precision=precision.cpu_choice(args.mixed_precision, False))
+                           mixed_precision=precision.cpu_choice(args.mixed_precision, False, args.trainable))
         s.extras["plan"] = monitor.make_plan(fast, s)
         peak = s.extras["plan"].get("memory_gib", {}).get("peak")
     checkpointing = training.checkpointing_default(args, peak and peak * 2**30, monitor.available_bytes())
@@ -291,7 +291,7 @@ def derive(args: config.Options, s) -> config.Options:
         print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth")
         use_unsloth = False
     return args.derive(gradient_checkpointing=checkpointing, split_model=split_model, use_unsloth=use_unsloth,
-                       mixed_precision=precision.cpu_choice(args.mixed_precision, checkpointing))
+                       mixed_precision=precision.cpu_choice(args.mixed_precision, checkpointing, args.trainable))
 
 
 def create_run(args, s) -> tuple[Path, dict]:
