@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "embeddings grow and their rows train (saved with the adapter); eval/generate/export reuse them")
     g.add_argument("--mixed-precision", nargs="?", const="auto", default="auto",
                    choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs; "
-                   "on a CPU bf16 autocast (float32 weights) when the run checkpoints and the CPU has bf16 "
-                   "instructions, else off")
+                   "on a CPU with bf16 instructions bf16 for LoRA (a bfloat16 base) and for runs that checkpoint "
+                   "(autocast over float32 weights), else off")
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

@@ -113,7 +113,7 @@ def inference_dtype(choice: str | None = None, run_config: dict | None = None):
 
 def export_dtype(run_config: dict) -> str:
     """The dtype a merge is written in by default: the dtype of the run's base weights, or a QLoRA run's compute
-    dtype (run.json "weights_dtype": float32 on a CPU, under bf16 autocast too); a run.json without it names its
+    dtype (run.json "weights_dtype": training_dtype's name); a run.json without it names its
     resolved precision ("precision", else the flag "mixed_precision"): no -> float32, bf16 / fp16 -> 16 bits.
     An unresolved 'auto' becomes float32, which loses nothing."""
     if run_config.get("weights_dtype"):
