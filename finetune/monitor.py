@@ -41,10 +41,12 @@ from finetune.progress import clock
 
 # Bytes autograd keeps per token and layer for the backward pass, as (a, b) in a x hidden + b x intermediate size:
 # measured with torch.autograd.graph.saved_tensors_hooks on the SmolLM2-135M (576 / 1536) and Qwen2.5-0.5B
-# (896 / 4864) shapes, LoRA r16 on every linear layer, SDPA, padded batches. Key: (16-bit autocast, what trains).
-# LoRA's dropout keeps a copy of each adapted layer's input: a third of the total.
-SAVED_BYTES = {(False, "lora+dropout"): (76, 18), (False, "lora"): (37, 15), (False, "full"): (48, 16),
-               (True, "lora+dropout"): (40, 19), (True, "lora"): (22, 15), (True, "full"): (32, 15)}
+# (896 / 4864) shapes, LoRA r16 on every linear layer, SDPA, padded batches. Key: (the weights: "float32", "autocast"
+# (16-bit autocast over float32 weights) or "16-bit" (a 16-bit LoRA base under autocast), what trains). LoRA's
+# dropout keeps a copy of each adapted layer's input: a third of the total.
+SAVED_BYTES = {("float32", "lora+dropout"): (76, 18), ("float32", "lora"): (37, 15), ("float32", "full"): (48, 16),
+               ("autocast", "lora+dropout"): (40, 19), ("autocast", "lora"): (22, 15), ("autocast", "full"): (32, 15),
+               ("16-bit", "lora+dropout"): (52, 12), ("16-bit", "lora"): (28, 8)}
 BACKWARD_PEAK = 1.45  # the step's peak over what is saved (gradients, temporaries): quickstart, fp32, measured RSS
 # With gradient checkpointing: bytes per token, layer and hidden unit that stay (the layer's float32 input and what
 # the recomputation and its gradients hold), fitted on two measured SmolLM2 peaks: the quickstart (8 x 135 tokens)
@@ -248,10 +250,13 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
     With gradient checkpointing autograd keeps each layer's input (CHECKPOINTED_BYTES) and recomputes one layer at
     a time."""
+    import torch
+
     layers, hidden, intermediate = shape
-    autocast = precision.resolve(args.mixed_precision) in ("bf16", "fp16")
+    weights = "float32" if precision.resolve(args.mixed_precision) not in ("bf16", "fp16") else \
+        "autocast" if precision.training_dtype(args.trainable, args.mixed_precision) == torch.float32 else "16-bit"
     kind = "full" if args.trainable == "full" else ("lora+dropout" if args.lora_dropout > 0 else "lora")
-    a, b = SAVED_BYTES[(autocast, kind)]
+    a, b = SAVED_BYTES[(weights, kind)]
     one_layer = tokens * (a * hidden + b * intermediate)
     saved = tokens * hidden * CHECKPOINTED_BYTES * layers + one_layer if checkpointing else one_layer * layers
     return saved * BACKWARD_PEAK
