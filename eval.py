@@ -99,8 +99,8 @@ def build_parser():
     g.add_argument("--set-pad-token", nargs="?", const="auto", metavar="TOKEN",
                    help="pad token (bare flag or the run's token: no change)")
     g.add_argument("--mixed-precision", nargs="?", const="auto", choices=["auto", "bf16", "fp16", "no"],
-                   help="weights' dtype for scoring: auto (bf16 on a GPU that has it, else float32), bf16, fp16, "
-                   "no (float32)")
+                   help="weights' dtype for scoring: auto (bf16 on a GPU that has it; on a CPU the run's "
+                   "weights_dtype when it is bfloat16, else float32), bf16, fp16, no (float32)")
     return p
 
 
@@ -260,7 +260,7 @@ def resume_state(args, out: Path, samples, state):
 def load_model(args, cfg, weights, prompts):
     try:
         model, tokenizer, processor = load_for_inference(cfg, str(weights) if weights else None,
-                                                         precision.inference_dtype(args.mixed_precision))
+                                                         precision.inference_dtype(args.mixed_precision, cfg))
     except ModelError as e:
         fail(str(e))
     return model, Formatter(tokenizer, processor, cfg.get("response_template"), cfg["max_len"], prompts,

@@ -20,8 +20,9 @@ Below --min-identical (default 0.9 of the prompts) the export stays but export.p
 
 merge: base model + adapter -> one standalone model (safetensors) that plain transformers loads
 (AutoModelForCausalLM, or AutoModelForImageTextToText for vision-language runs). --dtype defaults to the dtype the
-run's weights trained in (run.json "weights_dtype"): float32 for a CPU run (bf16 autocast included) and for full
-fine-tuning, bfloat16 / float16 for LoRA on a bf16 / fp16 GPU, the compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
+run's weights trained in (run.json "weights_dtype"): float32 for full fine-tuning and for a run on a CPU without
+bf16 instructions, bfloat16 / float16 for LoRA on a bf16 / fp16 GPU and bfloat16 for LoRA on a CPU with bf16
+instructions, the compute dtype for QLoRA. What the choice costs: float32 is 4 bytes a weight and reproduces base + adapter
 of a float32 run exactly; bfloat16 / float16 halve the size but round every weight (8 / 11 significant bits), which
 can change greedy answers of a model that trained in float32 (the parity line shows how many).
 The tokenizer/processor is saved as it was used in training: EOS = the end-of-turn token (run.json
@@ -296,8 +297,8 @@ def build_parser():
         s.add_argument("--min-identical", type=float, default=0.9,
                        help="fail (exit 1) when fewer than this fraction of greedy answers are identical (0.9)")
     m.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: run.json's weights_dtype, the dtype the "
-                   "run's weights trained in: float32 on a CPU and for full fine-tuning, bfloat16 / float16 for "
-                   "LoRA on a bf16 / fp16 GPU)")
+                   "run's weights trained in: float32 for full fine-tuning and on a CPU without bf16, bfloat16 / "
+                   "float16 for LoRA on a bf16 / fp16 GPU or a CPU with bf16 instructions)")
     m.add_argument("--base", help="base model to merge into (default: run.json's model)")
     g.add_argument("--quant", help="f16, bf16, q8_0 (default on CPU) or f32 with llama.cpp's converter; with unsloth on "
                    "a GPU any llama.cpp type, default q4_k_m")

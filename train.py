@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "embeddings grow and their rows train (saved with the adapter); eval/generate/export reuse them")
     g.add_argument("--mixed-precision", nargs="?", const="auto", default="auto",
                    choices=["auto", "bf16", "fp16", "no"], help="auto: bf16 where supported, fp16 on older GPUs; "
-                   "on a CPU bf16 autocast (float32 weights) when the run checkpoints and the CPU has bf16 "
-                   "instructions, else off")
+                   "on a CPU with bf16 instructions bf16 for LoRA (a bfloat16 base) and for runs that checkpoint "
+                   "(autocast over float32 weights), else off")
     g.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None, dest="use_unsloth",
                    help="unsloth fast path (default: on when installed and an NVIDIA GPU is present)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -280,7 +280,7 @@ def derive(args: config.Options, s) -> config.Options:
     peak = None
     if args.gradient_checkpointing is None:
         fast = args.derive(gradient_checkpointing=False, split_model=split_model,
-                           mixed_precision=precision.cpu_choice(args.mixed_precision, False))
+                           mixed_precision=precision.cpu_choice(args.mixed_precision, False, args.trainable))
         s.extras["plan"] = monitor.make_plan(fast, s)
         peak = s.extras["plan"].get("memory_gib", {}).get("peak")
     checkpointing = training.checkpointing_default(args, peak and peak * 2**30, monitor.available_bytes())
@@ -291,7 +291,7 @@ def derive(args: config.Options, s) -> config.Options:
         print("note: --add-special-tokens uses transformers + PEFT (PEFT's trainable token rows), not unsloth")
         use_unsloth = False
     return args.derive(gradient_checkpointing=checkpointing, split_model=split_model, use_unsloth=use_unsloth,
-                       mixed_precision=precision.cpu_choice(args.mixed_precision, checkpointing))
+                       mixed_precision=precision.cpu_choice(args.mixed_precision, checkpointing, args.trainable))
 
 
 def create_run(args, s) -> tuple[Path, dict]:

@@ -63,6 +63,7 @@ def load_for_training(args, classes, tokenizer, class_ids=None):
     model = get_peft_model(model, lora_config(args, task_type="SEQ_CLS", trainable_token_indices=tti))
     if tti is not None:
         finish_token_training(model)
+    precision.float32_trainable(model)  # the head PEFT trains in full, on a bf16 base
     return model
 
 

@@ -507,6 +507,7 @@ def load_for_training(args, vision, tokenizer):
         model = get_peft_model(model, lora_config(args, trainable_token_indices=tti))
     if getattr(model.peft_config["default"], "trainable_token_indices", None) is not None:
         finish_token_training(model)
+    precision.float32_trainable(model)
     return model
 
 
@@ -589,7 +590,7 @@ def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
         setup_tokens(tokenizer, processor, run_config.get("response_template"), run_config.get("set_pad_token"),
                      run_config.get("add_special_tokens"))
     if dtype is None:
-        dtype = precision.inference_dtype()
+        dtype = precision.inference_dtype(run_config=run_config)
     if checkpoint and (Path(checkpoint) / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -20,6 +20,8 @@ The peak-memory estimate (bytes; on CPU it includes the process as it stands bef
     logits       the answer tokens' float32 logits (TRL computes them at answer tokens only, in blocks of 1,024
                  rows on CPU: finetune/trl_cpu.py), with their softmax and gradient: one block at a time when the
                  run checkpoints (recomputed in the backward pass), else kept for every answer token
+    loading      the height of loading the weights (loading_bytes), which sets the peak where it is above the step's
+                 (a bfloat16 base of a float32 checkpoint: the file's tensors and their bfloat16 copy at once)
 bench/memory_estimate.py compares it with measured peaks; docs/benchmarks.md gives the error. The plan's peak
 decides the CPU default of --gradient-checkpointing (training.checkpointing_default).
 """
@@ -34,15 +36,17 @@ import time
 from pathlib import Path
 
 from finetune import launch, precision, runs
-from finetune.modeling import load_config, lora_config, model_class
+from finetune.modeling import load_config, lora_config, model_class, resolve_model
 from finetune.progress import clock
 
 # Bytes autograd keeps per token and layer for the backward pass, as (a, b) in a x hidden + b x intermediate size:
 # measured with torch.autograd.graph.saved_tensors_hooks on the SmolLM2-135M (576 / 1536) and Qwen2.5-0.5B
-# (896 / 4864) shapes, LoRA r16 on every linear layer, SDPA, padded batches. Key: (16-bit autocast, what trains).
-# LoRA's dropout keeps a copy of each adapted layer's input: a third of the total.
-SAVED_BYTES = {(False, "lora+dropout"): (76, 18), (False, "lora"): (37, 15), (False, "full"): (48, 16),
-               (True, "lora+dropout"): (40, 19), (True, "lora"): (22, 15), (True, "full"): (32, 15)}
+# (896 / 4864) shapes, LoRA r16 on every linear layer, SDPA, padded batches. Key: (the weights: "float32", "autocast"
+# (16-bit autocast over float32 weights) or "16-bit" (a 16-bit LoRA base under autocast), what trains). LoRA's
+# dropout keeps a copy of each adapted layer's input: a third of the total.
+SAVED_BYTES = {("float32", "lora+dropout"): (76, 18), ("float32", "lora"): (37, 15), ("float32", "full"): (48, 16),
+               ("autocast", "lora+dropout"): (40, 19), ("autocast", "lora"): (22, 15), ("autocast", "full"): (32, 15),
+               ("16-bit", "lora+dropout"): (52, 12), ("16-bit", "lora"): (28, 8)}
 BACKWARD_PEAK = 1.45  # the step's peak over what is saved (gradients, temporaries): quickstart, fp32, measured RSS
 # With gradient checkpointing: bytes per token, layer and hidden unit that stay (the layer's float32 input and what
 # the recomputation and its gradients hold), fitted on two measured SmolLM2 peaks: the quickstart (8 x 135 tokens)
@@ -191,7 +195,8 @@ def count_parameters(args, s):
               file=sys.stderr)
         return 0, 0, 0, None
     layers, hidden, intermediate = model_shape(cfg)
-    arch = (layers, hidden, len(s.tokenizer) if args.head != "classifier" else len(s.classes or [0, 0]), intermediate)
+    arch = (layers, hidden, len(s.tokenizer) if args.head != "classifier" else len(s.classes or [0, 0]), intermediate,
+            getattr(cfg, "dtype", None))
     return params, trainable, quantised, arch
 
 
@@ -199,7 +204,7 @@ def estimate_memory(args, params, trainable, quantised, arch, longest, answer_to
     """Peak bytes of one training step, by the module docstring's formula, on this device."""
     import torch
 
-    layers, hidden, vocab, intermediate = arch
+    layers, hidden, vocab, intermediate, stored = arch
     width = torch.finfo(precision.training_dtype(args.trainable, args.mixed_precision)).bits // 8
     bits = {"qlora": 4.5, "qlora8": 8.5}.get(args.trainable)  # the block scales add ~0.5 bit per weight
     weights = params * width if bits is None else quantised * bits / 8 + (params - quantised) * width
@@ -216,11 +221,28 @@ def estimate_memory(args, params, trainable, quantised, arch, longest, answer_to
         logits = (2 * answers + min(answers, LOGIT_ROWS)) * vocab * 4
     cuda = torch.cuda.is_available()
     base = 0 if cuda else _rss_bytes()  # CUDA counts tensors only; CPU measures the whole process
-    total = base + weights + optimiser + activations + logits
+    loading = 0 if cuda or bits is not None else loading_bytes(args.model, params, width, stored)
+    total = base + max(weights + optimiser + activations + logits, loading)
     return {"memory_device": "cuda" if cuda else "cpu",
             "memory_gib": {k: round(v / 2**30, 3) for k, v in
                            (("process_before_model", base), ("weights", weights), ("optimiser", optimiser),
-                            ("activations", activations), ("logits", logits), ("peak", total))}}
+                            ("activations", activations), ("logits", logits), ("loading", loading),
+                            ("peak", total))}}
+
+
+def loading_bytes(model: str, params: int, width: int, stored) -> int:
+    """What loading the weights adds to the process at its height, on a CPU (measured RSS): a GGUF file, the
+    float32 tensors transformers dequantises it into and the model in its dtype; a checkpoint stored in another
+    dtype than the training one (config.json's dtype, float32 when it names none), its tensors read from the file
+    and their copy in the training dtype; else the weights once."""
+    import torch
+
+    folder, gguf = resolve_model(model)
+    if gguf:
+        return Path(folder, gguf).stat().st_size + params * (4 + width)
+    stored = getattr(torch, stored, None) if isinstance(stored, str) else stored
+    stored_width = torch.finfo(stored if isinstance(stored, torch.dtype) else torch.float32).bits // 8
+    return params * (width if stored_width == width else stored_width + width)
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -235,10 +257,13 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
     With gradient checkpointing autograd keeps each layer's input (CHECKPOINTED_BYTES) and recomputes one layer at
     a time."""
+    import torch
+
     layers, hidden, intermediate = shape
-    autocast = precision.resolve(args.mixed_precision) in ("bf16", "fp16")
+    weights = "float32" if precision.resolve(args.mixed_precision) not in ("bf16", "fp16") else \
+        "autocast" if precision.training_dtype(args.trainable, args.mixed_precision) == torch.float32 else "16-bit"
     kind = "full" if args.trainable == "full" else ("lora+dropout" if args.lora_dropout > 0 else "lora")
-    a, b = SAVED_BYTES[(autocast, kind)]
+    a, b = SAVED_BYTES[(weights, kind)]
     one_layer = tokens * (a * hidden + b * intermediate)
     saved = tokens * hidden * CHECKPOINTED_BYTES * layers + one_layer if checkpointing else one_layer * layers
     return saved * BACKWARD_PEAK
@@ -280,10 +305,12 @@ def plan_lines(plan: dict, args) -> str:
     mem = plan.get("memory_gib")
     if mem:
         where = "GPU memory allocated" if plan["memory_device"] == "cuda" else "process RSS"
+        step = mem["weights"] + mem["optimiser"] + mem["activations"] + mem["logits"]
+        loads = f", while loading {mem['loading']:.2f}" if mem.get("loading", 0) > step else ""
         lines.append(f"plan: peak memory about {mem['peak']:.2f} GiB ({where}: weights {mem['weights']:.2f}, "
                      f"optimiser {mem['optimiser']:.2f}, activations {mem['activations']:.2f}, logits "
-                     f"{mem['logits']:.2f}" + (f", process {mem['process_before_model']:.2f}" if
-                                              plan["memory_device"] == "cpu" else "") + ")")
+                     f"{mem['logits']:.2f}{loads}" + (f", process {mem['process_before_model']:.2f}" if
+                                                       plan["memory_device"] == "cpu" else "") + ")")
     return "\n".join(lines)
 
 

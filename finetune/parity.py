@@ -7,7 +7,7 @@ earlier. Each export is reloaded the way its consumer loads it:
     vllm   the exported adapter on the base, through PEFT (the lora_A / lora_B tensors vLLM's loader reads)
     gguf   the .gguf file through transformers' GGUF loader (it dequantises the llama.cpp tensors)
 
-and compared with the reference, base + adapter as eval.py and generate.py load it (float32 on a CPU), on the first
+and compared with the reference, base + adapter as eval.py and generate.py load it (precision.inference_dtype), on the first
 N prompts of the run's validation data (its training data when it had none; --check-data FILE to choose): the
 number of prompts whose greedy answers are identical, token for token, and the largest logit difference over the
 prompt and the reference answer. The answers are generated as eval.py and generate.py generate them

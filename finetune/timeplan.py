@@ -6,7 +6,7 @@ measured on this model now, and the default bound of free-text validation (SFT a
         ValidationPlan with its estimate and the free-text samples
 
 The costs (measure_costs), on a batch of training rows and one of validation prompts:
-    forward      one forward pass over the training rows: seconds per token
+    forward      one forward pass over the training rows, cut to MEASURED_TOKENS in all: seconds per token
     decode       (validation that generates) 1 and 1 + DECODE_STEPS new tokens on the validation prompts: the
                  seconds of one decoding step at that batch, and of the prompt
 The estimate:
@@ -39,6 +39,10 @@ STEP_FORWARDS = 3  # a training step costs about this many forward passes over i
 DECODE_STEPS = 8   # new tokens generated (after the first) to time one decoding step
 VALIDATION_SHARE, SHARE_WORDS = 0.2, "a fifth"  # the share of the run validations take at most by default
 FREE_TEXT_SAMPLES = 32  # free-text validation generates on at most this many samples by default
+# tokens of the measured forward pass, whose seconds are start-up a plain TRL script does not spend; the seconds
+# per token of a short pass stand for a step's (the pass's cost is mostly its first call: docs/benchmarks.md,
+# start-up)
+MEASURED_TOKENS = 256
 
 
 def generates(args, s) -> bool:
@@ -133,6 +137,7 @@ def plan_time(args, s, model, plan: dict, out: Path, vplan: ValidationPlan) -> V
     budget = vplan.decoding.max_new_tokens
     try:
         rows = [list(r) for r in s.train_ds.select(range(min(b, len(s.train_ds))))["input_ids"]]
+        rows = [r[:max(16, MEASURED_TOKENS // len(rows))] for r in rows]
         prompts = [s.val_fmt.encode(x, with_answer=False)["input_ids"] for x in s.val[:b]] if gen else None
         costs = measure_costs(model, s.tokenizer, rows, prompts, vplan.decoding)
     except torch.OutOfMemoryError:

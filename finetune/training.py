@@ -169,10 +169,11 @@ MEMORY_SHARE = 0.8
 
 def checkpointing_default(args, peak_without: float | None, available: float | None) -> bool:
     """--gradient-checkpointing when not given. On a CPU: on only when the run would not fit otherwise, that is when
-    the plan's peak without it (monitor.make_plan: float32, the LM head's logits kept) exceeds MEMORY_SHARE of the
-    memory free for this process (monitor.available_bytes); memory is only worth buying with speed then. With it
-    come bf16 autocast where the CPU has it (precision.cpu_choice) and the LM head's recomputation (trl_cpu). Off
-    on a GPU (an out-of-memory error names the flag) and where either figure is unknown."""
+    the plan's peak without it (monitor.make_plan: the precision the run gets without it, the LM head's logits
+    kept) exceeds MEMORY_SHARE of the memory free for this process (monitor.available_bytes); memory is only worth
+    buying with speed then. With it come bf16 autocast where the CPU has it (precision.cpu_choice) and the LM
+    head's recomputation (trl_cpu). Off on a GPU (an out-of-memory error names the flag) and where either figure
+    is unknown."""
     if args.gradient_checkpointing is not None:
         return args.gradient_checkpointing
     if launch.device_kind() == "cuda" or not peak_without or not available:

@@ -29,7 +29,8 @@ def trained(tiny_llm, tmp_path_factory):
                                               for i, q in enumerate(QUESTIONS[:3])])
     with ThreadPoolExecutor(2) as pool:
         train = pool.submit(run_cli, "train.py", "-m", tiny_llm, "--train-data", data, "--max-steps", "4", "-b", "4",
-                            "-r", "8", "--lr", "1e-2", "--warmup", "0", "--name", "x", "--log-dir", tmp / "log")
+                            "-r", "8", "--lr", "1e-2", "--warmup", "0", "--name", "x", "--log-dir", tmp / "log",
+                            "--mixed-precision", "no")  # float32 weights on any CPU: the merge reproduces them
         import peft  # noqa: F401  (the in-process tests need it: import it while train.py runs)
 
         r = train.result()
@@ -236,7 +237,7 @@ def test_merge_cli_keeps_training_dtype_checks_parity_and_tokenizer(trained, cap
 
     import export
 
-    r = trained.merge_cli.result()  # export.py merge RUN -o OUT, default dtype: the run trained in float32 (CPU)
+    r = trained.merge_cli.result()  # export.py merge RUN -o OUT, default dtype: the run trained in float32
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("error") == 0 and "wrote " + str(trained.tmp / "m") in r.stdout
     assert "parity: 16/16 greedy identical, max |dlogit| " in r.stdout and "(merge float32, 16 training prompts)" \

@@ -107,6 +107,19 @@ def test_console_is_one_line_per_step(free_text_run):
     assert "gemm_4bit_forward" not in r.stderr and "Writing model shards" not in r.stderr
 
 
+def test_plan_counts_the_height_of_loading_the_weights(tiny_llm):
+    """On a CPU, loading a checkpoint into another dtype holds the file's tensors and their copy at once (a
+    float32 checkpoint under a bfloat16 base: 6 bytes a weight); in its own dtype the weights once."""
+    import torch
+
+    from finetune import monitor
+
+    assert monitor.loading_bytes(str(tiny_llm), 1000, 2, torch.float32) == 6000
+    assert monitor.loading_bytes(str(tiny_llm), 1000, 4, torch.float32) == 4000
+    assert monitor.loading_bytes(str(tiny_llm), 1000, 2, "bfloat16") == 2000
+    assert monitor.loading_bytes(str(tiny_llm), 1000, 2, None) == 6000  # no dtype named: float32
+
+
 def test_plan_in_run_json_matches_the_model(free_text_run):
     run, r = free_text_run
     plan = json.loads((run / "run.json").read_text())["plan"]

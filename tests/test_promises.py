@@ -55,21 +55,27 @@ def test_auto_batch_size_without_a_gpu_warns_and_keeps_b(tuned):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU precision rule")
-def test_cpu_default_is_float32_without_checkpointing_on_short_batches(tuned):
-    """--mixed-precision auto on a CPU: a run that fits in memory keeps float32 and no gradient checkpointing, and
-    says why."""
+def test_cpu_default_lora_run_fits_without_checkpointing_on_a_bf16_base(tuned):
+    """--mixed-precision auto on a CPU: a LoRA run that fits in memory trains without gradient checkpointing and says
+    why; its frozen base sits in bfloat16 where the CPU has bf16 instructions (float32 elsewhere), its LoRA weights
+    in float32, and run.json names the base's dtype (what export.py merges into and eval.py loads)."""
+    from safetensors import safe_open
+
     out = tuned.result.stdout
     assert "gradient checkpointing: off (planned peak without it" in out and "% of the" in out, out
-    assert "float32 (no mixed precision)" in out
-    assert json.loads((tuned.run / "run.json").read_text())["weights_dtype"] == "float32"
+    bf16 = _cpu_has_bf16()
+    assert ("bf16 mixed precision (bfloat16 weights)" if bf16 else "float32 (no mixed precision)") in out, out
+    assert json.loads((tuned.run / "run.json").read_text())["weights_dtype"] == ("bfloat16" if bf16 else "float32")
+    with safe_open(tuned.run / "latest" / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU precision rule")
-def test_cpu_run_that_checkpoints_autocasts_to_bf16_where_the_cpu_has_it(tuned, tiny_llm):
-    """--mixed-precision auto on a CPU: a run that checkpoints gets bf16 autocast over float32 weights when the CPU
-    has bf16 instructions, float32 otherwise."""
+def test_cpu_full_run_that_checkpoints_autocasts_to_bf16_where_the_cpu_has_it(tuned, tiny_llm):
+    """--mixed-precision auto on a CPU: a full fine-tuning run that checkpoints gets bf16 autocast over float32
+    weights when the CPU has bf16 instructions, float32 otherwise."""
     r = run_cli("train.py", "-m", tiny_llm, "--train-data", color_task(tuned.tmp, 8, 3), "-b", "4", "--max-steps", "1",
-                "-r", "4", "--gradient-checkpointing", "--name", "ckpt", "--log-dir", tuned.tmp / "log")
+                "--trainable", "full", "--gradient-checkpointing", "--name", "ckpt", "--log-dir", tuned.tmp / "log")
     assert r.returncode == 0, r.stderr[-3000:]
     words = "bf16 mixed precision (float32 weights)" if _cpu_has_bf16() else "float32 (no mixed precision)"
     assert words in r.stdout, r.stdout
@@ -308,6 +314,24 @@ def test_classifier_head_starts_at_the_mean_embedding_of_each_class_name(tiny_ll
         means = torch.stack([emb[ids].float().mean(0) for ids in class_ids])
         assert head.shape == means.shape
         assert torch.allclose(head.float(), means) == tied, (model_path, tied)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU precision rule")
+def test_cpu_dtypes_of_training_and_inference():
+    """On a CPU: a LoRA run's frozen base in bfloat16 where the CPU has bf16 instructions (the trainable weights
+    float32), full fine-tuning and QLoRA in float32; eval.py / generate.py / parity load a run in its base's dtype
+    when that is bfloat16 (the weights its validation saw), else float32."""
+    from finetune import precision
+
+    bf16 = _cpu_has_bf16()
+    assert precision.cpu_choice("auto", False, "lora") == ("bf16" if bf16 else "no")
+    assert precision.cpu_choice("auto", False, "full") == "no"
+    assert precision.cpu_choice("auto", True, "full") == ("bf16" if bf16 else "no")
+    assert precision.training_dtype("lora", "bf16") == torch.bfloat16
+    assert precision.training_dtype("full", "bf16") == precision.training_dtype("qlora", "bf16") == torch.float32
+    assert precision.inference_dtype(None, {"weights_dtype": "bfloat16"}) == (torch.bfloat16 if bf16 else torch.float32)
+    assert precision.inference_dtype(None, {"weights_dtype": "float32"}) == precision.inference_dtype() == torch.float32
+    assert precision.inference_dtype("no", {"weights_dtype": "bfloat16"}) == torch.float32
 
 
 def test_merge_dtype_defaults_to_the_runs_weights_dtype():

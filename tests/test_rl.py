@@ -137,11 +137,12 @@ def test_init_adapter_starts_from_the_sft_policy_and_eval_loads_it_so(tiny_llm, 
     log = tmp_path / "log"
     sft_rows = [{"id": f"s{i}", "question": f"Name a colour ({i}).", "answer": "red"} for i in range(8)]
     r = run_cli("train.py", "-m", tiny_llm, "--train-data", write_jsonl(tmp_path / "sft.jsonl", sft_rows), "-r", "8",
-                "--max-steps", "3", "-b", "4", "--lr", "5e-2", "--warmup", "0", "--name", "sft", "--log-dir", log)
+                "--max-steps", "3", "-b", "4", "--lr", "5e-2", "--warmup", "0", "--name", "sft", "--log-dir", log,
+                "--mixed-precision", "no")  # float32 on any CPU: a bfloat16 base would round the merge below
     assert r.returncode == 0, r.stderr[-3000:]
     prefs, sft = _preferences(tmp_path), log / "sft" / "best"
     dpo = ["--trainer", "dpo", "-m", tiny_llm, "--train-data", prefs, "--init-adapter", sft, "-b", "4", "-r", "8",
-           "--warmup", "0", "--log-dir", log]
+           "--warmup", "0", "--log-dir", log, "--mixed-precision", "no"]
     r = run_cli("train.py", *dpo, "--max-steps", "2", "--lr", "5e-3", "--name", "dpo")
     assert r.returncode == 0, r.stderr[-3000:]
     q = run_cli("train.py", *dpo, "--trainable", "qlora", "--max-steps", "1", "--lr", "1e-9", "--name", "dpo-q")
