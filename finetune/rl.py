@@ -29,6 +29,7 @@ lose precision, so there the SFT adapter itself is trained further and the refer
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -369,6 +370,14 @@ def grpo_trainer_class(base):
             finally:
                 del self.processing_class.apply_chat_template  # the processor's own method again
 
+        def _generate_single_turn(self, *args, **kwargs):
+            """TRL generates with the model in training mode, where a checkpointed layer drops the KV cache
+            (transformers' GradientCheckpointingLayer): every new token would run the whole sequence again. No
+            gradient flows through generation, so checkpointing is off for it (the layers' flags alone: TRL's
+            disable_gradient_checkpointing would register one more input-gradient hook per step on a PEFT model)."""
+            with kv_cache_in_training_mode(self.model):
+                return super()._generate_single_turn(*args, **kwargs)
+
         def evaluate(self, *args, **kwargs):
             from transformers import Trainer
 
@@ -379,6 +388,20 @@ def grpo_trainer_class(base):
             return metrics
 
     return GRPOValidating
+
+
+@contextlib.contextmanager
+def kv_cache_in_training_mode(model):
+    """Gradient checkpointing off in every layer of `model` for the block, and on again after it, so that a forward
+    pass in training mode keeps the KV cache (GRPOValidating._generate_single_turn)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 def _continue_final_message(render, *args, add_generation_prompt=False, **kwargs):

@@ -198,3 +198,37 @@ def test_torch_logprob_matches_a_direct_log_softmax(softcap, scale, temperature,
     assert torch.equal(top1, ref.argmax(-1) == targets)
     (want_logp.sum() + 0.1 * want_entropy.sum()).backward()
     assert torch.allclose(got[0], hidden.grad, atol=1e-4) and torch.allclose(got[1], weight.grad, atol=1e-4)
+
+
+def test_grpo_generation_keeps_the_kv_cache_under_gradient_checkpointing(tiny_llm):
+    """TRL generates in training mode, where a checkpointed layer drops the cache while generate still feeds one new
+    token a step: the model would see the last token alone. GRPOValidating turns checkpointing off for generation:
+    the same tokens as without checkpointing, the cache used (one token a step after the prompt), and on again."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune import rl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    class Base:  # stands in for GRPOTrainer: its generation, called as TRL calls it
+        def __init__(self, model):
+            self.model = model
+
+        def _generate_single_turn(self, ids):
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                      do_sample=False, pad_token_id=0)
+
+    want = Base(model)._generate_single_turn(ids)
+    model.gradient_checkpointing_enable()
+    model.train()
+    lengths = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    got = rl.grpo_trainer_class(Base)(model)._generate_single_turn(ids)
+    assert torch.equal(got, want) and lengths == [6, 1, 1, 1]
+    assert model.is_gradient_checkpointing and model.model.layers[0].gradient_checkpointing
+    assert not torch.equal(Base(model)._generate_single_turn(ids), want)  # what TRL's own call would generate
