@@ -372,7 +372,8 @@ def grpo_trainer_class(base):
 
         def _generate_single_turn(self, *args, **kwargs):
             """TRL generates with the model in training mode, where a checkpointed layer drops the KV cache
-            (transformers' GradientCheckpointingLayer): every new token would run the whole sequence again. No
+            (transformers' GradientCheckpointingLayer) while generate feeds one new token a step: each token after
+            the first would be sampled from the last token alone. No
             gradient flows through generation, so checkpointing is off for it (the layers' flags alone: TRL's
             disable_gradient_checkpointing would register one more input-gradient hook per step on a PEFT model)."""
             with kv_cache_in_training_mode(self.model):
