@@ -120,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "of --metric (best/ keeps the best weights)")
     g.add_argument("--early-stopping-delta", type=float, default=0.0, metavar="D",
                    help="with --early-stopping: the smallest change that counts as an improvement (default 0)")
-    g = p.add_argument_group("grpo / dpo (see finetune/rl.py)")
+    add_rl_options(p.add_argument_group("grpo / dpo (see finetune/rl.py)"))
+    add_output_options(p.add_argument_group("output"))
+    return p
+
+
+def add_rl_options(g):
+    """GRPO's, DPO's and KTO's own options (build_parser)."""
     g.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt (default 8; -b "
                    "must be a multiple)")
     g.add_argument("--max-completion-len", type=int, default=256, help="GRPO: max generated tokens (default 256)")
@@ -135,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vllm", action="store_true", help="GRPO: generate with vLLM, colocated (NVIDIA GPU + vllm)")
     g.add_argument("--dpo-loss", default="sigmoid", help="DPO loss type as TRL names it: sigmoid (default), ipo, "
                    "hinge, ...")
-    g = p.add_argument_group("output")
+
+
+def add_output_options(g):
+    """Where a run goes and what it reports to (build_parser)."""
     g.add_argument("--name", help="run name: outputs go to log/NAME (default: model-date-time)")
     g.add_argument("--log-dir", default="log", help="where run folders go (default log)")
     g.add_argument("--resume", action="store_true", help="continue log/NAME from its last checkpoint")
@@ -143,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment trackers, comma-separated (default none; W&B honours WANDB_MODE=offline; "
                    "mlflow and tensorboard: uv sync --extra tracking; MLflow logs to LOG_DIR/mlruns unless "
                    "MLFLOW_TRACKING_URI says otherwise)")
-    return p
 
 
 def parse_args(argv=None) -> config.Options:
