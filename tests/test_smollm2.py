@@ -50,7 +50,7 @@ def test_lora_on_smollm2_learns_and_keeps_the_stop_token(smol):
 
 
 def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
-    """merge (float32, the run's precision) and vllm answer the 4 validation prompts as base + adapter did;
+    """merge (in the run's weights dtype: the default) and vllm answer the 4 validation prompts as base + adapter did;
     llama.cpp's converter on the merged run, q8_0: the GGUF (loaded back by transformers) is checked the same way,
     and its own tokenizer gives our token ids."""
     from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +64,8 @@ def test_every_export_passes_its_parity_check_on_cpu(smol, converter, tmp_path):
     console = "".join(x.stdout + x.stderr for x in (merge, vllm, r))
     assert not [n for n in NOISE if n in console], console[-3000:]
     out = merge.stdout + vllm.stdout
-    assert "parity: 4/4 greedy identical" in out and "(merge float32, 4 validation prompts)" in out, out
+    weights = json.loads((smol / "run.json").read_text())["weights_dtype"]  # bfloat16 on a CPU with bf16
+    assert "parity: 4/4 greedy identical" in out and f"(merge {weights}, 4 validation prompts)" in out, out
     assert "(vllm, 4 validation prompts)" in out and out.count("parity: 4/4 greedy identical") == 2, out
     parity = json.loads((tmp_path / "g" / "parity.json").read_text())
     assert parity["line"] in r.stdout and "(gguf q8_0, 4 validation prompts)" in parity["line"], r.stdout
