@@ -872,7 +872,7 @@ class Formatter:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for
         trainers that tokenise text themselves (GRPO, DPO). A BOS the chat template wrote is dropped when the
         tokenizer adds its own, or it would appear twice."""
-        text = self.encode(_prompt_only(sample), train=train, with_answer=False)["text"]
+        text = self.encode(prompt_only(sample), train=train, with_answer=False)["text"]
         bos = self.tokenizer.bos_token
         if bos and text.startswith(bos) and self._adds_bos():
             text = text[len(bos):]
@@ -889,7 +889,7 @@ class Formatter:
         """The inference prompt as chat messages, for trainers that render it themselves (GRPO on images): what
         prompt_text renders (the same prompt draw, the document cut to --max-len alike, image parts where the
         chat template shows the images), the prefill as a final assistant message to continue. Chat format only."""
-        probe = _prompt_only(sample)
+        probe = prompt_only(sample)
         self._check_seen(probe)
         turns = self._turns(probe, train, with_answer=False)
         document = self._fit(probe, turns, with_answer=False)[3]
@@ -917,7 +917,7 @@ class Formatter:
         return self._ids(self.answer_text(answer), False)
 
 
-def _prompt_only(sample) -> Sample:
+def prompt_only(sample) -> Sample:
     """A sample (or a preference / feedback record) reduced to its prompt: its turns less a final assistant turn
     (the answer); the assistant turns of the conversation before it are context and stay."""
     turns = list(sample.turns)

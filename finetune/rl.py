@@ -39,7 +39,7 @@ import re
 import sys
 from pathlib import Path
 
-from dataset import DataError, Sample
+from dataset import DataError, prompt_only
 from finetune import launch, runs, tokenise
 from finetune.errors import RewardError
 from finetune.decoding import Decoding
@@ -110,16 +110,12 @@ def _preference_rows(fmt, items, replies: dict, extra: dict | None = None):
             if seen is not None and fmt.processor is not None:  # (a text-only model refuses them in prompt_ids)
                 raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image "
                                 "would not reach the model; drop the image field")
-            cols = {"prompt_ids": [fmt.prompt_ids(_prompt_of(x)) for x in part]}
+            cols = {"prompt_ids": [fmt.prompt_ids(prompt_only(x)) for x in part]}
             cols.update({f"{name}_ids": _reply_ids(fmt, map(get, part)) for name, get in replies.items()})
             cols.update({name: [get(x) for x in part] for name, get in (extra or {}).items()})
             writer.write_batch(cols)
         writer.finalize()
     return Dataset.from_file(path)
-
-
-def _prompt_of(x) -> Sample:
-    return Sample(id=x.id, file=x.file, turns=x.turns, image=getattr(x, "image", None), needs_prompt=x.needs_prompt)
 
 
 def dpo_dataset(fmt, prefs):
@@ -373,9 +369,9 @@ def grpo_trainer_class(base):
         def _generate_single_turn(self, *args, **kwargs):
             """TRL generates with the model in training mode, where a checkpointed layer drops the KV cache
             (transformers' GradientCheckpointingLayer) while generate feeds one new token a step: each token after
-            the first would be sampled from the last token alone. No
-            gradient flows through generation, so checkpointing is off for it (the layers' flags alone: TRL's
-            disable_gradient_checkpointing would register one more input-gradient hook per step on a PEFT model)."""
+            the first would be sampled from the last token alone. No gradient flows through generation, so
+            checkpointing is off for it (the layers' flags alone: TRL's disable_gradient_checkpointing would
+            register one more input-gradient hook per step on a PEFT model)."""
             with kv_cache_in_training_mode(self.model):
                 return super()._generate_single_turn(*args, **kwargs)
 
