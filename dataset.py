@@ -55,6 +55,7 @@ RVL_CDIP_CLASSES = [
     "specification", "file folder", "news article", "budget", "invoice", "presentation", "questionnaire",
     "resume", "memo",
 ]
+PIECES_CACHED = 50_000  # text pieces whose token ids one Formatter keeps (Formatter._piece_ids)
 IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
 CALL, TOOL = "tool_call", "tool"  # roles of an assistant turn that calls tools and of a tool's result: their text is
                                    # the message's JSON (tool_message), what the chat template renders
@@ -792,33 +793,96 @@ class Formatter:
         special = first and self.response_template is not None  # chat templates write their own BOS
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def _segment_ids(self, texts) -> list[list[int]]:
-        """Each segment's token ids (as _ids), in one tokenizer call: a call per segment costs the tokenizer's
-        Python overhead once per segment, which is most of the time on short segments."""
-        head = [self._ids(texts[0], True)] if self.response_template is not None and texts else []
-        rest = texts[len(head):]
-        return head + (self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+    def _segment_ids(self, groups: list[list[str]]) -> list[list[list[int]]]:
+        """Each segment's token ids (as _ids) for groups of segments (one group a sample), in one tokenizer call for
+        all of them: a call costs the tokenizer's Python overhead (and its thread pool's start) once per call, which
+        is most of the time on short samples (docs/benchmarks.md, every data form)."""
+        heads = [g[0] for g in groups if g] if self.response_template is not None else []
+        rest = [t for g in groups for t in g[1 if heads else 0:]]
+        head_ids = iter(self.tokenizer(heads, add_special_tokens=True)["input_ids"] if heads else [])
+        rest_ids = iter(self._piece_ids(rest) if rest else [])
+        return [([next(head_ids)] if heads and g else []) + [next(rest_ids) for _ in g[1 if heads else 0:]]
+                for g in groups]
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of texts, no special tokens added: as one tokenizer call, but through the fast tokenizer's own
+        backend with each text taken as pieces that start where a special token starts, each piece's ids cached.
+        A tool schema or system prompt that the chat template writes into every row is then tokenised once (no
+        library caches this). A fast tokenizer splits its input at special tokens before anything else, so the
+        pieces' ids are the text's; the first call checks that they are, on its texts, and the Formatter keeps the
+        plain call when they are not (e.g. a special token that strips the whitespace before it)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        state = self.__dict__.setdefault("_pieces", {"split": self._special_split(), "checked": False, "ids": {}})
+        if state["split"] is None or backend is None or backend.truncation or backend.padding:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        cache = state["ids"]
+        if len(cache) > PIECES_CACHED:
+            cache.clear()
+        pieces = [[p for p in state["split"].split(t) if p] for t in texts]
+        new = list({p: None for ps in pieces for p in ps if p not in cache})
+        for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False) if new else []):
+            cache[p] = e.ids
+        ids = [[i for p in ps for i in cache[p]] for ps in pieces]
+        if not state["checked"]:
+            whole = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            state["checked"], state["split"] = True, state["split"] if whole == ids else None
+            return whole
+        return ids
+
+    def _special_split(self):
+        """A pattern that splits a text where each special token starts; None without special tokens."""
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        special = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
+        return re.compile("(?=" + "|".join(map(re.escape, special)) + ")") if special else None
+
+    @staticmethod
+    def _assemble(segs, seg_ids) -> tuple[list[int], list[int]]:
+        """input_ids and labels (-100 outside the trainable segments) from the segments' ids."""
+        ids, labels = [], []
+        for t, (_, trainable) in zip(seg_ids, segs):
+            ids += t
+            labels += t if trainable else [-100] * len(t)
+        return ids, labels
 
     def encode(self, sample: Sample, train: bool = False, with_answer: bool = True) -> dict | None:
         """input_ids + labels (-100 outside the answers), truncating the document to fit --max-len.
 
         For image samples the processor must expand the image tokens, so this also returns the text pieces
-        ({"segments": JSON [[text, trainable], ...], "images": JSON paths, "prompt_text"}) for the collator. Returns None for a sample
-        that cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids); a
-        prompt to answer (with_answer=False) that cannot fit is a DataError.
+        ({"segments": JSON [[text, trainable], ...], "images": JSON paths, "prompt_text"}) for the collator, and
+        "truncated" says whether the document was cut. Returns None for a sample that cannot fit even with its
+        document cut away (counted in self.dropped, named in self.dropped_ids); a prompt to answer
+        (with_answer=False) that cannot fit is a DataError.
         """
-        if sample.lm:
-            return self._encode_text(sample)
-        self._check_seen(sample)
-        turns = self._turns(sample, train, with_answer)
-        fit = self._fit(sample, turns, with_answer)
-        if fit is None:
-            return None
-        segs, ids, labels, document = fit
-        if document != sample.document:
-            self.truncated += 1
+        return self.encode_many([sample], train, with_answer)[0]
+
+    def encode_many(self, samples, train: bool = False, with_answer: bool = True) -> list[dict | None]:
+        """encode for each sample, every sample's segments tokenised in one tokenizer call; a sample over --max-len
+        is rendered and tokenised again with its document cut (_fit)."""
+        lm = [s for s in samples if s.lm]
+        texts = iter(self._encode_text(lm)) if lm else None
+        planned = []  # (sample, turns, segments) of the others
+        for s in samples:
+            if not s.lm:
+                self._check_seen(s)
+                turns = self._turns(s, train, with_answer)
+                planned.append((s, turns, self.segments(s, turns, s.document)))
+        encoded = zip(planned, self._segment_ids([[t for t, _ in segs] for _, _, segs in planned]))
+        out = []
+        for s in samples:
+            if s.lm:
+                out.append(next(texts))
+                continue
+            (_, turns, segs), seg_ids = next(encoded)
+            ids, labels = self._assemble(segs, seg_ids)
+            fit = self._fit(s, turns, with_answer, (segs, ids, labels))
+            out.append(None if fit is None else self._row(s, *fit))
+        return out
+
+    def _row(self, sample, segs, ids, labels, document) -> dict:
+        cut = document != sample.document
+        self.truncated += cut
         out = {"id": sample.id, "input_ids": ids, "labels": labels, "length": len(ids),
-               "text": "".join(t for t, _ in segs)}
+               "text": "".join(t for t, _ in segs), "truncated": cut}
         if self.processor is not None and sample.all_images:
             # the processor expands each image into its tokens at batch time (batching.VisionCollator), segment by
             # segment so the loss mask stays exact; prompt_text is the whole text, for inference
@@ -830,18 +894,18 @@ class Formatter:
         turns = pick_prompt(sample, self.prompts, sample_rng(self.seed, sample.id) if train else None)
         return turns[:-1] if not with_answer and turns[-1][0] == "assistant" else turns
 
-    def _fit(self, sample, turns, with_answer):
+    def _fit(self, sample, turns, with_answer, whole=None):
         """(segments, input_ids, labels, document) with the document cut to fit --max-len; None for a sample that
-        cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids)."""
+        cannot fit even with its document cut away (counted in self.dropped, named in self.dropped_ids). whole:
+        (segments, input_ids, labels) of the uncut sample when the caller has them already."""
         document = sample.document
         # Cutting `excess` tokens off the document nearly always fits at once; a few more rounds cover decode/encode
         # not round-tripping at the cut (merges across the new end), and the 2 extra tokens below leave room for it.
         for _ in range(4):
-            segs = self.segments(sample, turns, document)
-            ids, labels = [], []
-            for t, (_, trainable) in zip(self._segment_ids([text for text, _ in segs]), segs):
-                ids += t
-                labels += t if trainable else [-100] * len(t)
+            if whole is None:
+                segs = self.segments(sample, turns, document)
+                whole = segs, *self._assemble(segs, self._segment_ids([[text for text, _ in segs]])[0])
+            (segs, ids, labels), whole = whole, None
             excess = len(ids) - self.max_len if self.max_len else 0
             if excess <= 0:
                 return segs, ids, labels, document
@@ -858,15 +922,19 @@ class Formatter:
             document = self.tokenizer.decode(doc_ids[: max(0, len(doc_ids) - excess - 2)])
         raise DataError(sample.file, sample.id, "text", "could not truncate the document to --max-len")
 
-    def _encode_text(self, sample) -> dict:
-        """Language-modelling text: the tokenizer's own special tokens, EOS after it, the loss on every token; cut at
-        --max-len (counted in self.truncated: continued pre-training keeps the start of a long text)."""
-        text = sample.answer
-        ids = self.tokenizer(text)["input_ids"] + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token else [])
-        if self.max_len and len(ids) > self.max_len:
-            ids = ids[: self.max_len]
-            self.truncated += 1
-        return {"id": sample.id, "input_ids": ids, "labels": list(ids), "length": len(ids), "text": text}
+    def _encode_text(self, samples) -> list[dict]:
+        """Language-modelling texts: the tokenizer's own special tokens, EOS after each, the loss on every token; cut
+        at --max-len (counted in self.truncated: continued pre-training keeps the start of a long text)."""
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token else []
+        out = []
+        for s, ids in zip(samples, self.tokenizer([s.answer for s in samples])["input_ids"]):
+            ids = ids + eos
+            cut = bool(self.max_len) and len(ids) > self.max_len
+            ids = ids[: self.max_len] if cut else ids
+            self.truncated += cut
+            out.append({"id": s.id, "input_ids": ids, "labels": list(ids), "length": len(ids), "text": s.answer,
+                        "truncated": cut})
+        return out
 
     def prompt_text(self, sample, train: bool = False) -> str:
         """The inference prompt as text (chat template + generation prompt + prefill, document truncated), for

@@ -66,22 +66,24 @@ class _Carried(Exception):
 
 
 def _encode_batch(batch, positions, source, fmt, train, idx, progress=None):
-    out = {k: [] for k in ENCODED_COLUMNS}
+    """One datasets.map batch: its rows parsed into samples, then encoded in one Formatter.encode_many call."""
     keys = list(batch)
-    for j, values in zip(positions, zip(*batch.values())):
-        n = j if idx is None else int(idx[j])
-        try:
-            s = source.parse(dict(zip(keys, values)), n)
-            truncated, dropped, named = fmt.truncated, fmt.dropped, len(fmt.dropped_ids)
-            r = fmt.encode(s, train=train)
-        except DataError as e:
-            raise _Carried(str(e)) from None
-        # counted from the rows afterwards (encode_source), the same in one process or in map's workers
-        truncated, fmt.truncated, fmt.dropped = fmt.truncated > truncated, truncated, dropped
-        del fmt.dropped_ids[named:]
-        if r is None:  # too long for --max-len: a row that says so, so its id survives map's worker processes
-            r = {"id": s.id, "input_ids": [], "labels": [], "length": 0, "dropped": True}
-        r["truncated"], r["dropped"] = truncated, r.get("dropped", False)
+    truncated, dropped, named = fmt.truncated, fmt.dropped, len(fmt.dropped_ids)
+    try:
+        samples = [source.parse(dict(zip(keys, values)), j if idx is None else int(idx[j]))
+                   for j, values in zip(positions, zip(*batch.values()))]
+        rows = fmt.encode_many(samples, train=train)
+    except DataError as e:
+        raise _Carried(str(e)) from None
+    # counted from the rows afterwards (encode_source), the same in one process or in map's workers
+    fmt.truncated, fmt.dropped = truncated, dropped
+    del fmt.dropped_ids[named:]
+    out = {k: [] for k in ENCODED_COLUMNS}
+    for s, r in zip(samples, rows):
+        # too long for --max-len: a row that says so, so its id survives map's worker processes
+        r = r if r is not None else {"id": s.id, "input_ids": [], "labels": [], "length": 0, "truncated": False,
+                                     "dropped": True}
+        r["dropped"] = r.get("dropped", False)
         for k in ENCODED_COLUMNS:
             out[k].append(r.get(k))
     if progress is not None:
