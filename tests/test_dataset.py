@@ -212,6 +212,50 @@ def test_segments_tokenise_as_each_would_alone(tmp_path):
             assert _labels(tok, enc).endswith(f"{s.answer}<|im_end|>" + ("" if plain else "\n"))
 
 
+def _segment_by_segment(tok, fmt, s):
+    """A sample's ids and labels from a tokenizer call per segment, the way encode must match."""
+    ids, labels = [], []
+    for text, trainable in fmt.segments(s, s.turns, s.document):
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids, labels = ids + t, labels + (t if trainable else [-100] * len(t))
+    return ids, labels
+
+
+@pytest.mark.parametrize("strips", [False, True], ids=["pieces", "a special token that strips the space before it"])
+def test_many_samples_tokenise_as_each_would_alone(tmp_path, strips):
+    """encode_many tokenises a batch of samples at once, text that repeats from row to row (the system prompt, the
+    tool schema) once: every row's ids are still each segment's own. A special token that strips the whitespace in
+    front of it joins text across a piece's end, so the Formatter tokenises whole segments there."""
+    from pathlib import Path
+
+    import trl
+    from tokenizers import AddedToken
+
+    from tiny_models import build_tokenizer
+
+    tok = build_tokenizer(words=["get_weather", "red", "blue"])
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|mark|>", lstrip=strips, special=True)]})
+    tools = [{"name": "get_weather", "description": "The weather of a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    rows = [{"messages": [{"role": "user", "content": f"Weather in town {i}?  <|mark|> now"},
+                          {"role": "assistant", "content": None, "tool_calls": [
+                              {"type": "function", "function": {"name": "get_weather",
+                                                                "arguments": json.dumps({"city": f"town {i}"})}}]},
+                          {"role": "tool", "content": ["red", "blue"][i % 2]},
+                          {"role": "assistant", "content": f"It is {['red', 'blue'][i % 2]}."}], "tools": tools}
+            for i in range(40)] + [{"text": f"doc {i}", "answer": "red", "question": "Which?"} for i in range(40)]
+    samples = load_samples(write_jsonl(tmp_path / "a.jsonl", rows))
+    fmt = Formatter(tok)
+    for first, rest in ((0, 20), (20, 80)):  # the first call checks the pieces against whole segments; later ones use them
+        encoded = fmt.encode_many(samples[first:rest])
+        for s, enc in zip(samples[first:rest], encoded):
+            assert (enc["input_ids"], enc["labels"]) == _segment_by_segment(tok, fmt, s), s.id
+    pieces = fmt.__dict__["_pieces"]
+    assert (pieces["split"] is None) == strips
+    assert strips or any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema's piece, cached
+
+
 def test_prompt_text_drops_the_templates_bos_only_when_the_tokenizer_adds_its_own(tmp_path):
     samples = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}", "answer": "red",
                                                                 "question": "Which?", "system": "S"} for i in range(3)]))
