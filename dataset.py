@@ -56,6 +56,7 @@ RVL_CDIP_CLASSES = [
     "resume", "memo",
 ]
 PIECES_CACHED = 50_000  # text pieces whose token ids one Formatter keeps (Formatter._piece_ids)
+CHECKED_TEXTS = 64  # texts of several pieces whose piece-by-piece ids a Formatter compares with the whole text's
 IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
 CALL, TOOL = "tool_call", "tool"  # roles of an assistant turn that calls tools and of a tool's result: their text is
                                    # the message's JSON (tool_message), what the chat template renders
@@ -809,10 +810,10 @@ class Formatter:
         backend with each text taken as pieces that start where a special token starts, each piece's ids cached.
         A tool schema or system prompt that the chat template writes into every row is then tokenised once (no
         library caches this). A fast tokenizer splits its input at special tokens before anything else, so the
-        pieces' ids are the text's; the first call checks that they are, on its texts, and the Formatter keeps the
-        plain call when they are not (e.g. a special token that strips the whitespace before it)."""
+        pieces' ids are the text's; the calls check that they are, until CHECKED_TEXTS texts of several pieces have
+        been compared, and the Formatter keeps the plain call when they are not."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        state = self.__dict__.setdefault("_pieces", {"split": self._special_split(), "checked": False, "ids": {}})
+        state = self.__dict__.setdefault("_pieces", {"split": self._special_split(), "checked": 0, "ids": {}})
         if state["split"] is None or backend is None or backend.truncation or backend.padding:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         cache = state["ids"]
@@ -823,17 +824,22 @@ class Formatter:
         for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False) if new else []):
             cache[p] = e.ids
         ids = [[i for p in ps for i in cache[p]] for ps in pieces]
-        if not state["checked"]:
+        if state["checked"] < CHECKED_TEXTS:
             whole = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            state["checked"], state["split"] = True, state["split"] if whole == ids else None
+            state["checked"] += sum(len(ps) > 1 for ps in pieces)
+            state["split"] = state["split"] if whole == ids else None
             return whole
         return ids
 
     def _special_split(self):
-        """A pattern that splits a text where each special token starts; None without special tokens."""
+        """A pattern that splits a text where each special token starts; None without special tokens, or when one
+        strips the whitespace in front of it (that whitespace ends the piece before: the pieces' ids would differ)."""
         decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        special = sorted({t.content for t in decoder.values() if t.special and t.content}, key=len, reverse=True)
-        return re.compile("(?=" + "|".join(map(re.escape, special)) + ")") if special else None
+        special = [t for t in decoder.values() if t.special and t.content]
+        if not special or any(t.lstrip for t in special):
+            return None
+        names = sorted({t.content for t in special}, key=len, reverse=True)
+        return re.compile("(?=" + "|".join(map(re.escape, names)) + ")")
 
     @staticmethod
     def _assemble(segs, seg_ids) -> tuple[list[int], list[int]]:

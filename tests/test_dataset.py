@@ -1,5 +1,6 @@
 """dataset.py: every layout, prompts, and the loss mask checked token by token."""
 import json
+import re
 
 import pytest
 
@@ -221,11 +222,12 @@ def _segment_by_segment(tok, fmt, s):
     return ids, labels
 
 
-@pytest.mark.parametrize("strips", [False, True], ids=["pieces", "a special token that strips the space before it"])
-def test_many_samples_tokenise_as_each_would_alone(tmp_path, strips):
+@pytest.mark.parametrize("case", ["pieces", "a special token strips the space before it", "pieces that differ"])
+def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
     """encode_many tokenises a batch of samples at once, text that repeats from row to row (the system prompt, the
     tool schema) once: every row's ids are still each segment's own. A special token that strips the whitespace in
-    front of it joins text across a piece's end, so the Formatter tokenises whole segments there."""
+    front of it joins text across a piece's end, so the Formatter tokenises whole segments there; so it does when
+    its check finds pieces whose ids differ from the whole text's (here: pieces cut inside words)."""
     from pathlib import Path
 
     import trl
@@ -235,7 +237,10 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, strips):
 
     tok = build_tokenizer(words=["get_weather", "red", "blue"])
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    strips = case == "a special token strips the space before it"
     tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|mark|>", lstrip=strips, special=True)]})
+    if case == "pieces that differ":
+        monkeypatch.setattr(Formatter, "_special_split", lambda self: re.compile("(?=o)"))
     tools = [{"name": "get_weather", "description": "The weather of a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     rows = [{"messages": [{"role": "user", "content": f"Weather in town {i}?  <|mark|> now"},
@@ -247,13 +252,14 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, strips):
             for i in range(40)] + [{"text": f"doc {i}", "answer": "red", "question": "Which?"} for i in range(40)]
     samples = load_samples(write_jsonl(tmp_path / "a.jsonl", rows))
     fmt = Formatter(tok)
-    for first, rest in ((0, 20), (20, 80)):  # the first call checks the pieces against whole segments; later ones use them
+    for first, rest in ((0, 40), (40, 80)):  # the first call checks the pieces against whole segments; later ones use them
         encoded = fmt.encode_many(samples[first:rest])
         for s, enc in zip(samples[first:rest], encoded):
             assert (enc["input_ids"], enc["labels"]) == _segment_by_segment(tok, fmt, s), s.id
     pieces = fmt.__dict__["_pieces"]
-    assert (pieces["split"] is None) == strips
-    assert strips or any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema's piece, cached
+    assert (pieces["split"] is None) == (case != "pieces")
+    if case == "pieces":
+        assert pieces["checked"] >= 64 and any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema
 
 
 def test_prompt_text_drops_the_templates_bos_only_when_the_tokenizer_adds_its_own(tmp_path):
