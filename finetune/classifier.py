@@ -21,18 +21,23 @@ from finetune.modeling import (QUANTIZE, finish_token_training, fit_vocabulary, 
                                sync_special_tokens, token_training)
 from finetune.predict import batch_done, classification_metrics
 
+ENCODED_AT_ONCE = 1000  # samples tokenised in one call (Formatter.encode_many)
+
 
 def encode(fmt, samples, classes: list[str], train=False):
     """input_ids of the prompt (no answer; in training with a prompt drawn per sample) and the class index."""
     from datasets import Dataset
 
     index = {normalize(c): i for i, c in enumerate(classes)}
-    rows = []
-    for s in samples:
+    rows, part = [], []
+    for n, s in enumerate(samples, 1):
         if s.answer is None or normalize(s.answer) not in index:
             raise DataError(s.file, s.id, "answer", f"{s.answer!r} is not one of the classes {classes}")
-        ids = fmt.encode(s, train=train, with_answer=False)["input_ids"]
-        rows.append({"input_ids": ids, "labels": index[normalize(s.answer)], "length": len(ids)})
+        part.append(s)
+        if len(part) == ENCODED_AT_ONCE or n == len(samples):  # a part at a time: one tokenizer call each
+            rows += [{"input_ids": e["input_ids"], "labels": index[normalize(x.answer)], "length": e["length"]}
+                     for x, e in zip(part, fmt.encode_many(part, train=train, with_answer=False))]
+            part = []
     return Dataset.from_list(rows)
 
 
@@ -160,7 +165,7 @@ def predict(model, fmt, samples, classes, batch_size=8, on_batch=None, progress=
     import torch
 
     dev = next(model.parameters()).device
-    encoded = [fmt.prompt_ids(s) for s in samples]
+    encoded = [e["input_ids"] for e in fmt.encode_many(samples, with_answer=False)]
     results = [None] * len(samples)
     with torch.inference_mode():
         for batch in length_batches([len(e) for e in encoded], batch_size):

@@ -234,7 +234,7 @@ def predict(model, fmt, samples, classes=None, mode="score", batch_size=8, decod
     import torch
 
     decoding = decoding or resolve({}, classes)
-    encoded = [fmt.encode(s, with_answer=False) for s in samples]
+    encoded = fmt.encode_many(samples, with_answer=False)
     vision = fmt.processor is not None and any(s.all_images for s in samples)
     if classes and mode == "score":
         class_texts = [fmt.answer_text(c) for c in classes]
@@ -290,7 +290,7 @@ class TextScorer:
                         if prompt_set == "all" and any(s.needs_prompt for s in samples) else [])
         self.model, self.fmts, self.class_ids, self.rule = model, fmts, class_ids, rule
         self.n_tokens = [len(c) for c in class_ids]
-        self.encoded = [encoded] + [[f.encode(s, with_answer=False) for s in samples] for f in fmts[1:]]
+        self.encoded = [encoded] + [f.encode_many(samples, with_answer=False) for f in fmts[1:]]
         self.free = [None] * len(fmts)
         if rule.startswith("calibrated") and samples:
             with torch.inference_mode():

@@ -110,7 +110,8 @@ def _preference_rows(fmt, items, replies: dict, extra: dict | None = None):
             if seen is not None and fmt.processor is not None:  # (a text-only model refuses them in prompt_ids)
                 raise DataError(seen.file, seen.id, "image", "DPO and KTO train on text prompts here: the image "
                                 "would not reach the model; drop the image field")
-            cols = {"prompt_ids": [fmt.prompt_ids(prompt_only(x)) for x in part]}
+            cols = {"prompt_ids": [r["input_ids"] for r in fmt.encode_many([prompt_only(x) for x in part],
+                                                                           with_answer=False)]}
             cols.update({f"{name}_ids": _reply_ids(fmt, map(get, part)) for name, get in replies.items()})
             cols.update({name: [get(x) for x in part] for name, get in (extra or {}).items()})
             writer.write_batch(cols)
