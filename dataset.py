@@ -55,7 +55,7 @@ RVL_CDIP_CLASSES = [
     "specification", "file folder", "news article", "budget", "invoice", "presentation", "questionnaire",
     "resume", "memo",
 ]
-PIECES_CACHED = 50_000  # text pieces whose token ids one Formatter keeps (Formatter._piece_ids)
+PIECES_CACHED = 50_000  # text pieces whose token ids one Formatter keeps (Formatter.text_ids)
 CHECKED_TEXTS = 64  # texts of several pieces whose piece-by-piece ids a Formatter compares with the whole text's
 IMAGE = "<image>"  # where a conversation puts an image: matched in order to the sample's `images`
 CALL, TOOL = "tool_call", "tool"  # roles of an assistant turn that calls tools and of a tool's result: their text is
@@ -801,11 +801,11 @@ class Formatter:
         heads = [g[0] for g in groups if g] if self.response_template is not None else []
         rest = [t for g in groups for t in g[1 if heads else 0:]]
         head_ids = iter(self.tokenizer(heads, add_special_tokens=True)["input_ids"] if heads else [])
-        rest_ids = iter(self._piece_ids(rest) if rest else [])
+        rest_ids = iter(self.text_ids(rest) if rest else [])
         return [([next(head_ids)] if heads and g else []) + [next(rest_ids) for _ in g[1 if heads else 0:]]
                 for g in groups]
 
-    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of texts, no special tokens added: as one tokenizer call, but through the fast tokenizer's own
         backend with each text taken as pieces that start where a special token starts, each piece's ids cached.
         A tool schema or system prompt that the chat template writes into every row is then tokenised once (no
@@ -824,11 +824,13 @@ class Formatter:
         for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False) if new else []):
             cache[p] = e.ids
         ids = [[i for p in ps for i in cache[p]] for ps in pieces]
-        if state["checked"] < CHECKED_TEXTS:
-            whole = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            state["checked"] += sum(len(ps) > 1 for ps in pieces)
-            state["split"] = state["split"] if whole == ids else None
-            return whole
+        if state["checked"] < CHECKED_TEXTS:  # the first texts of several pieces, tokenised whole as well
+            probe = [k for k, ps in enumerate(pieces) if len(ps) > 1][:CHECKED_TEXTS - state["checked"]]
+            whole = self.tokenizer([texts[k] for k in probe], add_special_tokens=False)["input_ids"] if probe else []
+            if any(w != ids[k] for k, w in zip(probe, whole)):
+                state["split"] = None
+                return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            state["checked"] += len(probe)
         return ids
 
     def _special_split(self):

@@ -89,7 +89,7 @@ def _reply_ids(fmt, answers) -> list[list[int]]:
     """Each reply's ids, end-of-turn included, EOS appended where the reply does not end with it (as TRL does)."""
     eos = fmt.tokenizer.eos_token or ""
     texts = [t if t.endswith(eos) else t + eos for t in map(fmt.answer_text, answers)]
-    return fmt.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return fmt.text_ids(texts) if texts else []
 
 
 def _preference_rows(fmt, items, replies: dict, extra: dict | None = None):
