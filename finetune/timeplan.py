@@ -39,10 +39,11 @@ STEP_FORWARDS = 3  # a training step costs about this many forward passes over i
 DECODE_STEPS = 8   # new tokens generated (after the first) to time one decoding step
 VALIDATION_SHARE, SHARE_WORDS = 0.2, "a fifth"  # the share of the run validations take at most by default
 FREE_TEXT_SAMPLES = 32  # free-text validation generates on at most this many samples by default
-# tokens of the measured forward pass, whose seconds are start-up a plain TRL script does not spend: the fewest
-# whose seconds per token stand for a step's (on the qwen0.5b shape, 64 tokens cost what 256 did per token, 32
-# cost a third more: docs/benchmarks.md, start-up)
-MEASURED_TOKENS = 64
+# tokens of the measured forward pass, whose seconds are start-up a plain TRL script does not spend; the seconds
+# per token of a 256-token pass stood for a step's within -5% to +8% on the qwen0.5b shape, where a 64-token pass,
+# at half the seconds, counted each call's fixed cost into its tokens and gave a step 20-47% too long
+# (docs/benchmarks.md, start-up)
+MEASURED_TOKENS = 256
 
 
 def generates(args, s) -> bool:
