@@ -170,10 +170,13 @@ def count_parameters(args, s):
     empty (custom code): the plan then leaves memory out."""
     import torch
     from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
     cfg = load_config(args.model, args.trust_remote_code)
     try:
-        with init_empty_weights():
+        # no_init_weights: initialising empty tensors changes no count and took 0.3-0.45 s of start-up on the
+        # qwen0.5b shape (docs/benchmarks.md, start-up)
+        with init_empty_weights(), no_init_weights():
             if args.head == "classifier":
                 from transformers import AutoModelForSequenceClassification
 

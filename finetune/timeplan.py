@@ -41,8 +41,7 @@ VALIDATION_SHARE, SHARE_WORDS = 0.2, "a fifth"  # the share of the run validatio
 FREE_TEXT_SAMPLES = 32  # free-text validation generates on at most this many samples by default
 # tokens of the measured forward pass, whose seconds are start-up a plain TRL script does not spend; the seconds
 # per token of a 256-token pass stood for a step's within -5% to +8% on the qwen0.5b shape, where a 64-token pass,
-# at half the seconds, counted each call's fixed cost into its tokens and gave a step 20-47% too long
-# (docs/benchmarks.md, start-up)
+# at half the seconds, measured more per token and gave a step 1.2-4.8x too long (docs/benchmarks.md, start-up)
 MEASURED_TOKENS = 256
 
 
