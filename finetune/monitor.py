@@ -15,7 +15,7 @@ The peak-memory estimate (bytes; on CPU it includes the process as it stands bef
     weights      parameters x bytes of their dtype (4-bit QLoRA: ~0.56 byte for the quantised linear layers)
     optimiser    16 bytes per trainable parameter (fp32 weight or master copy, gradient, AdamW's two moments)
     activations  activation_bytes(): what autograd keeps for the backward pass of the worst-case batch (-b x the
-                 longest sample, capped by --max-len), from SAVED_BYTES, times BACKWARD_PEAK; with gradient
+                 longest sample, capped by --max-len), from SAVED_BYTES, times BACKWARD_PEAK(_16BIT); with gradient
                  checkpointing each layer's input plus one layer's activations
     logits       the answer tokens' float32 logits (TRL computes them at answer tokens only, in blocks of 1,024
                  rows on CPU: finetune/trl_cpu.py), with their softmax and gradient: one block at a time when the
@@ -48,6 +48,11 @@ SAVED_BYTES = {("float32", "lora+dropout"): (76, 18), ("float32", "lora"): (37, 
                ("autocast", "lora+dropout"): (40, 19), ("autocast", "lora"): (22, 15), ("autocast", "full"): (32, 15),
                ("16-bit", "lora+dropout"): (52, 12), ("16-bit", "lora"): (28, 8)}
 BACKWARD_PEAK = 1.45  # the step's peak over what is saved (gradients, temporaries): quickstart, fp32, measured RSS
+# The same over a 16-bit base, whose gradients and temporaries are half as wide. The measured peak of one command
+# varies from run to run by the heap memory glibc leaves free but resident after the step (qwen0.5b, -b 1: 3.86 or
+# 4.35-4.40 GiB; SmolLM2, -b 2: 3.75 or 4.53 GiB): 1.28 keeps the plan within 15% of both on the three shapes of
+# docs/benchmarks.md (speed and memory by shape), where 1.45 was 19-22% over the lower one
+BACKWARD_PEAK_16BIT = 1.28
 # With gradient checkpointing: bytes per token, layer and hidden unit that stay (the layer's float32 input and what
 # the recomputation and its gradients hold), fitted on two measured SmolLM2 peaks: the quickstart (8 x 135 tokens)
 # and bench/train_bench.py (4 x 812 tokens), about 450 KB a token in both
@@ -165,10 +170,13 @@ def count_parameters(args, s):
     empty (custom code): the plan then leaves memory out."""
     import torch
     from accelerate import init_empty_weights
+    from transformers.initialization import no_init_weights
 
     cfg = load_config(args.model, args.trust_remote_code)
     try:
-        with init_empty_weights():
+        # no_init_weights: initialising empty tensors changes no count and took 0.3-0.45 s of start-up on the
+        # qwen0.5b shape (docs/benchmarks.md, start-up)
+        with init_empty_weights(), no_init_weights():
             if args.head == "classifier":
                 from transformers import AutoModelForSequenceClassification
 
@@ -254,9 +262,9 @@ def model_shape(config) -> tuple[int, int, int]:
 
 
 def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
-    """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK).
-    With gradient checkpointing autograd keeps each layer's input (CHECKPOINTED_BYTES) and recomputes one layer at
-    a time."""
+    """Bytes the backward pass of a batch of `tokens` tokens needs at its peak (SAVED_BYTES x BACKWARD_PEAK, or
+    BACKWARD_PEAK_16BIT over a 16-bit base). With gradient checkpointing autograd keeps each layer's input
+    (CHECKPOINTED_BYTES) and recomputes one layer at a time."""
     import torch
 
     layers, hidden, intermediate = shape
@@ -266,7 +274,7 @@ def activation_bytes(args, shape, tokens: int, checkpointing: bool) -> float:
     a, b = SAVED_BYTES[(weights, kind)]
     one_layer = tokens * (a * hidden + b * intermediate)
     saved = tokens * hidden * CHECKPOINTED_BYTES * layers + one_layer if checkpointing else one_layer * layers
-    return saved * BACKWARD_PEAK
+    return saved * (BACKWARD_PEAK_16BIT if weights == "16-bit" else BACKWARD_PEAK)
 
 
 def available_bytes() -> int | None:

@@ -40,8 +40,8 @@ DECODE_STEPS = 8   # new tokens generated (after the first) to time one decoding
 VALIDATION_SHARE, SHARE_WORDS = 0.2, "a fifth"  # the share of the run validations take at most by default
 FREE_TEXT_SAMPLES = 32  # free-text validation generates on at most this many samples by default
 # tokens of the measured forward pass, whose seconds are start-up a plain TRL script does not spend; the seconds
-# per token of a short pass stand for a step's (the pass's cost is mostly its first call: docs/benchmarks.md,
-# start-up)
+# per token of a 256-token pass stood for a step's within -5% to +8% on the qwen0.5b shape, where a 64-token pass,
+# at half the seconds, measured more per token and gave a step 1.2-4.8x too long (docs/benchmarks.md, start-up)
 MEASURED_TOKENS = 256
 
 
