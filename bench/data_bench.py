@@ -70,8 +70,9 @@ def peak_gib() -> float:
 def arm_ours(table, tok_dir, workers):
     from transformers import AutoTokenizer
 
-    from dataset import Formatter
-    from finetune import tokenise, infer_classes, load_samples
+    from dataset import Formatter, infer_classes
+    from finetune import tokenise
+    from finetune.sources import load_samples
 
     t0 = time.perf_counter()
     samples = load_samples(table)
@@ -106,7 +107,7 @@ def arm_plain(table, tok_dir, workers):
 
 
 def arm_list(table, tok_dir, workers):
-    from dataset import load_samples
+    from finetune.sources import load_samples
 
     t0 = time.perf_counter()
     samples = list(load_samples(table))
