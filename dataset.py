@@ -840,8 +840,10 @@ class Formatter:
         special = [t for t in decoder.values() if t.special and t.content]
         if not special or any(t.lstrip for t in special):
             return None
-        names = sorted({t.content for t in special}, key=len, reverse=True)
-        return re.compile("(?=" + "|".join(map(re.escape, names)) + ")")
+        names = {t.content for t in special}
+        # a token found inside another one past its start is no place to cut: the cut would split the other token
+        names = sorted((n for n in names if not any(n in m[1:] for m in names if m != n)), key=len, reverse=True)
+        return re.compile("(?=" + "|".join(map(re.escape, names)) + ")") if names else None
 
     @staticmethod
     def _assemble(segs, seg_ids) -> tuple[list[int], list[int]]:
