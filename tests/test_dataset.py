@@ -262,6 +262,39 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
         assert pieces["checked"] >= 64 and any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema
 
 
+@pytest.mark.parametrize("scheme", ["first", "always"])
+def test_pieces_match_a_sentencepiece_style_tokenizer(tmp_path, scheme):
+    """A Metaspace tokenizer (Llama 2, Mistral, Gemma) marks a word's start, and with prepend_scheme "first" only the
+    text's first word: a piece that starts at a special token must still tokenise as it does inside the text."""
+    from pathlib import Path
+
+    import trl
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the weather in town is red blue sunny what which colour answer question of a".split()
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    corpus = [" ".join(words[(i * k) % len(words)] for k in range(1, 9)) + f" {i}" for i in range(300)]
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=[
+        "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    rows = [{"messages": [{"role": "system", "content": "Answer the question of the town."},
+                          {"role": "user", "content": f"what colour is town {i}?"},
+                          {"role": "assistant", "content": ["red", "blue"][i % 2]},
+                          {"role": "user", "content": "and the weather?"},
+                          {"role": "assistant", "content": " sunny"}]} for i in range(80)]
+    samples = load_samples(write_jsonl(tmp_path / "a.jsonl", rows))
+    fmt = Formatter(tok)
+    encoded = fmt.encode_many(samples[:40]) + fmt.encode_many(samples[40:])
+    for s, enc in zip(samples, encoded):
+        assert (enc["input_ids"], enc["labels"]) == _segment_by_segment(tok, fmt, s), s.id
+    assert fmt.__dict__["_pieces"]["split"] is not None and fmt.__dict__["_pieces"]["checked"] >= 64
+
+
 def test_prompt_text_drops_the_templates_bos_only_when_the_tokenizer_adds_its_own(tmp_path):
     samples = load_samples(write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}", "answer": "red",
                                                                 "question": "Which?", "system": "S"} for i in range(3)]))
