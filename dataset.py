@@ -42,6 +42,7 @@ duplicates, leakage and noise between the splits (finetune/datacheck.py; docs/da
 """
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -49,6 +50,8 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from jinja2 import TemplateError
 
 RVL_CDIP_CLASSES = [
     "letter", "form", "email", "handwritten", "advertisement", "scientific report", "scientific publication",
@@ -661,6 +664,113 @@ def sample_rng(seed: int, sample_id: str) -> random.Random:
     return random.Random(int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:16], 16))
 
 
+SLOT = "zslot{}q7"  # a string's placeholder in a skeleton: letters and digits, which JSON and HTML leave as they are
+SLOT_RE = re.compile(r"zslot(\d+)q7")
+SKELETONS = 1024  # conversation shapes whose skeleton one Formatter keeps (0: none, every prefix rendered)
+SKELETON_CHECKS = 4  # conversations of each shape whose every prefix is rendered as well and compared
+
+
+def _slotted(value, values: list, key=None):
+    """value with each non-empty string replaced by a placeholder (SLOT), the strings appended to values in order;
+    roles and types stay (templates branch on them), as do empty strings (templates test them)."""
+    if isinstance(value, str):
+        if not value or key in ("role", "type"):
+            return value
+        values.append(value)
+        return SLOT.format(len(values) - 1)
+    if isinstance(value, dict):
+        return {k: _slotted(v, values, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_slotted(v, values) for v in value]
+    return value
+
+
+class Skeletons:
+    """A conversation's prefix renders through one render of the whole conversation.
+
+    The loss mask needs the chat template's text of each prefix that ends before or after an assistant turn: two
+    renders a turn, most of the time spent encoding conversations (docs/benchmarks.md, every data form), which no
+    library caches. Conversations of one shape (the same roles, fields and tools, every string in the same place)
+    differ only in their strings, so a shape's prefixes are rendered once with a placeholder for each string (its
+    skeleton) and a conversation's prefixes are the skeleton's with its strings put back. Each conversation's whole
+    render is compared with its filled skeleton, and the first SKELETON_CHECKS of a shape have every prefix compared:
+    a template whose output depends on the strings' text (trimming, escaping, tests on the content, prefixes that
+    do not nest) differs there, and that conversation, or that shape, is rendered prefix by prefix."""
+
+    def __init__(self):
+        self.plans, self.rows, self.built = {}, 0, 0
+
+    def renders(self, render, msgs, tools, needed) -> dict | None:
+        """{(n, generation prompt): render(msgs[:n], generation prompt, tools)} for each of needed, or None where
+        the skeleton does not serve (the caller renders each)."""
+        if not SKELETONS or (self.built > 64 and self.built * 4 > self.rows):  # few conversations share a shape
+            return None
+        values = []
+        shape = _slotted(msgs, values)  # the tools stay as they are: a row's own tools make a shape of their own
+        whole = (len(msgs), msgs[-1]["role"] != "assistant")
+        key = repr((shape, tools, needed))
+        self.rows += 1
+        if key not in self.plans:
+            if len(self.plans) >= SKELETONS:
+                self.plans.clear()
+            self.plans[key] = self._plan(render, shape, tools, needed, whole)
+            self.built += 1
+        plan = self.plans[key]
+        if plan["parts"] is None:
+            return None
+        out, starts, pos = [], [], 0
+        for j, part in enumerate(plan["parts"]):
+            if j % 2:
+                part = values[part]
+            else:
+                starts.append(pos)
+            out.append(part)
+            pos += len(part)
+        text = "".join(out)
+        filled = {k: text[: starts[lit] + offset] for k, (lit, offset) in plan["cuts"].items()}
+        try:
+            if render(msgs[: whole[0]], whole[1], tools) != text:
+                plan["misses"] += 1
+                if plan["misses"] > 16 and plan["misses"] * 2 > plan["rows"]:
+                    plan["parts"] = None
+                return None
+        except (TemplateError, TypeError, ValueError):  # rendered one by one, its error comes as it always does
+            return None
+        plan["rows"] += 1
+        if plan["checked"] < SKELETON_CHECKS:
+            plan["checked"] += 1
+            each = {(n, gen): render(msgs[:n], gen, tools) for n, gen in needed}
+            if each != {k: filled[k] for k in needed}:
+                plan["parts"] = None
+                return each
+        return filled
+
+    @staticmethod
+    def _plan(render, msgs, tools, needed, whole) -> dict:
+        """The skeleton of a shape: its whole render split into literal text and placeholders (parts: text, slot,
+        text, ...), and where each prefix ends in it (cuts: the literal part and the offset in it)."""
+        plan = {"parts": None, "cuts": {}, "checked": 0, "misses": 0, "rows": 0}
+        try:
+            texts = {k: render(msgs[: k[0]], k[1], tools) for k in {*needed, whole}}
+        except (TemplateError, TypeError, ValueError):  # placeholders a template cannot take: each row rendered
+            return plan
+        text = texts[whole]
+        if any(not text.startswith(t) for t in texts.values()):
+            return plan  # the prefixes do not nest: _split says so, conversation by conversation
+        parts = SLOT_RE.split(text)
+        starts, pos = [], 0
+        for j, part in enumerate(parts):
+            starts += [pos] if j % 2 == 0 else []
+            pos += len(part) if j % 2 == 0 else len(SLOT.format(part))
+        for k in {*needed, whole}:
+            lit = bisect.bisect_right(starts, len(texts[k])) - 1
+            if len(texts[k]) - starts[lit] > len(parts[2 * lit]):
+                return plan  # a prefix ends inside a placeholder
+            plan["cuts"][k] = (lit, len(texts[k]) - starts[lit])
+        plan["parts"] = [int(p) if j % 2 else p for j, p in enumerate(parts)]
+        return plan
+
+
 @dataclass
 class Formatter:
     """Turns samples into text and token ids, the same way for training, validation and eval.
@@ -734,15 +844,15 @@ class Formatter:
                             "tool calls: leave it out to use the model's chat template")
         support = self.__dict__.setdefault("_tool_support", {})  # per template, not a field: no part of the cache key
         if not support:
-            from jinja2 import TemplateError
             from trl.chat_template_utils import supports_tool_calling
 
-            support["calls"], probe = supports_tool_calling(self._owner()), "probe_tool_b5e1c7"
+            probe = "probe_tool_b5e1c7"
             schema = {"type": "function", "function": {"name": probe, "parameters": {"type": "object"}}}
             try:
-                support["schemas"] = probe in self._render([{"role": "user", "content": "hi"}], False, [schema])
-            except TemplateError:
-                support["schemas"] = False
+                schemas = probe in self._render([{"role": "user", "content": "hi"}], False, [schema])
+            except (TemplateError, TypeError):  # TypeError: a template's tojson of a schema field it requires
+                schemas = False
+            support.update(calls=supports_tool_calling(self._owner()), schemas=schemas)
         lacks = "calls and results" if calls and not support["calls"] else \
             "schemas (tools=)" if sample.tools and not support["schemas"] else None
         if lacks:
@@ -767,18 +877,25 @@ class Formatter:
         # pick_prompt put in front of them
         context = sample.context + len(pick_prompt(sample, self.prompts, None)) - len(sample.turns) \
             if sample.context else 0
+        asked = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and i >= context]
+        needed = [k for i in asked for k in ((i, True), (i + 1, False))]
+        inference = msgs[-1]["role"] != "assistant"
+        renders = self._renders(msgs, sample.tools, needed + [(len(msgs), True)] * inference)
         segs, done = [], ""
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant" or i < context:
-                continue
-            before = self._render(msgs[:i], add_generation_prompt=True, tools=sample.tools)
-            upto = self._render(msgs[: i + 1], add_generation_prompt=False, tools=sample.tools)
-            segs += self._split(sample, done, before, upto)
-            done = upto
-        if msgs[-1]["role"] != "assistant":  # a prompt for inference
-            segs.append((self._render(msgs, add_generation_prompt=True, tools=sample.tools)[len(done):]
-                         + (self.prefill or ""), False))
+        for i in asked:
+            segs += self._split(sample, done, renders[i, True], renders[i + 1, False])
+            done = renders[i + 1, False]
+        if inference:  # a prompt to answer
+            segs.append((renders[len(msgs), True][len(done):] + (self.prefill or ""), False))
         return segs
+
+    def _renders(self, msgs, tools, needed) -> dict:
+        """{(n, generation prompt): the chat template's text of msgs[:n]} for each of needed: filled in from the
+        skeleton of the conversation's shape (Skeletons) where it serves, else rendered one by one."""
+        if not needed:
+            return {}
+        filled = self.__dict__.setdefault("_skeletons", Skeletons()).renders(self._render, msgs, tools, needed)
+        return filled if filled is not None else {(n, gen): self._render(msgs[:n], gen, tools) for n, gen in needed}
 
     @staticmethod
     def _split(sample, done, before, upto):
@@ -823,7 +940,11 @@ class Formatter:
         new = list({p: None for ps in pieces for p in ps if p not in cache})
         for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False) if new else []):
             cache[p] = e.ids
-        ids = [[i for p in ps for i in cache[p]] for ps in pieces]
+        ids = []
+        for ps in pieces:
+            ids.append([])
+            for p in ps:
+                ids[-1] += cache[p]  # extends in C: a comprehension over every id costs several times more
         if state["checked"] < CHECKED_TEXTS:  # the first texts of several pieces, tokenised whole as well
             probe = [k for k, ps in enumerate(pieces) if len(ps) > 1][:CHECKED_TEXTS - state["checked"]]
             whole = self.tokenizer([texts[k] for k in probe], add_special_tokens=False)["input_ids"] if probe else []

@@ -1,12 +1,17 @@
 """dataset.py: every layout, prompts, and the loss mask checked token by token."""
 import json
 import re
+from pathlib import Path
 
 import pytest
+import trl
+from jinja2 import TemplateError
 
+import dataset
 from conftest import write_jsonl
-from dataset import (DataError, Formatter, Sample, classes_of, load_classes, load_prompts, load_rvl_cdip, load_samples,
-                     infer_classes, normalize, RVL_CDIP_CLASSES, to_classes)
+from dataset import (DataError, Formatter, SKELETON_CHECKS, Sample, classes_of, load_classes, load_prompts,
+                     load_rvl_cdip, load_samples, infer_classes, normalize, parse_sample, RVL_CDIP_CLASSES, to_classes)
+from tiny_models import build_tokenizer
 
 
 def _sample_files(folder, n=3):
@@ -179,8 +184,6 @@ def _bos_tokenizer(adds_bos: bool):
     the tokenizer itself too, as Llama-style tokenizers do."""
     from tokenizers import processors
 
-    from tiny_models import build_tokenizer
-
     tok = build_tokenizer(words=["red", "blue"])
     tok.bos_token = "<|endoftext|>"
     if adds_bos:
@@ -228,12 +231,7 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
     tool schema) once: every row's ids are still each segment's own. A special token that strips the whitespace in
     front of it joins text across a piece's end, so the Formatter tokenises whole segments there; so it does when
     its check finds pieces whose ids differ from the whole text's (here: pieces cut inside words)."""
-    from pathlib import Path
-
-    import trl
     from tokenizers import AddedToken
-
-    from tiny_models import build_tokenizer
 
     tok = build_tokenizer(words=["get_weather", "red", "blue"])
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
@@ -262,13 +260,62 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
         assert pieces["checked"] >= 64 and any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema
 
 
+CHAT_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+SCHEMAS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
+                                             "parameters": {"type": "object", "properties": {"city": {}}}}}]
+
+
+def _shapes(i, text):
+    """Rows of each conversation shape, their strings text(i, part)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": text(i, "c")})}}
+    return [{"messages": [{"role": "user", "content": text(i, "u")}, {"role": "assistant", "content": text(i, "a")}]},
+            {"messages": [{"role": "system", "content": text(i, "s")}, {"role": "user", "content": text(i, "u")},
+                          {"role": "assistant", "content": text(i, "a")}, {"role": "user", "content": text(i, "v")},
+                          {"role": "assistant", "content": text(i, "b")}]},
+            {"messages": [{"role": "user", "content": text(i, "u")},
+                          {"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "content": text(i, "t")}, {"role": "assistant", "content": text(i, "a")}],
+             "tools": SCHEMAS},
+            {"messages": [{"role": "user", "content": text(i, "u")}]}]  # a prompt to answer
+
+
+# strings that templates treat by their text: trimmed, split at </think>, escaped by tojson, tested for a tag
+ODD_STRINGS = [lambda i, part: f"  {part} {i}  \n", lambda i, part: f"<think>why {i}</think>{part}",
+               lambda i, part: "", lambda i, part: f'{part} "{i}" \\ \u00e9', lambda i, part: f"<tool_call>{part}"]
+
+
+def _segments_or_error(fmt, rec):
+    try:
+        s = parse_sample(rec, Path("a.jsonl"), "x", require_answer=False)
+        return fmt.segments(s, s.turns, s.document)
+    except (DataError, TemplateError, TypeError) as e:  # TypeError: a template's tojson of a field it lacks
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize("template", sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+def test_skeletons_render_as_each_prefix_would(template, monkeypatch):
+    """A conversation's prefixes filled into its shape's skeleton are what rendering each prefix gives, on every
+    chat template TRL ships: rows of one shape after the first (the skeleton serves them), and rows whose strings a
+    template treats by their text (the whole render differs from the filled skeleton: each prefix is rendered).
+    Where a template cannot render a row, the error is the same either way."""
+    tok = build_tokenizer(words=["red", "blue"])
+    tok.chat_template = (CHAT_TEMPLATES / f"{template}.jinja").read_text()
+    rows = [r for i in range(SKELETON_CHECKS + 2) for r in _shapes(i, lambda i, part: f"{part} {i} red blue")]
+    rows += [r for k, odd in enumerate(ODD_STRINGS) for r in _shapes(k, odd)]
+    fmt = Formatter(tok)
+    filled = [_segments_or_error(fmt, r) for r in rows]
+    assert any(p["parts"] and p["rows"] > SKELETON_CHECKS for p in fmt.__dict__["_skeletons"].plans.values()) \
+        or template.startswith(("deepseek", "llama3", "llava", "nemotron"))  # prefixes that do not nest here
+    monkeypatch.setattr(dataset, "SKELETONS", 0)
+    each = Formatter(tok)
+    for row, got in zip(rows, filled):
+        assert got == _segments_or_error(each, row), row
+
+
 @pytest.mark.parametrize("scheme", ["first", "always"])
 def test_pieces_match_a_sentencepiece_style_tokenizer(tmp_path, scheme):
     """A Metaspace tokenizer (Llama 2, Mistral, Gemma) marks a word's start, and with prepend_scheme "first" only the
     text's first word: a piece that starts at a special token must still tokenise as it does inside the text."""
-    from pathlib import Path
-
-    import trl
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
