@@ -597,16 +597,32 @@ def infer_classes(samples: list[Sample]) -> list[str] | None:
     return classes_of(samples)[0]
 
 
+CLASSES_MAX = 100  # answers of more distinct classes (after normalize) are free text, not a closed set
+CLASS_CHARS_MAX = 60  # nor are answers of a class name longer than this
+
+
+def answer_spellings(answers, into: dict | None = None) -> dict[str, dict[str, int]]:
+    """normalized answer -> each exact spelling -> count, over answers (None: no answer), added to into."""
+    spellings = {} if into is None else into
+    for a in answers:
+        if a is not None:
+            forms = spellings.setdefault(normalize(a), {})
+            forms[a] = forms.get(a, 0) + 1
+    return spellings
+
+
 def classes_of(samples) -> tuple[list[str] | None, bool]:
     """(infer_classes, whether every answer is spelled as its class's name already: to_classes would change
-    nothing), from one pass over the samples; a lazy table is not parsed a second time to find that out."""
-    spellings: dict[str, dict[str, int]] = {}  # normalized answer -> each exact spelling -> count
-    for s in samples:
-        if s.answer is not None:
-            forms = spellings.setdefault(normalize(s.answer), {})
-            forms[s.answer] = forms.get(s.answer, 0) + 1
+    nothing), from one pass over the samples. A lazy table's samples (finetune/sources.py's Samples) give their
+    answers' spellings as their validation pass kept them (their spellings(); None: past a closed set), so the
+    rows are not parsed again to find that out."""
+    spellings = samples.spellings() if hasattr(samples, "spellings") else \
+        answer_spellings(s.answer for s in samples)
+    if spellings is None:
+        return None, False
     counts = [sum(forms.values()) for forms in spellings.values()]
-    if len(counts) < 2 or len(counts) > 100 or min(counts) < 2 or max(len(k) for k in spellings) > 60:
+    if len(counts) < 2 or len(counts) > CLASSES_MAX or min(counts) < 2 or \
+            max(len(k) for k in spellings) > CLASS_CHARS_MAX:
         return None, False
     classes = []
     for forms in spellings.values():

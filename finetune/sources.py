@@ -59,6 +59,7 @@ import json
 import random
 import re
 import tempfile
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -432,6 +433,41 @@ def _undecoded(ds):
     return ds
 
 
+class AnswerCodes:
+    """A table's answers from its validation pass, each row's as a code into the distinct spellings (4 bytes a row),
+    so that finding the closed set of classes (dataset.classes_of) does not parse every row again. Once the answers
+    are past a closed set (more than dataset.CLASSES_MAX classes, or a longer name than CLASS_CHARS_MAX) the codes
+    are dropped and `closed` is False; past SPELLINGS_KEPT spellings they are dropped too, and the rows are read."""
+    SPELLINGS_KEPT = 10_000
+
+    def __init__(self):
+        self.codes, self.spellings, self.index, self.classes, self.closed = array("i"), [], {}, set(), True
+
+    def add(self, answer: str | None):
+        if self.codes is None:
+            return
+        code = -1 if answer is None else self.index.get(answer)
+        if code is None:
+            key = dataset.normalize(answer)
+            self.classes.add(key)
+            if len(self.classes) > dataset.CLASSES_MAX or len(key) > dataset.CLASS_CHARS_MAX:
+                self.closed, self.codes = False, None
+                return
+            if len(self.spellings) >= self.SPELLINGS_KEPT:
+                self.codes = None
+                return
+            code = self.index[answer] = len(self.spellings)
+            self.spellings.append(answer)
+        self.codes.append(code)
+
+    def answers(self, indices=None):
+        """The answers of the rows at indices (None: every row), or None where the codes were dropped."""
+        if self.codes is None:
+            return None
+        return (None if c < 0 else self.spellings[c] for c in (self.codes if indices is None else
+                                                              (self.codes[int(i)] for i in indices)))
+
+
 class Table:
     """One table source: a memory-mapped datasets.Dataset, each row parsed into a Sample (or Preference) when
     it is read, so a million rows cost their Arrow pages, not a million Python objects."""
@@ -449,6 +485,7 @@ class Table:
                                  (".csv", ".tsv") and kind(spec) == "table")
         self.root = None if allow_outside or kind(spec) == "hub" else Path(where).resolve()
         self.ds, self.spec, self.preference, self.require_answer, self.lm = ds, spec, preference, require_answer, lm
+        self.answers = None  # AnswerCodes, from validate
         self.path = Path(self.file)  # once: a Path per row costs more than parsing the row
         # a save_to_disk folder: image paths are relative to the folder itself, not to the folder it lies in
         self.base = Path(where) if kind(spec) == "disk" else None
@@ -491,10 +528,14 @@ class Table:
                 pos += 1
 
     def validate(self, prompts, require_question):
-        """Every row parsed once (nothing kept): the errors of dataset.py, before a model is loaded."""
+        """Every row parsed once: the errors of dataset.py, before a model is loaded. Nothing is kept but each
+        row's answer as a code (AnswerCodes), for the closed set of classes."""
         seen = {} if "id" in self.ds.column_names else None
+        self.answers = None if self.preference else AnswerCodes()
         for n, row in self.rows():
             s = self.parse(row, n)
+            if self.answers is not None:
+                self.answers.add(s.answer)
             try:
                 dataset.check_samples([s], prompts, require_question)
             except DataError as e:
@@ -568,6 +609,19 @@ class Samples(Sequence):
 
     def __radd__(self, other):
         return Samples([("", other, None)] + self.parts)
+
+    def spellings(self) -> dict | None:
+        """dataset.answer_spellings of every sample's answer, a table's from the codes its validation pass kept
+        (AnswerCodes); None when a whole table's answers are past a closed set (dataset.classes_of: no classes)."""
+        out = {}
+        for name, base, idx in self.parts:
+            kept = getattr(base, "answers", None) if isinstance(base, Table) else None
+            if kept is not None and not kept.closed and idx is None:
+                return None
+            answers = kept.answers(idx) if kept is not None else None
+            dataset.answer_spellings((s.answer for s in Samples([(name, base, idx)])) if answers is None else answers,
+                                     out)
+        return out
 
     def part_of(self):
         """(part index, sample) for every sample: what --validation-split stores (ids repeat across sources)."""

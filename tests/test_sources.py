@@ -398,3 +398,30 @@ def test_a_table_tokenised_in_worker_processes_gives_the_same_rows(tmp_path, tok
     monkeypatch.setattr(tokenise, "MAP_PROCESSES_FROM", 1)
     two = tokenise.encode_cached(fmt, load_samples(_table(tmp_path)), train=True, workers=2)
     assert two.to_list() == one.to_list() and len(one) == len(ROWS)
+
+
+@pytest.mark.parametrize("answers", ["closed set", "variants", "one class", "free text", "long names"])
+def test_a_tables_classes_come_from_its_validation_pass(tmp_path, monkeypatch, answers):
+    """classes_of on a table reads the answers its validation pass kept, not the rows again, and finds what it finds on
+    the same samples in a list: the whole table, a subset of it (--train-samples), and a mix with a list."""
+    from dataset import classes_of
+
+    make = {"closed set": lambda i: ["red", "blue", "green"][i % 3], "variants": lambda i: ["Red", "red.", " blue"][i % 3],
+            "one class": lambda i: "red", "free text": lambda i: f"answer number {i}",
+            "long names": lambda i: ["x" * 61, "y"][i % 2]}[answers]
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": make(i)}]}
+            for i in range(150)]
+    table = load_samples(_table(tmp_path, rows))
+    listed = list(table)
+    subset = sorted(range(0, 150, 7))
+    expected = [classes_of(listed), classes_of([listed[i] for i in subset]),
+                classes_of(listed[:10] + [listed[i] for i in subset])]
+    assert (expected[0][0] is not None) == (answers in ("closed set", "variants"))
+    reads = []
+    monkeypatch.setattr(sources.Table, "parse", lambda self, row, n: reads.append(n))
+    assert classes_of(table) == expected[0] and not reads
+    if answers in ("free text", "long names"):
+        return  # past a closed set the codes are dropped: a part of the table is read again (its answers may be fewer)
+    assert classes_of(table.take(subset)) == expected[1] and not reads
+    mix = sources.Samples([("list", listed[:10], None)] + [(n, b, subset) for n, b, _ in table.parts])
+    assert classes_of(mix) == expected[2] and not reads
