@@ -35,6 +35,7 @@ from test_e2e import color_task
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
 STEPS = 4
 REL = 1e-4  # float tolerance between process counts: the sums run in a different order
+LR = 1e-3
 
 # Runs train.py (argv[1:]) with a hook after Trainer.train: each rank writes a digest of its own live weights.
 RANK_DIGEST = '''
@@ -161,7 +162,7 @@ def data(tmp_path_factory):
 # float32 throughout (--mixed-precision no): the comparisons across process counts are to REL, and a CPU with bf16
 # instructions would otherwise autocast to bf16, whose rounding differs with the order of the sums
 def full_args(tiny_llm, data, log, name, *more):
-    return ["-m", tiny_llm, "--train-data", data, "--trainable", "full", "--lr", "1e-3", "--warmup", "0",
+    return ["-m", tiny_llm, "--train-data", data, "--trainable", "full", "--lr", LR, "--warmup", "0",
             "--max-steps", STEPS, "--save-steps", 2, "--seed", 0, "--mixed-precision", "no", "--log-dir", log,
             "--name", name, *more]
 
@@ -191,7 +192,10 @@ def test_two_processes_train_like_one_with_twice_the_batch(runs):
     one, two = step_rows(runs["one"]), step_rows(runs["two"])
     assert len(one) == STEPS and one[0]["num_tokens"] == two[0]["num_tokens"]  # the same samples per step
     assert_close_steps(two, one)
-    assert_close_weights(weights(runs["two"] / "latest"), weights(runs["one"] / "latest"))
+    # Adam moves a weight by up to --lr a step whatever its gradient's size, so where a gradient is near zero the
+    # sums' order across processes shows in the weight at a share of --lr, not at float rounding (1.5e-5 seen on
+    # one CPU); a rank that trained on other samples or skipped the averaging would differ by the order of --lr
+    assert_close_weights(weights(runs["two"] / "latest"), weights(runs["one"] / "latest"), atol=0.01 * LR * STEPS)
 
 
 def digest(tensors):  # the same as RANK_DIGEST's
