@@ -615,12 +615,13 @@ class Samples(Sequence):
         (AnswerCodes); None when a whole table's answers are past a closed set (dataset.classes_of: no classes)."""
         out = {}
         for name, base, idx in self.parts:
-            kept = getattr(base, "answers", None) if isinstance(base, Table) else None
+            kept = base.answers if isinstance(base, Table) else None
             if kept is not None and not kept.closed and idx is None:
                 return None
             answers = kept.answers(idx) if kept is not None else None
-            dataset.answer_spellings((s.answer for s in Samples([(name, base, idx)])) if answers is None else answers,
-                                     out)
+            if answers is None:  # a list, or a table whose codes were dropped: its samples read
+                answers = (s.answer for s in Samples([(name, base, idx)]))
+            dataset.answer_spellings(answers, out)
         return out
 
     def part_of(self):
