@@ -84,6 +84,8 @@ def main():
         print(f"  {name:24s} {at:7.1f}  {at - before:+7.1f}")
     print(f"\nfunctions by cumulative seconds (top {top})")
     pstats.Stats(profile).sort_stats("cumulative").print_stats(top)
+    if os.environ.get("STARTUP_STATS"):
+        profile.dump_stats(os.environ["STARTUP_STATS"])
 
 
 if __name__ == "__main__":

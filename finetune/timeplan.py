@@ -19,7 +19,8 @@ VALIDATION_SHARE of the run by this estimate, at most FREE_TEXT_SAMPLES; none wh
 run then validates the loss alone (unless --metric chrf or exact_match asks for generation: one batch); one batch
 when the costs cannot be measured. --val-samples chooses the count, --eval-steps how often, --max-new-tokens the
 budget. The plan line says when validation would take more than that share; the summary sets the measured time
-beside the estimate. GRPO, DPO and KTO runs get no time plan.
+beside the estimate. GRPO, DPO and KTO runs, and runs without validation data (whose time the step lines' ETA
+gives from the second step), get no time plan.
 """
 from __future__ import annotations
 
@@ -129,7 +130,9 @@ def plan_time(args, s, model, plan: dict, out: Path, vplan: ValidationPlan) -> V
         else vplan
     # a 4-bit base (qlora) is not run before training: bitsandbytes' CPU path keeps state from a forward pass that
     # makes the first training step fail ("a view of a leaf Variable ... in-place operation")
-    if args.trainer != "sft" or args.trainable == "qlora" or not plan.get("steps") or \
+    # without validation data the estimate decides nothing: the step lines' ETA (from the second step, and
+    # plan["eta"] in run.json) gives the run's time, and the measured pass's 0.1-2 s stay out of start-up
+    if args.trainer != "sft" or args.trainable == "qlora" or not plan.get("steps") or not s.val or \
             "input_ids" not in s.train_ds.column_names:
         return unmeasured
     import torch

@@ -241,6 +241,9 @@ def test_cache_misses_on_changed_data_tokenizer_or_format(tmp_path, cache, token
     other = copy.deepcopy(tokenizer)
     other.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     variants.append((_fmt(other), samples, True))                               # chat template
+    added = copy.deepcopy(tokenizer)
+    added.add_tokens(["<extra_token>"])
+    variants.append((_fmt(added), samples, True))                               # vocabulary (tokenizer.json)
     for fmt, s, train in variants:
         keys.add(tokenise.cache_key(fmt, s, train))
     assert len(keys) == len(variants) + 1

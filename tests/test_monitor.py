@@ -164,6 +164,8 @@ def test_lora_plan_counts_what_peft_trains(tiny_llm, tmp_path):
     loaded = re.search(r"lora, ([\d.]+)M of", r.stdout).group(1)
     assert f"{plan['trainable_parameters'] / 1e6:.2f}" == loaded and plan["steps"] == 1
     assert "gemm_4bit_forward" not in r.stderr
+    # no validation data: no time plan, so no forward pass measured before the first step
+    assert "time" not in plan and "plan: about" not in r.stdout
 
 
 @pytest.mark.parametrize("extra, message", [
