@@ -954,7 +954,9 @@ class Formatter:
             cache.clear()
         pieces = [[p for p in state["split"].split(t) if p] for t in texts]
         new = list({p: None for ps in pieces for p in ps if p not in cache})
-        for p, e in zip(new, backend.encode_batch(new, add_special_tokens=False) if new else []):
+        # encode_batch_fast skips the character offsets, which nothing here reads (a fifth of the call's time)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        for p, e in zip(new, encode(new, add_special_tokens=False) if new else []):
             cache[p] = e.ids
         ids = []
         for ps in pieces:

@@ -11,6 +11,7 @@ build_trainer) and stops at the first training step. Prints the phases, then the
 seconds (imports show as <frozen importlib._bootstrap>; `python -X importtime` splits those per module).
 --script runs another training script (bench/plain_trl_sft.py) as __main__ under the same profiler and first-step
 stop: its imports and its first step, without train.py's phases.
+STARTUP_STATS=FILE also writes the profile to FILE (pstats), for print_callees and the like.
 """
 import cProfile
 import os
