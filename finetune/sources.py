@@ -532,19 +532,20 @@ class Table:
         row's answer as a code (AnswerCodes), for the closed set of classes."""
         seen = {} if "id" in self.ds.column_names else None
         self.answers = None if self.preference else AnswerCodes()
-        for n, row in self.rows():
-            s = self.parse(row, n)
-            if self.answers is not None:
-                self.answers.add(s.answer)
-            try:
-                dataset.check_samples([s], prompts, require_question)
-            except DataError as e:
-                raise self.convert.error(e) from None
-            if seen is not None:
-                if s.id in seen:
-                    raise self.convert.error(DataError(self.file, f"row {n + 1}", "id", f"duplicate sample id "
-                                                         f"{s.id!r}: also row {seen[s.id]}"))
-                seen[s.id] = n + 1
+        with tokenise.collection_paused():
+            for n, row in self.rows():
+                s = self.parse(row, n)
+                if self.answers is not None:
+                    self.answers.add(s.answer)
+                try:
+                    dataset.check_samples([s], prompts, require_question)
+                except DataError as e:
+                    raise self.convert.error(e) from None
+                if seen is not None:
+                    if s.id in seen:
+                        raise self.convert.error(DataError(self.file, f"row {n + 1}", "id", f"duplicate sample "
+                                                             f"id {s.id!r}: also row {seen[s.id]}"))
+                    seen[s.id] = n + 1
 
     @property
     def fingerprint(self) -> str:

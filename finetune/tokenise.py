@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -105,7 +106,7 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str, progre
     features = datasets.Features({k: kinds.get(k, datasets.Value("string")) for k in ENCODED_COLUMNS})
     update = progress.update if progress is not None and procs is None else None  # workers: counted per part
     try:
-        with quiet_datasets():  # our progress line, not datasets' bars
+        with quiet_datasets(), collection_paused():  # our progress line, not datasets' bars
             out = ds.map(_encode_batch, batched=True, batch_size=256, with_indices=True, num_proc=procs,
                          fn_kwargs={"source": source, "fmt": fmt, "train": train, "idx": idx, "progress": update},
                          remove_columns=ds.column_names, features=features,
@@ -125,6 +126,21 @@ def encode_source(source, idx, fmt, train: bool, workers: int, name: str, progre
         keep = sorted(set(range(len(out))) - set(gone))
         out = out.select(keep).flatten_indices()  # the kept rows written out: later maps and the cache see no holes
     return out.remove_columns(["truncated", "dropped"]), procs or 1
+
+
+@contextlib.contextmanager
+def collection_paused():
+    """Python's cyclic garbage collector off for a pass over the rows (validating, tokenising). The rows' objects
+    form no reference cycles, so reference counting frees each row as before, while the collector's full passes
+    walk every object the ML libraries imported (about half a million) and took about a tenth of the time on
+    tool-call rows, with the same peak memory (docs/benchmarks.md, every data form)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def scratch_folder() -> Path:
