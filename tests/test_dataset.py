@@ -11,6 +11,7 @@ import dataset
 from conftest import write_jsonl
 from dataset import (DataError, Formatter, SKELETON_CHECKS, Sample, classes_of, load_classes, load_prompts,
                      load_rvl_cdip, load_samples, infer_classes, normalize, parse_sample, RVL_CDIP_CLASSES, to_classes)
+from finetune import sources, tokenise
 from tiny_models import build_tokenizer
 
 
@@ -259,6 +260,38 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
     if case == "pieces":
         assert pieces["checked"] >= 64 and any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema
 
+
+
+def test_encoding_rows_leaves_no_reference_cycles(tmp_path):
+    """Validating and tokenising run with Python's cyclic garbage collector paused (tokenise.collection_paused):
+    rows read from a table and encoded, tool calls and documents alike, must leave nothing only it would free."""
+    import gc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = build_tokenizer(words=["get_weather", "red", "blue"])
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "town"})}}]
+    tools = json.dumps([{"name": "get_weather", "parameters": {"type": "object"}}])
+    shapes = [{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None,
+                                                                         "tool_calls": call},
+                            {"role": "tool", "content": "red"}, {"role": "assistant", "content": "It is red."}],
+               "tools": tools},
+              {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour?"},
+                            {"role": "assistant", "content": "blue"}], "tools": None}]
+    rows = [json.loads(json.dumps(shapes[i % 2]).replace("red", f"red {i}")) for i in range(120)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    samples = sources.load_samples(str(tmp_path / "t.parquet"))  # a table: each row parsed as it is read
+    fmt = Formatter(tok)
+    fmt.encode_many([samples[i] for i in range(8)], train=True)  # the caches filled first
+    gc.collect()
+    with tokenise.collection_paused():
+        for start in range(8, 120, 16):
+            fmt.encode_many([samples[i] for i in range(start, min(120, start + 16))], train=True)
+        assert not gc.isenabled()
+        assert gc.collect() == 0
+    assert gc.isenabled()
 
 CHAT_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 SCHEMAS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
