@@ -955,8 +955,7 @@ class Formatter:
         pieces = [[p for p in state["split"].split(t) if p] for t in texts]
         new = list({p: None for ps in pieces for p in ps if p not in cache})
         # encode_batch_fast skips the character offsets, which nothing here reads (a fifth of the call's time)
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        for p, e in zip(new, encode(new, add_special_tokens=False) if new else []):
+        for p, e in zip(new, backend.encode_batch_fast(new, add_special_tokens=False) if new else []):
             cache[p] = e.ids
         ids = []
         for ps in pieces:

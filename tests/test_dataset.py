@@ -1,8 +1,11 @@
 """dataset.py: every layout, prompts, and the loss mask checked token by token."""
+import gc
 import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import trl
 from jinja2 import TemplateError
@@ -261,15 +264,9 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
         assert pieces["checked"] >= 64 and any("get_weather" in p and len(p) > 200 for p in pieces["ids"])  # the schema
 
 
-
 def test_encoding_rows_leaves_no_reference_cycles(tmp_path):
     """Validating and tokenising run with Python's cyclic garbage collector paused (tokenise.collection_paused):
     rows read from a table and encoded, tool calls and documents alike, must leave nothing only it would free."""
-    import gc
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     tok = build_tokenizer(words=["get_weather", "red", "blue"])
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
     call = [{"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "town"})}}]
@@ -292,6 +289,7 @@ def test_encoding_rows_leaves_no_reference_cycles(tmp_path):
         assert not gc.isenabled()
         assert gc.collect() == 0
     assert gc.isenabled()
+
 
 CHAT_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 SCHEMAS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather of a city",
