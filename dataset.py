@@ -51,7 +51,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, nodes
+from jinja2.ext import Extension
 
 RVL_CDIP_CLASSES = [
     "letter", "form", "email", "handwritten", "advertisement", "scientific report", "scientific publication",
@@ -682,6 +683,9 @@ def sample_rng(seed: int, sample_id: str) -> random.Random:
 
 SLOT = "zslot{}q7"  # a string's placeholder in a skeleton: letters and digits, which JSON and HTML leave as they are
 SLOT_RE = re.compile(r"zslot(\d+)q7")
+# a string's stand-in when a shape is checked for trust (Skeletons._modes): JSON and HTML escaping, trimming, case
+# and ASCII-only escaping each change it
+CANARY = " \"\\<&'\n\t\x01\u00e9 Zq{} \r"
 SKELETONS = 1024  # conversation shapes whose skeleton one Formatter keeps (0: none, every prefix rendered)
 SKELETON_CHECKS = 4  # conversations of each shape whose every prefix is rendered as well and compared
 
@@ -701,6 +705,147 @@ def _slotted(value, values: list, key=None):
     return value
 
 
+def _probed(shape, canaries: list):
+    """A shape with each placeholder replaced by a _Probe of its canary."""
+    if isinstance(shape, str):
+        m = SLOT_RE.fullmatch(shape)
+        return _Probe(canaries[int(m[1])]) if m else shape
+    if isinstance(shape, dict):
+        return {k: _probed(v, canaries) for k, v in shape.items()}
+    if isinstance(shape, list):
+        return [_probed(v, canaries) for v in shape]
+    return shape
+
+
+def _fill(parts, values, modes=None) -> tuple[str, list[int]]:
+    """A skeleton's text with values in its placeholders (a JSON string's inside where modes says so), and where
+    each literal part starts in it."""
+    out, starts, pos = [], [], 0
+    for j, part in enumerate(parts):
+        if j % 2:
+            part = values[part]
+            if modes and modes[j // 2]:
+                part = json.dumps(part, ensure_ascii=False)[1:-1]
+        else:
+            starts.append(pos)
+        out.append(part)
+        pos += len(part)
+    return "".join(out), starts
+
+
+class _Probe(str):
+    """A string that records what a chat template does with it other than writing it out (Skeletons._modes):
+    reading any attribute or method, its length, items, comparisons, hashing, arithmetic, formatting. Writing it
+    out (str(), joining into the output) is not recorded, and `+` keeps a _Probe, so a use of the sum is recorded."""
+    used: list = []
+
+    def __getattribute__(self, name):
+        if name != "__class__":  # isinstance() reads __class__ when the type alone does not match
+            _Probe.used.append(name)
+        return str.__getattribute__(self, name)
+
+    def __str__(self):
+        return self
+
+    def __bool__(self):  # a placeholder stands for a non-empty string (empty ones stay in the shape)
+        return True
+
+    def __add__(self, other):
+        return _Probe(str.__add__(self, other))
+
+    def __radd__(self, other):
+        return _Probe(str.__add__(other, self)) if isinstance(other, str) else NotImplemented
+
+
+def _recorded(name):
+    base = getattr(str, name, None)
+
+    def use(self, *args):
+        _Probe.used.append(name)
+        if base is None:
+            raise TypeError(f"a string has no {name}")
+        return base(self, *args)
+    return use
+
+
+for _name in ("__len__", "__iter__", "__reversed__", "__getitem__", "__contains__", "__eq__", "__ne__", "__lt__",
+              "__le__", "__gt__", "__ge__", "__hash__", "__mul__", "__rmul__", "__mod__", "__rmod__", "__format__",
+              "__repr__", "__int__", "__float__", "__index__"):
+    setattr(_Probe, _name, _recorded(_name))
+
+# Filters that record any look at a _Probe (they call its methods or dunders), or hand their input back as it is;
+# `join` and `tojson` build a new string that nothing records, so a template may only write theirs straight out.
+# Left out: `int` and `wordcount` (they read the text in C), `format`, and any filter a template's environment adds.
+TRACED_FILTERS = {"abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "e", "escape",
+                  "first", "float", "forceescape", "groupby", "indent", "items", "join", "last", "length", "list",
+                  "lower", "map", "max", "min", "pprint", "reject", "rejectattr", "replace", "reverse", "round",
+                  "safe", "select", "selectattr", "slice", "sort", "string", "sum", "title", "tojson", "trim",
+                  "truncate", "unique", "upper"}
+TRACED_TESTS = {"boolean", "defined", "divisibleby", "eq", "equalto", "escaped", "even", "false", "float", "ge", "gt",
+                "integer", "iterable", "le", "lower", "lt", "mapping", "ne", "none", "number", "odd", "sequence",
+                "string", "true", "undefined", "upper", "==", "!=", "<", "<=", ">", ">="}
+
+
+def _written(above: list, node) -> bool:
+    """Whether node's value goes straight into the template's output: through `+`, `~` and if-else only."""
+    for parent in reversed(above):
+        if isinstance(parent, nodes.Output):
+            return True
+        if not isinstance(parent, (nodes.Concat, nodes.Add, nodes.CondExpr)) or getattr(parent, "test", None) is node:
+            return False
+        node = parent
+    return False
+
+
+def _traceable(node, above: list, macros: set) -> bool:
+    """Whether a chat template can look at a message's string only in ways a _Probe records (Skeletons._modes):
+    what `~`, `join`, `tojson`, a macro or a {% set %} block make of one is a plain string, so those may only be
+    written out; `x in y` reads x's text in C unless y is a _Probe or a literal list; a method of a plain string
+    (or a global function) reads its arguments in C unless they are literals."""
+    if isinstance(node, (nodes.AssignBlock, nodes.FilterBlock, nodes.CallBlock)):
+        return False
+    if isinstance(node, nodes.Filter) and (node.name not in TRACED_FILTERS or node.name not in ("default", "d")
+                                           and not all(isinstance(a, nodes.Const) for a in node.args)):
+        return False
+    if isinstance(node, nodes.Test) and node.name not in TRACED_TESTS:
+        return False
+    if isinstance(node, nodes.Compare) and any(op.op in ("in", "notin") for op in node.ops) \
+            and not isinstance(node.expr, nodes.Const) \
+            and not all(isinstance(op.expr, (nodes.List, nodes.Tuple)) for op in node.ops):
+        return False
+    if isinstance(node, nodes.Call):
+        name = node.node.name if isinstance(node.node, nodes.Name) else None
+        literal = not node.dyn_args and not node.dyn_kwargs \
+            and all(isinstance(a, nodes.Const) for a in [*node.args, *(k.value for k in node.kwargs)])
+        if name in macros and not _written(above, node) \
+                or name not in macros and not literal and name not in ("namespace", "dict", "range", "raise_exception"):
+            return False
+    fresh = isinstance(node, nodes.Concat) or isinstance(node, nodes.Filter) and node.name in ("join", "tojson")
+    if fresh and not _written(above, node):
+        return False
+    return all(_traceable(child, above + [node], macros) for child in node.iter_child_nodes())
+
+
+class _Generation(Extension):
+    """transformers' {% generation %} block, read as its body: the block writes its body's text out as it is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def traced_template(source) -> bool:
+    """Whether Skeletons may trust a shape of this chat template once its probe renders match (_traceable)."""
+    if not isinstance(source, str):
+        return False
+    try:
+        tree = Environment(extensions=["jinja2.ext.loopcontrols", _Generation]).parse(source)
+    except TemplateError:  # a syntax this environment lacks: not traced
+        return False
+    return _traceable(tree, [], {m.name for m in tree.find_all(nodes.Macro)})
+
+
 class Skeletons:
     """A conversation's prefix renders through one render of the whole conversation.
 
@@ -708,13 +853,17 @@ class Skeletons:
     renders a turn, most of the time spent encoding conversations (docs/benchmarks.md, every data form), which no
     library caches. Conversations of one shape (the same roles, fields and tools, every string in the same place)
     differ only in their strings, so a shape's prefixes are rendered once with a placeholder for each string (its
-    skeleton) and a conversation's prefixes are the skeleton's with its strings put back. Each conversation's whole
-    render is compared with its filled skeleton, and the first SKELETON_CHECKS of a shape have every prefix compared:
-    a template whose output depends on the strings' text (trimming, escaping, tests on the content, prefixes that
-    do not nest) differs there, and that conversation, or that shape, is rendered prefix by prefix."""
+    skeleton) and a conversation's prefixes are the skeleton's with its strings put back.
 
-    def __init__(self):
+    A shape is trusted when its template can be shown to write each string out without looking at it (_modes): its
+    conversations get no render of their own. Otherwise each conversation's whole render is compared with its
+    filled skeleton, and the first SKELETON_CHECKS of a shape have every prefix compared: a template whose output
+    depends on the strings' text (trimming, escaping, tests on the content, prefixes that do not nest) differs
+    there, and that conversation, or that shape, is rendered prefix by prefix."""
+
+    def __init__(self, traced=False):
         self.plans, self.rows, self.built = {}, 0, 0
+        self.traced = traced  # the chat template passed traced_template: its shapes may be trusted
 
     def renders(self, render, msgs, tools, needed) -> dict | None:
         """{(n, generation prompt): render(msgs[:n], generation prompt, tools)} for each of needed, or None where
@@ -729,21 +878,18 @@ class Skeletons:
         if key not in self.plans:
             if len(self.plans) >= SKELETONS:
                 self.plans.clear()
-            self.plans[key] = self._plan(render, shape, tools, needed, whole)
+            self.plans[key] = plan = self._plan(render, shape, tools, needed, whole)
+            if plan["parts"] is not None and self.traced:
+                plan["modes"] = self._modes(render, shape, tools, plan, len(values), whole)
             self.built += 1
         plan = self.plans[key]
         if plan["parts"] is None:
             return None
-        out, starts, pos = [], [], 0
-        for j, part in enumerate(plan["parts"]):
-            if j % 2:
-                part = values[part]
-            else:
-                starts.append(pos)
-            out.append(part)
-            pos += len(part)
-        text = "".join(out)
+        text, starts = _fill(plan["parts"], values, plan["modes"])
         filled = {k: text[: starts[lit] + offset] for k, (lit, offset) in plan["cuts"].items()}
+        if plan["modes"] is not None:
+            plan["rows"] += 1
+            return filled
         try:
             if render(msgs[: whole[0]], whole[1], tools) != text:
                 plan["misses"] += 1
@@ -765,7 +911,7 @@ class Skeletons:
     def _plan(render, msgs, tools, needed, whole) -> dict:
         """The skeleton of a shape: its whole render split into literal text and placeholders (parts: text, slot,
         text, ...), and where each prefix ends in it (cuts: the literal part and the offset in it)."""
-        plan = {"parts": None, "cuts": {}, "checked": 0, "misses": 0, "rows": 0}
+        plan = {"parts": None, "cuts": {}, "checked": 0, "misses": 0, "rows": 0, "modes": None}
         try:
             texts = {k: render(msgs[: k[0]], k[1], tools) for k in {*needed, whole}}
         except (TemplateError, TypeError, ValueError):  # placeholders a template cannot take: each row rendered
@@ -785,6 +931,39 @@ class Skeletons:
             plan["cuts"][k] = (lit, len(texts[k]) - starts[lit])
         plan["parts"] = [int(p) if j % 2 else p for j, p in enumerate(parts)]
         return plan
+
+    @staticmethod
+    def _modes(render, shape, tools, plan, strings, whole) -> list[bool] | None:
+        """How a trusted shape writes each placeholder (False: as it is; True: as the inside of a JSON string, e.g.
+        tool-call arguments through tojson), or None when the shape is not trusted. Trusted: its renders with a
+        _Probe of a CANARY for each string record no use of them, and are its skeleton filled with the canaries,
+        each written one way or the other. The template then writes every string out, in a way that does not
+        depend on its text, and nothing else it writes depends on the strings' text."""
+        canaries = [CANARY.format(i) for i in range(strings)]
+        probed = _probed(shape, canaries)
+        _Probe.used = []
+        try:
+            texts = {k: render(probed[: k[0]], k[1], tools) for k in plan["cuts"]}
+        except (TemplateError, TypeError, ValueError):  # a template that cannot take the probes: not trusted
+            return None
+        finally:
+            used, _Probe.used = _Probe.used, []
+        if used:
+            return None
+        text, pos, modes = texts[whole], 0, []
+        for j, part in enumerate(plan["parts"]):
+            if j % 2:
+                raw = canaries[part]
+                modes.append(not text.startswith(raw, pos))
+                part = json.dumps(raw, ensure_ascii=False)[1:-1] if modes[-1] else raw
+            if not text.startswith(part, pos):
+                return None
+            pos += len(part)
+        filled, starts = _fill(plan["parts"], canaries, modes)
+        if pos != len(text) or any(texts[k] != filled[: starts[lit] + offset] for k, (lit, offset)
+                                   in plan["cuts"].items()):
+            return None
+        return modes
 
 
 @dataclass
@@ -910,7 +1089,9 @@ class Formatter:
         skeleton of the conversation's shape (Skeletons) where it serves, else rendered one by one."""
         if not needed:
             return {}
-        filled = self.__dict__.setdefault("_skeletons", Skeletons()).renders(self._render, msgs, tools, needed)
+        if "_skeletons" not in self.__dict__:  # per template, not a field: no part of the cache key
+            self._skeletons = Skeletons(traced_template(getattr(self._owner(), "chat_template", None)))
+        filled = self._skeletons.renders(self._render, msgs, tools, needed)
         return filled if filled is not None else {(n, gen): self._render(msgs[:n], gen, tools) for n, gen in needed}
 
     @staticmethod
@@ -952,7 +1133,7 @@ class Formatter:
         cache = state["ids"]
         if len(cache) > PIECES_CACHED:
             cache.clear()
-        pieces = [[p for p in state["split"].split(t) if p] for t in texts]
+        pieces = [state["split"](t) for t in texts]
         new = list({p: None for ps in pieces for p in ps if p not in cache})
         # encode_batch_fast skips the character offsets, which nothing here reads (a fifth of the call's time)
         for p, e in zip(new, backend.encode_batch_fast(new, add_special_tokens=False) if new else []):
@@ -972,8 +1153,9 @@ class Formatter:
         return ids
 
     def _special_split(self):
-        """A pattern that splits a text where each special token starts; None without special tokens, or when one
-        strips the whitespace in front of it (that whitespace ends the piece before: the pieces' ids would differ)."""
+        """A function that splits a text where each special token starts (its non-empty pieces); None without
+        special tokens, or when one strips the whitespace in front of it (that whitespace ends the piece before:
+        the pieces' ids would differ)."""
         decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
         special = [t for t in decoder.values() if t.special and t.content]
         if not special or any(t.lstrip for t in special):
@@ -981,7 +1163,15 @@ class Formatter:
         names = {t.content for t in special}
         # a token found inside another one past its start is no place to cut: the cut would split the other token
         names = sorted((n for n in names if not any(n in m[1:] for m in names if m != n)), key=len, reverse=True)
-        return re.compile("(?=" + "|".join(map(re.escape, names)) + ")") if names else None
+        if not names:
+            return None
+        rest = "|".join(re.escape(n[1:]) for n in names)
+        first = re.escape(names[0][0])
+        if all(n[0] == names[0][0] for n in names):  # the pieces matched whole, in C: a lookahead split tried at
+            # every position costs three to four times as much, most of text_ids' own time on long prompts
+            return re.compile(f"(?s)(?=.){first}?[^{first}]*(?:{first}(?!{rest})[^{first}]*)*").findall
+        at_each = re.compile("(?=" + "|".join(map(re.escape, names)) + ")")
+        return lambda text: [p for p in at_each.split(text) if p]
 
     @staticmethod
     def _assemble(segs, seg_ids) -> tuple[list[int], list[int]]:

@@ -1,6 +1,7 @@
 """dataset.py: every layout, prompts, and the loss mask checked token by token."""
 import gc
 import json
+import random
 import re
 from pathlib import Path
 
@@ -341,6 +342,67 @@ def test_skeletons_render_as_each_prefix_would(template, monkeypatch):
     each = Formatter(tok)
     for row, got in zip(rows, filled):
         assert got == _segments_or_error(each, row), row
+
+
+def _chatml_using(use):
+    """A ChatML template that writes each message's content (c) and then does `use` with it."""
+    return ("{%- macro echo(x) -%}{{ x }}{%- endmacro -%}"
+            "{%- for message in messages -%}{%- set c = message['content'] -%}"
+            "{{- '<|im_start|>' + message['role'] + '\\n' + c -}}" + use + "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+# what a template does with a message's string -> whether its shapes are trusted (their rows get no render)
+STRING_USES = {
+    "": True, "{{- c | tojson -}}": True, "{{- ' ' ~ c ~ ' ' -}}": True,
+    # recorded by the probe
+    "{{- c | trim -}}": False, "{%- if '</think>' in c -%}T{%- endif -%}": False, "{{- c[:3] -}}": False,
+    "{%- set t = '<' + c -%}{{- t.split('</think>')[0] -}}": False, "{{- c | length -}}": False,
+    "{%- if c == 'red' -%}T{%- endif -%}": False, "{{- c | upper -}}": False, "{{- c | e -}}": False,
+    "{%- for ch in c -%}.{%- endfor -%}": False, "{{- '%5s' % c -}}": False,
+    "{{- c | tojson(ensure_ascii=True) -}}": False,  # the canary's \u00e9 is escaped: not the JSON mode
+    # what the probe cannot see, refused by reading the template
+    "{%- if c in 'red blue' -%}T{%- endif -%}": False, "{%- set t = '<' ~ c -%}{{- t.split('</think>')[0] -}}": False,
+    "{{- c | int -}}": False, "{{- c | wordcount -}}": False, "{%- set t -%}{{ c }}{%- endset -%}{{- t | trim -}}": False,
+    "{{- '{:>30}'.format(c) -}}": False, "{%- set t = echo(c) -%}{{- t | trim -}}": False,
+    "{{- [c] | join(' ') | trim -}}": False, "{%- set t = c | tojson -%}{{- t[:4] -}}": False,
+}
+
+
+@pytest.mark.parametrize("use", STRING_USES)
+def test_trusted_shapes_are_those_whose_strings_are_only_written(use, monkeypatch):
+    """A shape is trusted only when its template writes each string without looking at it; every other use, whether
+    the probe records it or only the template's text shows it, keeps the per-row render. Rows whose strings change
+    what such a use writes (trimmed, a tag, a number, a word count, padding, quotes) come out as one-by-one rendering."""
+    tok = build_tokenizer(words=["red", "blue"])
+    tok.chat_template = _chatml_using(use)
+    odd = ["red", "12", '  a </think> b "q" \\ \u00e9  ', "x" * 40]
+    rows = [{"messages": [{"role": "user", "content": f"u{i} blue"}, {"role": "assistant", "content": f"a{i} red"}]}
+            for i in range(SKELETON_CHECKS + 2)]
+    rows += [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]} for u in odd for a in odd]
+    fmt = Formatter(tok)
+    filled = [_segments_or_error(fmt, r) for r in rows]
+    assert [p["modes"] is not None for p in fmt.__dict__["_skeletons"].plans.values()] == [STRING_USES[use]]
+    monkeypatch.setattr(dataset, "SKELETONS", 0)
+    each = Formatter(tok)
+    for row, got in zip(rows, filled):
+        assert got == _segments_or_error(each, row), row
+
+
+@pytest.mark.parametrize("extra", [[], ["[INST]", "[/INST]", "<<SYS>>"]])
+def test_text_pieces_start_where_each_special_token_starts(extra):
+    """Formatter.text_ids cuts a text into pieces where each special token starts: the same cuts as a split at every
+    such position, whether the special tokens share their first character (matched whole) or not."""
+    tok = build_tokenizer(extra_special_tokens=extra)
+    names = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    at_each = re.compile("(?=" + "|".join(map(re.escape, names)) + ")")
+    split = Formatter(tok)._special_split()
+    rng = random.Random(0)
+    fragments = names + ["<", "|", "<|im", "_end|>", "[", "/INST", "a b", "\n", "<<", " <|x|> ", "\u00e9"]
+    texts = ["", "<", "<<|im_end|>", "<|im_start|><|im_start|>"] + \
+        ["".join(rng.choice(fragments) for _ in range(rng.randint(1, 12))) for _ in range(500)]
+    for text in texts:
+        assert split(text) == [p for p in at_each.split(text) if p], text
 
 
 @pytest.mark.parametrize("scheme", ["first", "always"])
