@@ -48,6 +48,7 @@ import hashlib
 import json
 import random
 import re
+from itertools import accumulate
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -425,10 +426,18 @@ def _call_turn(content, calls, file, sid, where) -> str:
     return json.dumps({"content": content, "tool_calls": out})
 
 
+TOOL_TEXTS = 256  # distinct `tools` texts kept parsed (_tool_schemas): a data set often repeats one on every row
+_tool_texts: dict[str, list] = {}
+
+
 def _tool_schemas(rec, file, sid) -> list | None:
     """The `tools` field: a list of function schemas (or its JSON text), each wrapped in OpenAI's
-    {"type": "function", "function": {...}} as chat templates expect; None when absent or empty."""
-    tools = _json_value(rec.get("tools"), file, sid, "tools", "the tools list")
+    {"type": "function", "function": {...}} as chat templates expect; None when absent or empty. Rows with the
+    same JSON text share one list, which nothing changes."""
+    text = rec.get("tools")
+    if isinstance(text, str) and text in _tool_texts:
+        return _tool_texts[text]
+    tools = _json_value(text, file, sid, "tools", "the tools list")
     if not tools:
         return None
     if not isinstance(tools, list):
@@ -439,6 +448,10 @@ def _tool_schemas(rec, file, sid) -> list | None:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
             raise DataError(file, sid, f"tools[{i}]", "expected a function schema: a JSON object with a 'name'")
         out.append(t if "function" in t else {"type": "function", "function": t})
+    if isinstance(text, str):
+        if len(_tool_texts) >= TOOL_TEXTS:
+            _tool_texts.clear()
+        _tool_texts[text] = out
     return out
 
 
@@ -698,8 +711,17 @@ def _slotted(value, values: list, key=None):
             return value
         values.append(value)
         return SLOT.format(len(values) - 1)
-    if isinstance(value, dict):
-        return {k: _slotted(v, values, k) for k, v in value.items()}
+    if isinstance(value, dict):  # a dict's strings and other leaves handled here: most of a message's values
+        out = {}
+        for k, v in value.items():
+            if type(v) is str:
+                if v and k != "role" and k != "type":
+                    values.append(v)
+                    v = SLOT.format(len(values) - 1)
+            elif isinstance(v, (dict, list, tuple, str)):
+                v = _slotted(v, values, k)
+            out[k] = v
+        return out
     if isinstance(value, (list, tuple)):
         return [_slotted(v, values) for v in value]
     return value
@@ -720,17 +742,13 @@ def _probed(shape, canaries: list):
 def _fill(parts, values, modes=None) -> tuple[str, list[int]]:
     """A skeleton's text with values in its placeholders (a JSON string's inside where modes says so), and where
     each literal part starts in it."""
-    out, starts, pos = [], [], 0
-    for j, part in enumerate(parts):
-        if j % 2:
-            part = values[part]
-            if modes and modes[j // 2]:
-                part = json.dumps(part, ensure_ascii=False)[1:-1]
-        else:
-            starts.append(pos)
-        out.append(part)
-        pos += len(part)
-    return "".join(out), starts
+    out = parts[:]
+    out[1::2] = [values[i] for i in parts[1::2]]
+    for k, escaped in enumerate(modes or ()):
+        if escaped:
+            out[2 * k + 1] = json.dumps(out[2 * k + 1], ensure_ascii=False)[1:-1]
+    ends = list(accumulate(map(len, out)))
+    return "".join(out), [0, *ends[1::2]]
 
 
 class _Probe(str):
@@ -862,7 +880,7 @@ class Skeletons:
     there, and that conversation, or that shape, is rendered prefix by prefix."""
 
     def __init__(self, traced=False):
-        self.plans, self.rows, self.built = {}, 0, 0
+        self.plans, self.rows, self.built, self.tool_reprs = {}, 0, 0, {}
         self.traced = traced  # the chat template passed traced_template: its shapes may be trusted
 
     def renders(self, render, msgs, tools, needed) -> dict | None:
@@ -873,7 +891,7 @@ class Skeletons:
         values = []
         shape = _slotted(msgs, values)  # the tools stay as they are: a row's own tools make a shape of their own
         whole = (len(msgs), msgs[-1]["role"] != "assistant")
-        key = repr((shape, tools, needed))
+        key = (repr(shape), self._tools_key(tools), tuple(needed))
         self.rows += 1
         if key not in self.plans:
             if len(self.plans) >= SKELETONS:
@@ -906,6 +924,16 @@ class Skeletons:
                 plan["parts"] = None
                 return each
         return filled
+
+    def _tools_key(self, tools) -> str:
+        """repr(tools), kept per list object (held, so its id is not reused): rows whose tools are one JSON text
+        share one list (_tool_schemas), and its repr is most of a key's cost."""
+        held = self.tool_reprs.get(id(tools))
+        if held is None or held[0] is not tools:
+            if len(self.tool_reprs) >= TOOL_TEXTS:
+                self.tool_reprs.clear()
+            held = self.tool_reprs[id(tools)] = (tools, repr(tools))
+        return held[1]
 
     @staticmethod
     def _plan(render, msgs, tools, needed, whole) -> dict:

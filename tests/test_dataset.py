@@ -243,7 +243,7 @@ def test_many_samples_tokenise_as_each_would_alone(tmp_path, monkeypatch, case):
     strips = case == "a special token strips the space before it"
     tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|mark|>", lstrip=strips, special=True)]})
     if case == "pieces that differ":
-        monkeypatch.setattr(Formatter, "_special_split", lambda self: re.compile("(?=o)"))
+        monkeypatch.setattr(Formatter, "_special_split", lambda self: re.compile("(?=o)").split)
     tools = [{"name": "get_weather", "description": "The weather of a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     rows = [{"messages": [{"role": "user", "content": f"Weather in town {i}?  <|mark|> now"},
