@@ -802,6 +802,9 @@ TRACED_FILTERS = {"abs", "attr", "batch", "capitalize", "center", "count", "d", 
 TRACED_TESTS = {"boolean", "defined", "divisibleby", "eq", "equalto", "escaped", "even", "false", "float", "ge", "gt",
                 "integer", "iterable", "le", "lower", "lt", "mapping", "ne", "none", "number", "odd", "sequence",
                 "string", "true", "undefined", "upper", "==", "!=", "<", "<=", ">", ">="}
+# filters that apply another filter or a test named by an argument: (that argument's position, the names allowed)
+BY_NAME = {"map": (0, TRACED_FILTERS), "select": (0, TRACED_TESTS), "reject": (0, TRACED_TESTS),
+           "selectattr": (1, TRACED_TESTS), "rejectattr": (1, TRACED_TESTS)}
 
 
 def _written(above: list, node) -> bool:
@@ -826,6 +829,9 @@ def _traceable(node, above: list, macros: set) -> bool:
                                            and not all(isinstance(a, nodes.Const) for a in node.args)):
         return False
     if isinstance(node, nodes.Test) and node.name not in TRACED_TESTS:
+        return False
+    if isinstance(node, nodes.Filter) and node.name in BY_NAME and len(node.args) > BY_NAME[node.name][0] \
+            and node.args[BY_NAME[node.name][0]].value not in BY_NAME[node.name][1]:
         return False
     if isinstance(node, nodes.Compare) and any(op.op in ("in", "notin") for op in node.ops) \
             and not isinstance(node.expr, nodes.Const) \

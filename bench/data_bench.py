@@ -26,8 +26,8 @@ replies), then for DPO / KTO the trainer's _prepare_dataset (rl.preference_train
 tokenising), which its constructor runs.
 The tokenizer is SmolLM2's (--tokenizer tiny: the test one) with Qwen2.5's chat template as TRL ships it, which
 renders tool schemas, calls and results; it loads before the clock starts. Prints a markdown table: form | tokens per
-row | load + validate s | tokenise s | total s | CPU s | rows/s | tokens/s | peak RSS (the process's ru_maxrss) |
-rows/s / alpaca's (wall-clock, and by CPU time: the cores are shared). --repeat N: N rounds over the forms, fresh
+row | load + validate s | tokenise s | total s | CPU s | rows/s | tokens/s | peak RSS (the process's ru_maxrss) | of
+it, the heap (peak anonymous RSS) | rows/s / alpaca's (wall-clock, and by CPU time: the cores are shared). --repeat N: N rounds over the forms, fresh
 caches every run; each form's fastest run is reported, its slowest beside it.
 """
 import argparse
@@ -327,14 +327,15 @@ def forms_table(runs: dict, rows: int):
     base = rows / best["alpaca"]["seconds"] if "alpaca" in best else None
     cpu_base = rows / best["alpaca"]["cpu_s"] if "alpaca" in best else None
     print("\n| form | tokens / row | load + validate s | tokenise s | total s | slowest run s | CPU s | rows/s | tokens/s "
-          "| peak RSS | rows/s / alpaca's | by CPU time |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS | of it, heap | rows/s / alpaca's | by CPU time |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for form, r in best.items():
         tok_s = f"{r['build_s']:.1f} + {r['trl_s']:.1f} TRL" if r["trl_s"] > 0.001 else f"{r['build_s']:.1f}"
         ratio = f"{rows / r['seconds'] / base:.2f}" if base else "-"
         cpu_ratio = f"{rows / r['cpu_s'] / cpu_base:.2f}" if cpu_base else "-"
+        heap = f"{r['peak_anon_gib']:.2f} GiB" if r.get("peak_anon_gib") is not None else "-"
         print(f"| {form} | {r['tokens'] / rows:.1f} | {r['load_validate_s']:.1f} | {tok_s} | {r['seconds']:.1f} | "
               f"{max(x['seconds'] for x in runs[form]):.1f} | {r['cpu_s']:.1f} | {rows / r['seconds']:,.0f} | "
-              f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} GiB | {ratio} | {cpu_ratio} |")
+              f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_rss_gib']:.2f} GiB | {heap} | {ratio} | {cpu_ratio} |")
 
 
 def main():

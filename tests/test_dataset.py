@@ -366,6 +366,7 @@ STRING_USES = {
     "{{- c | int -}}": False, "{{- c | wordcount -}}": False, "{%- set t -%}{{ c }}{%- endset -%}{{- t | trim -}}": False,
     "{{- '{:>30}'.format(c) -}}": False, "{%- set t = echo(c) -%}{{- t | trim -}}": False,
     "{{- [c] | join(' ') | trim -}}": False, "{%- set t = c | tojson -%}{{- t[:4] -}}": False,
+    "{{- [c] | map('wordcount') | first -}}": False, "{{- [c] | select('in', 'red blue') | list | length -}}": False,
 }
 
 
