@@ -43,8 +43,8 @@ from dataset import DataError, Formatter, too_many_dropped
 from finetune import (config, decoding, guards, launch, leakage, modes, monitor, options, precision, runs, timeplan,
                       training)
 from finetune.errors import ModelError, RewardError
-from finetune.modeling import (check_quantisable, is_vision_model, load_config, load_processing, setup_tokens,
-                               special_token_list, unsloth_wanted)
+from finetune.modeling import (check_quantisable, gguf_parsed_once, is_vision_model, load_config, load_processing,
+                               setup_tokens, special_token_list, unsloth_wanted)
 from finetune.options import fail
 
 
@@ -420,9 +420,10 @@ def main(argv=None):
     if not launch.is_main_process():  # one report per run, not one per process (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     configure_environment(args)
-    args, mode, s = prepare(args)
-    out, cfg = create_run(args, s)
-    model = build_model(args, mode, s)
+    with gguf_parsed_once():  # a GGUF model's file: parsed once for its tokenizer, configuration and weights
+        args, mode, s = prepare(args)
+        out, cfg = create_run(args, s)
+        model = build_model(args, mode, s)
     args, trainer, guard, save, metric, history = build_trainer(args, mode, s, model, out, cfg)
     seconds = run_training(args, trainer, guard, out, s.val_ds is not None)
     finish(args, trainer, guard, save, metric, history, out, seconds, cfg["plan"])

